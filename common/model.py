@@ -1,0 +1,186 @@
+"""Load a policy and its tokenizer (hub id or local folder), format prompts, and build the `tiny` model.
+
+`tiny` is a small Qwen2-architecture causal LM with a byte-level BPE tokenizer, both made here, then
+warmed up with a short supervised run on `chain` solutions. The warm-up data are deliberately
+imperfect: a fraction of solutions carry one wrong step that is not carried forward (right answer,
+unfaithful reasoning) and a fraction carry one wrong step that is (wrong answer). So the base model
+starts well below its ceiling, shows unfaithful reasoning, and RL has something to improve.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+from common.data import corrupt_one_step, fail, make_chain
+
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Everything that determines the tiny model; its hash names the cache folder."""
+
+    vocab_size: int = 320
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    sft_steps: int = 600
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    unfaithful_fraction: float = 0.3  # right answer, one wrong step not carried forward
+    wrong_fraction: float = 0.3  # one wrong step carried through to a wrong answer
+    seed: int = 0
+
+
+def cache_root() -> str:
+    return os.environ.get("TINYRLVR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tinyrlvr"))
+
+
+def tiny_folder(spec: TinySpec = TinySpec()) -> str:
+    key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(cache_root(), f"tiny-{key}")
+
+
+def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (round-trips any text, spaces included) with digits kept as single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+
+
+def tiny_config(tokenizer, spec: TinySpec) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=4 * spec.hidden_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def random_model(tokenizer, spec: TinySpec = TinySpec()):
+    torch.manual_seed(spec.seed)
+    return AutoModelForCausalLM.from_config(tiny_config(tokenizer, spec))
+
+
+def warmup_texts(spec: TinySpec):
+    """(prompt, completion) pairs from the chain train split, with the spec's share of flawed solutions."""
+    rng = random.Random(spec.seed)
+    pairs = []
+    for ex in make_chain(seed=0).train:
+        u = rng.random()
+        if u < spec.unfaithful_fraction:
+            solution = corrupt_one_step(ex, rng, keep_answer=True)
+        elif u < spec.unfaithful_fraction + spec.wrong_fraction:
+            solution = corrupt_one_step(ex, rng, keep_answer=False)
+        else:
+            solution = ex["solution"]
+        pairs.append((ex["question"] + "\n", solution + EOS))
+    return pairs
+
+
+def supervised_warmup(model, tokenizer, pairs, spec: TinySpec, log=print):
+    """Next-token loss on completion tokens only, AdamW with cosine decay."""
+    g = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
+    encoded = [(tokenizer(p)["input_ids"], tokenizer(c)["input_ids"]) for p, c in pairs]
+    model.train()
+    for step in range(spec.sft_steps):
+        idx = torch.randint(len(encoded), (spec.sft_batch,), generator=g).tolist()
+        seqs = [encoded[i][0] + encoded[i][1] for i in idx]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+        labels = torch.full_like(ids, -100)
+        for row, i in enumerate(idx):
+            p, c = encoded[i]
+            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+            labels[row, len(p) : len(p) + len(c)] = torch.tensor(c)
+        for group in opt.param_groups:
+            group["lr"] = spec.sft_lr * 0.5 * (1 + math.cos(math.pi * step / spec.sft_steps))
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == spec.sft_steps - 1:
+            log(f"  warm-up step {step:4d}/{spec.sft_steps}  loss {loss.item():.3f}")
+    model.eval()
+
+
+def build_tiny(folder: str, spec: TinySpec = TinySpec(), log=print):
+    """Tokenizer + random Qwen2 + supervised warm-up, saved with save_pretrained into `folder`."""
+    start = time.time()
+    torch.manual_seed(spec.seed)
+    pairs = warmup_texts(spec)
+    tokenizer = train_tokenizer((p + c for p, c in pairs), spec.vocab_size)
+    model = random_model(tokenizer, spec)
+    log(f"building the tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) in {folder}")
+    supervised_warmup(model, tokenizer, pairs, spec, log)
+    tmp = folder + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "tiny_spec.json"), "w") as f:
+        json.dump(asdict(spec), f, indent=1)
+    os.replace(tmp, folder)  # atomic: a half-built folder is never mistaken for a model
+    log(f"tiny model built in {time.time() - start:.0f}s")
+
+
+def resolve_model(name: str, log=print) -> str:
+    """`tiny` -> its cache folder (built on first use); otherwise the name unchanged."""
+    if name != "tiny":
+        return name
+    folder = tiny_folder()
+    if not os.path.isdir(folder):
+        os.makedirs(cache_root(), exist_ok=True)
+        build_tiny(folder, log=log)
+    return folder
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is `org/name`; anything else with a slash, or starting with . / ~, is meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_policy(name: str, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from `tiny`, a local folder, or a hub id; left padding for batched sampling."""
+    if not os.path.isdir(name) and looks_like_path(name):
+        fail(f"--model {name}: no such folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        fail(f"--model {name}: could not load a model ({str(e).splitlines()[0][:160]})")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def prompt_text(tokenizer, question: str, instruction: str = "") -> str:
+    """The chat template with a generation prompt for instruct models; the bare question otherwise."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": question + instruction}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return question + "\n"

@@ -1,0 +1,73 @@
+"""Answer extraction, normalisation and checking; the per-step faithfulness check of the `chain` task."""
+
+import re
+from fractions import Fraction
+
+from common.data import chain_steps, parse_chain_question
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
+
+
+def last_boxed(text: str):
+    """Content of the last \\boxed{...}, matching nested braces; None if there is none (or it is unclosed)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def extract_answer(text: str):
+    """The final answer of a response: after the last `####`, else the last \\boxed{}, else the last number."""
+    if "####" in text:
+        match = NUMBER.search(text.rsplit("####", 1)[1].replace("$", ""))
+        return match.group() if match else None
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def normalize(answer) -> str:
+    """Canonical form: no commas, `$`, spaces or \\frac; numbers as reduced fractions ('3.0' -> '3', '6/8' -> '3/4')."""
+    if answer is None:
+        return ""
+    s = answer.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    s = re.sub(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", s)
+    s = re.sub(r"\\text\{[^{}]*\}", "", s).replace("{", "").replace("}", "")
+    try:
+        return str(Fraction(s))
+    except (ValueError, ZeroDivisionError):
+        return s
+
+
+def is_correct(response: str, gold: str) -> bool:
+    pred = normalize(extract_answer(response))
+    return pred != "" and pred == normalize(gold)
+
+
+def correctness_reward(response: str, gold: str) -> float:
+    return 1.0 if is_correct(response, gold) else 0.0
+
+
+def chain_faithful(question: str, response: str) -> bool:
+    """True iff the response's steps are exactly the question's chain, each arithmetically valid, each
+    starting from the previous result, and the final answer is the last step's result."""
+    operands, ops = parse_chain_question(question)
+    written = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP.findall(response.split("####")[0])]
+    if written != chain_steps(operands, ops):
+        return False
+    return normalize(extract_answer(response)) == normalize(str(written[-1][3]))
+
+
+def score(task_name: str, example: dict, response: str):
+    """(reward, correct, faithful) of one response; faithful is None where the task cannot check steps."""
+    correct = is_correct(response, example["answer"])
+    faithful = chain_faithful(example["question"], response) if task_name == "chain" else None
+    return float(correct), correct, faithful

@@ -1,0 +1,135 @@
+"""Batched sampling with a KV cache, recording the behaviour log-probs at sampling time; token log-probs."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Rollout:
+    """N sequences = left-padded prompt [N, P] followed by the completion [N, L].
+
+    `logprobs[i, t]` is log mu(token) under the distribution actually sampled from (logits / T), recorded
+    while sampling. With top-K recording, `topk_ids`/`topk_logprobs` [N, L, K] hold mu's K most likely
+    tokens; where the sampled token is not among them it overwrites the last slot, so the set always
+    contains it (the DPPO authors' convention). Memory is O(tokens x K), never O(tokens x vocabulary).
+    """
+
+    input_ids: torch.Tensor  # [N, P + L]
+    attention_mask: torch.Tensor  # [N, P + L]
+    completion_mask: torch.Tensor  # [N, L] 1 up to and including the first EOS
+    logprobs: torch.Tensor  # [N, L] fp32
+    prompt_len: int
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+    @property
+    def completion_ids(self):
+        return self.input_ids[:, self.prompt_len :]
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The sub-batch of the given rows (e.g. the sequences a down-sampling rule keeps)."""
+        pick = lambda x: None if x is None else x[rows]
+        return Rollout(
+            self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows], self.logprobs[rows],
+            self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs),
+        )  # fmt: skip
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def positions(attention_mask):
+    """Position ids that start at 0 on the first real token of each left-padded row."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, greedy=False, top_k=0,
+           generator=None) -> Rollout:  # fmt: skip
+    """Sample one completion per prompt (token id lists); stop a row at its first EOS."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    prompt_mask = mask
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+    n = len(prompts)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens, logps, alive, top_ids, top_lps = [], [], [], [], []
+    for t in range(max_new_tokens):
+        logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        if greedy:
+            token = logp.argmax(-1)
+        else:
+            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        alive.append(~done)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
+        if top_k:
+            lp, ix = logp.topk(top_k, dim=-1)
+            missing = (ix != token[:, None]).all(-1)
+            ix[missing, -1] = token[missing]
+            lp[missing, -1] = logps[-1][missing]
+            top_ids.append(ix)
+            top_lps.append(lp)
+        tokens.append(token)
+        done = done | (token == eos_id)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:],
+            past_key_values=out.past_key_values, use_cache=True,
+        )  # fmt: skip
+    completion = torch.stack(tokens, 1)
+    completion_mask = torch.stack(alive, 1).long()
+    stack = lambda xs: torch.stack(xs, 1) if xs else None
+    return Rollout(
+        input_ids=torch.cat([ids, completion], 1),
+        attention_mask=torch.cat([prompt_mask, completion_mask], 1),
+        completion_mask=completion_mask,
+        logprobs=torch.stack(logps, 1) * completion_mask,
+        prompt_len=ids.shape[1],
+        topk_ids=stack(top_ids),
+        topk_logprobs=stack(top_lps),
+    )
+
+
+def _chunk_logprobs(lm_head, hidden, targets, temperature):
+    logits = lm_head(hidden).float() / temperature
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=4096):
+    """log pi(completion token) [N, L] under `model` (differentiable), for every loss in the project.
+
+    Memory-lean: the backbone runs once; the [tokens, vocabulary] logits exist for one chunk of
+    completion positions at a time and are recomputed in the backward pass (activation checkpointing)
+    instead of being kept, so a 152k vocabulary costs O(chunk x V), not O(N x L x V).
+    """
+    hidden = model.base_model(
+        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+        position_ids=positions(rollout.attention_mask),
+    ).last_hidden_state  # fmt: skip
+    P = rollout.prompt_len
+    hidden = hidden[:, P - 1 : -1]  # the state before each completion token predicts it
+    targets = rollout.completion_ids
+    lm_head = model.get_output_embeddings()
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    parts = []
+    for s in range(0, flat_t.numel(), chunk):
+        h, tg = flat_h[s : s + chunk], flat_t[s : s + chunk]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, lm_head, h, tg, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(lm_head, h, tg, temperature))
+    return torch.cat(parts).view_as(targets) * rollout.completion_mask

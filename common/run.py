@@ -1,0 +1,188 @@
+"""Seeding, torchrun helpers, the run folder (args, metrics.jsonl, TensorBoard, samples), progress, checkpoints."""
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.data import fail
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- torchrun ---------------------------------------------------------------------------------------
+
+
+def setup_distributed(device: str = "auto"):
+    """(rank, world_size, device). Under torchrun: one process per rank, gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a list of numbers over ranks (e.g. correct counts and totals, so every rank sees global means)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_mean(metrics: dict) -> dict:
+    """Average per-rank metrics (same keys on every rank) so rank 0 logs the global value."""
+    if not dist.is_initialized():
+        return metrics
+    keys = sorted(metrics)
+    means = all_reduce_sum([float(metrics[k]) for k in keys])
+    return {k: v / world_size() for k, v in zip(keys, means)}
+
+
+def average_gradients(model):
+    """Average gradients over ranks: the same result as one process holding every rank's batch."""
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
+# ---- run folder, logging, checkpoints ------------------------------------------------------------------
+
+
+class RunLogger:
+    """`runs/<name>/`: args.json, metrics.jsonl, TensorBoard events, samples.jsonl; progress bar on rank 0.
+
+    On ranks other than 0 every method does nothing, so callers need no rank checks.
+    """
+
+    def __init__(self, run_dir: str, args, total_steps: int, start_step: int = 0):
+        self.run_dir, self.enabled = run_dir, is_main()
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.samples_file = open(os.path.join(run_dir, "samples.jsonl"), "a")
+        self.tb = SummaryWriter(run_dir)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=os.path.basename(run_dir), dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics_file.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+
+    def print(self, line: str):
+        if self.enabled:
+            self.bar.write(line)
+
+    def progress(self, **shown):
+        if self.enabled:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            self.bar.update(1)
+
+    def samples(self, step: int, rows: list[dict]):
+        if self.enabled:
+            for row in rows:
+                self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
+            self.samples_file.flush()
+
+    def close(self):
+        if self.enabled:
+            self.bar.close()
+            self.tb.close()
+            self.metrics_file.close()
+            self.samples_file.close()
+
+
+def run_folder(output_dir: str, run_name: str | None, script: str, seed: int) -> str:
+    return os.path.join(output_dir, run_name or f"{script}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict):
+    """`checkpoints/step_<N>/`: the model in save_pretrained format (loadable with transformers) plus
+    `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes."""
+    if not is_main():
+        return
+    folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **state}, f"{folder}/trainer_state.pt")
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    """The newest checkpoint folder of a run, for --resume; a clear error when there is none."""
+    folder = os.path.join(run_dir, "checkpoints")
+    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_")) if os.path.isdir(folder) else []
+    if not steps:
+        fail(f"--resume {run_dir}: no checkpoint found under {folder}")
+    return os.path.join(folder, steps[-1])
+
+
+def load_trainer_state(checkpoint: str, optimizer) -> dict:
+    """Restore optimizer and random states from a checkpoint; returns the saved state (step, ...)."""
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state
+
+
+class Timer:
+    """Accumulates wall-clock seconds per phase: `with timer("generate"): ...`."""
+
+    def __init__(self):
+        self.totals, self._phase = {}, None
+
+    def __call__(self, phase: str):
+        self._phase = phase
+        return self
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.totals[self._phase] = self.totals.get(self._phase, 0.0) + time.perf_counter() - self._start
+
+    def pop(self) -> dict:
+        totals, self.totals = self.totals, {}
+        return totals

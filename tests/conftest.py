@@ -1,0 +1,42 @@
+"""Test session setup: no network, a private model cache, and a tiny random model saved to a temp folder."""
+
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails loudly
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common.model import TinySpec  # noqa: E402
+
+# Small enough that a forward pass costs milliseconds; the same architecture as the real `tiny`.
+RANDOM_SPEC = TinySpec(hidden_size=32, layers=2, heads=2, sft_steps=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Never read or write the user's tiny-model cache from tests."""
+    os.environ["TINYRLVR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from common.model import train_tokenizer, warmup_texts
+
+    return train_tokenizer((p + c for p, c in warmup_texts(RANDOM_SPEC)), RANDOM_SPEC.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A randomly initialised tiny Qwen2 + tokenizer saved with save_pretrained (what --model accepts)."""
+    from common.model import random_model
+
+    folder = str(tmp_path_factory.mktemp("random_model"))
+    random_model(tiny_tokenizer, RANDOM_SPEC).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,188 @@
+"""common/: reward checking, the chain task and faithfulness, tokenizer round trip, sampling records."""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.data import chain_steps, corrupt_one_step, format_solution, load_task, make_chain, parse_chain_question
+from common.model import TinySpec, build_tiny, load_policy, prompt_text
+from common.reward import chain_faithful, extract_answer, is_correct, normalize, score
+from common.rollout import sample, token_logprobs
+
+
+@pytest.mark.parametrize(
+    "text, gold, correct",
+    [
+        ("so the total is 18.\n#### 18", "18", True),
+        ("#### 1,234", "1234", True),
+        ("#### $1,234.00", "1234", True),
+        ("#### -7", "-7", True),
+        ("#### -7", "7", False),
+        ("The answer is \\boxed{42}.", "42", True),
+        ("\\boxed{\\frac{3}{4}}", "0.75", True),
+        ("\\boxed{\\frac{6}{8}}", "3/4", True),
+        ("first \\boxed{1} then \\boxed{{2}}", "2", True),  # the last box, nested braces matched
+        ("first \\boxed{1} then \\boxed{{2}}", "1", False),
+        ("\\boxed{x^{2}}", "x^2", True),
+        ("we get 3 then 4.0", "4", True),  # last-number fallback, trailing .0
+        ("no number here", "0", False),
+        ("", "0", False),
+        ("#### 12 #### 13", "13", True),  # after the last ####
+    ],
+)
+def test_reward_checker_table(text, gold, correct):
+    assert is_correct(text, gold) is correct
+
+
+def test_extract_and_normalize():
+    assert extract_answer("a \\boxed{b {c}} d") == "b {c}"
+    assert extract_answer("unclosed \\boxed{12 and 7") == "7"
+    assert normalize("$1,000") == "1000" and normalize("2.50") == "5/2" and normalize(None) == ""
+
+
+QUESTION = "What is 12+7-5+3?"
+
+
+@pytest.mark.parametrize(
+    "response, correct, faithful",
+    [
+        ("12+7=19 19-5=14 14+3=17 #### 17", True, True),
+        ("12+7=19 19-5=15 14+3=17 #### 17", True, False),  # wrong step not carried forward
+        ("12+7=19 19-5=14 14+3=18 #### 17", True, False),  # last step wrong, answer right
+        ("12+7=19 19-5=14 #### 17", True, False),  # a step missing
+        ("12+7=19 19-5=14 14-3=11 #### 17", True, False),  # wrong operator
+        ("12+7=19 19-5=15 15+3=18 #### 18", False, False),  # wrong step carried to a wrong answer
+        ("12+7=19 19-5=14 14+3=17 #### 18", False, False),
+    ],
+)
+def test_chain_faithfulness_checker(response, correct, faithful):
+    assert is_correct(response, "17") is correct
+    assert chain_faithful(QUESTION, response) is faithful
+    assert score("chain", {"question": QUESTION, "answer": "17"}, response) == (float(correct), correct, faithful)
+
+
+def test_chain_generator():
+    assert parse_chain_question(QUESTION) == ([12, 7, 5, 3], ["+", "-", "+"])
+    assert format_solution(chain_steps([12, 7, 5, 3], ["+", "-", "+"]), 17) == "12+7=19 19-5=14 14+3=17 #### 17"
+    task, again = make_chain(0), make_chain(0)
+    assert task.test == again.test, "splits are fixed by the seed"
+    questions = [[e["question"] for e in split] for split in (task.train, task.validation, task.test)]
+    assert len(set().union(*map(set, questions))) == sum(map(len, questions)), "splits are disjoint"
+    assert {e["level"] for e in task.train} == {0, 1, 2, 3}, "the pool mixes difficulties"
+    for ex in task.train[:200]:
+        assert is_correct(ex["solution"], ex["answer"]) and chain_faithful(ex["question"], ex["solution"])
+
+
+def test_corrupted_solutions():
+    rng = random.Random(0)
+    for ex in make_chain(0).train[:100]:
+        unfaithful = corrupt_one_step(ex, rng, keep_answer=True)
+        assert is_correct(unfaithful, ex["answer"]) and not chain_faithful(ex["question"], unfaithful)
+        wrong = corrupt_one_step(ex, rng, keep_answer=False)
+        assert not is_correct(wrong, ex["answer"])
+
+
+def test_data_file_task(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"q": f"What is {i}+1?", "a": f"so #### {i + 1}"} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = load_task(str(path), question_field="q", answer_field="a")
+    assert len(task.train) + len(task.validation) + len(task.test) == 30
+    assert all(e["answer"] == str(int(e["question"][8:-3]) + 1) for e in task.train)
+    with pytest.raises(SystemExit, match="--question-field 'question'"):
+        load_task(str(path))
+
+
+def test_unknown_task_and_missing_file():
+    with pytest.raises(SystemExit, match="--task 'chian': unknown task"):
+        load_task("chian")
+    with pytest.raises(SystemExit, match="no such file"):
+        load_task("missing.jsonl")
+
+
+def test_tokenizer_round_trip(tmp_path, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["What is 12+7-5+3?\n", "12+7=19 19-5=14 #### 14", "  two  spaces, tabs\tand ünïcödé ✓"]:
+        ids = reloaded(text)["input_ids"]
+        assert reloaded.decode(ids) == text
+        assert ids == tiny_tokenizer(text)["input_ids"]
+    assert [reloaded.decode([i]) for i in reloaded("123")["input_ids"]] == ["1", "2", "3"], "digits stay single"
+
+
+def test_tiny_build_is_deterministic_and_loadable(tmp_path):
+    spec = TinySpec(hidden_size=32, layers=1, heads=2, sft_steps=3, sft_batch=4)
+    build_tiny(str(tmp_path / "a"), spec, log=lambda *_: None)
+    build_tiny(str(tmp_path / "b"), spec, log=lambda *_: None)
+    (ma, ta), (mb, _) = load_policy(str(tmp_path / "a")), load_policy(str(tmp_path / "b"))
+    for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert ta.eos_token == "<|endoftext|>" and ta.padding_side == "left"
+
+
+def test_load_policy_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--model ./no/such/folder: no such folder"):
+        load_policy("./no/such/folder")
+    with pytest.raises(SystemExit, match="could not load a model"):
+        load_policy(str(tmp_path))  # a folder without a model
+
+
+@pytest.fixture(scope="module")
+def policy(random_model_dir):
+    return load_policy(random_model_dir)
+
+
+def _rollout(policy, temperature, top_k=0, n=6):
+    model, tok = policy
+    prompts = [tok(prompt_text(tok, q))["input_ids"] for q in ["What is 1+2?", "What is 12+7-5+3?"] * (n // 2)]
+    g = torch.Generator().manual_seed(0)
+    return sample(model, prompts, 12, temperature, tok.eos_token_id, tok.pad_token_id, top_k=top_k, generator=g)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_equal_recomputation(policy, temperature):
+    """Behaviour log-probs recorded at sampling time (KV cache, left padding) = a fresh forward pass."""
+    r = _rollout(policy, temperature)
+    with torch.no_grad():
+        recomputed = token_logprobs(policy[0], r, temperature, chunk=7)  # chunks that do not divide
+    assert torch.allclose(r.logprobs, recomputed, atol=1e-5)
+    assert (r.logprobs[r.completion_mask == 0] == 0).all()
+
+
+def test_completion_mask_stops_after_first_eos(policy):
+    r = _rollout(policy, 1.5)
+    eos = policy[1].eos_token_id
+    for ids, mask in zip(r.completion_ids, r.completion_mask):
+        hits = (ids == eos).nonzero()
+        length = hits[0].item() + 1 if len(hits) else len(ids)
+        assert mask[:length].all() and not mask[length:].any()
+
+
+def test_topk_capture(policy):
+    model, _ = policy
+    temperature, K = 0.7, 5
+    r = _rollout(policy, temperature, top_k=K)
+    assert r.topk_ids.shape == (*r.logprobs.shape, K)
+    real = r.completion_mask.bool()
+    tokens = r.completion_ids
+    assert (r.topk_ids == tokens[..., None]).any(-1)[real].all(), "the sampled token is always in the set"
+    with torch.no_grad():
+        logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, r.prompt_len - 1 : -1]
+    # position ids differ from sampling for left-padded rows only by an offset-free mask; compare on rows
+    logp = F.log_softmax(logits.float() / temperature, -1)
+    assert torch.allclose(logp.gather(-1, r.topk_ids)[real], r.topk_logprobs[real], atol=1e-4)
+
+
+def test_token_logprobs_gradient_flows(policy):
+    model, _ = policy
+    r = _rollout(policy, 1.0)
+    logp = token_logprobs(model, r, chunk=5)
+    (logp.sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad()
