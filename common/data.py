@@ -73,20 +73,19 @@ def chain_example(rng: random.Random, level: int) -> dict:
 def corrupt_one_step(example: dict, rng: random.Random, keep_answer: bool) -> str:
     """A solution with exactly one wrong step result.
 
-    keep_answer=True gives an *unfaithful* solution: the wrong result is not carried forward (the next
-    step starts from the true value, or, for the last step, `####` states the true answer), so the final
-    answer is still right. keep_answer=False carries the error through to a wrong final answer.
+    keep_answer=True gives an *unfaithful* solution: the last step's written result is wrong but the
+    `####` answer is right (the steps before it stay chained, so the answer still depends on them).
+    keep_answer=False puts the wrong result at a random step and carries it through to a wrong answer.
     """
     operands, ops = parse_chain_question(example["question"])
     steps = chain_steps(operands, ops)
-    i = rng.randrange(len(steps))
+    i = len(steps) - 1 if keep_answer else rng.randrange(len(steps))
     a, op, b, c = steps[i]
     wrong = c + rng.choice([-1, 1]) * rng.randint(1, 3)
     if keep_answer:
         steps[i] = (a, op, b, wrong)
         return format_solution(steps, example["answer"])
-    operands_after = [wrong] + operands[i + 2 :]
-    steps = steps[:i] + [(a, op, b, wrong)] + chain_steps(operands_after, ops[i + 1 :])
+    steps = steps[:i] + [(a, op, b, wrong)] + chain_steps([wrong] + operands[i + 2 :], ops[i + 1 :])
     return format_solution(steps, steps[-1][3])
 
 
