@@ -9,7 +9,7 @@ Rollouts in LLM Reinforcement Learning", arXiv 2504.13818.
     python pods.py                                   # built-in tiny model and chain task, CPU, minutes
     python pods.py --n 8 --m 8                       # plain GRPO (no down-sampling)
     python pods.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k
-    torchrun --nproc_per_node 2 pods.py
+    torchrun --nproc_per_node 2 -- pods.py --n 16 --m 4   # `--`: torchrun would read --n/--m as its own
 """
 
 import os
@@ -52,20 +52,20 @@ class Args:
     """run folder name (default: pods__s<seed>__<time>)"""
     resume: str | None = None
     """a run folder to continue from its latest checkpoint"""
-    steps: int = 120
+    steps: int = 250
     """training steps (one rollout batch and one optimizer step each)"""
     max_time: float = 0.0
     """stop after this many seconds of training time (evaluation excluded); 0 for no limit"""
     log_every: int = 5
     """steps between console summary lines and sample dumps (metrics.jsonl gets every step)"""
-    eval_every: int = 20
+    eval_every: int = 25
     """steps between held-out evaluations (also before the first step and after the last)"""
     eval_prompts: int = 200
     """held-out test prompts per evaluation"""
     save_every: int = 0
     """steps between checkpoints; 0 saves only at the end"""
     # ---- the algorithm ----
-    batch_prompts: int = 8
+    batch_prompts: int = 16
     """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
     n: int = 16
     """rollouts generated per prompt"""
@@ -77,7 +77,7 @@ class Args:
     """sampling temperature (training log-probs use the same temperature)"""
     max_new_tokens: int = 0
     """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
-    lr: float = 5e-4
+    lr: float = 2e-4
     """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""

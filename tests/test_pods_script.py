@@ -54,7 +54,8 @@ def test_smoke_run_checkpoint_and_resume(random_model_dir, tmp_path):
 
 
 def test_torchrun_two_processes(random_model_dir, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "pods.py"]
+    # `--` stops torchrun from reading `--n`/`--m` as abbreviations of its own options
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--", "pods.py"]
     out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "ddp", *SMALL], torchrun)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_metrics(tmp_path / "ddp")  # rank 0 alone writes
