@@ -24,8 +24,19 @@ from common.model import load_policy, prompt_text, resolve_model
 from common.reward import score
 from common.rollout import sample, token_logprobs
 from common.run import (
-    RunLogger, Timer, all_reduce_mean, all_reduce_sum, average_gradients, barrier, is_main, latest_checkpoint,
-    load_trainer_state, run_folder, save_checkpoint, seed_everything, setup_distributed,
+    RunLogger,
+    Timer,
+    all_reduce_mean,
+    all_reduce_sum,
+    average_gradients,
+    barrier,
+    is_main,
+    latest_checkpoint,
+    load_trainer_state,
+    run_folder,
+    save_checkpoint,
+    seed_everything,
+    setup_distributed,
 )  # fmt: skip
 
 
@@ -52,13 +63,13 @@ class Args:
     """run folder name (default: pods__s<seed>__<time>)"""
     resume: str | None = None
     """a run folder to continue from its latest checkpoint"""
-    steps: int = 250
+    steps: int = 200
     """training steps (one rollout batch and one optimizer step each)"""
     max_time: float = 0.0
     """stop after this many seconds of training time (evaluation excluded); 0 for no limit"""
     log_every: int = 5
     """steps between console summary lines and sample dumps (metrics.jsonl gets every step)"""
-    eval_every: int = 25
+    eval_every: int = 20
     """steps between held-out evaluations (also before the first step and after the last)"""
     eval_prompts: int = 200
     """held-out test prompts per evaluation"""
@@ -267,7 +278,7 @@ def main(args: Args):
     args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)
     run_dir = args.resume or run_folder(args.output_dir, args.run_name, "pods", args.seed)
     if is_main():
-        model_path = resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only
+        resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
     barrier()
     model_path = resolve_model(args.model)
     checkpoint = latest_checkpoint(args.resume) if args.resume else None
@@ -276,14 +287,17 @@ def main(args: Args):
     model.eval()
     ref_model = load_policy(model_path, dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    start = load_trainer_state(checkpoint, optimizer)["step"] if checkpoint else 0
+    state = load_trainer_state(checkpoint, optimizer) if checkpoint else {"step": 0, "train_time": 0.0}
+    start, train_time = state["step"], state["train_time"]
     B, n, m = args.batch_prompts // world, args.n, args.m
     logger = RunLogger(run_dir, args, args.steps, start)
-    logger.print(f"run folder {run_dir} | model {model_path} | task {task.name} ({len(task.train)} train prompts)"
-                 f" | B={args.batch_prompts} n={n} m={m} rule={args.rule} | {world} process(es) on {device}")  # fmt: skip
+    logger.print(
+        f"run folder {run_dir} | model {model_path} | task {task.name} ({len(task.train)} train prompts)"
+        f" | B={args.batch_prompts} n={n} m={m} rule={args.rule} | {world} process(es) on {device}"
+    )
     # Per-step generators keyed by (seed, step, rank): the run is reproducible and resumes exactly.
     step_gen = lambda step, stream: torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 101 + stream)
-    timer, train_time = Timer(), 0.0
+    timer = Timer()
 
     def log_eval(step):
         metrics = evaluate(model, tokenizer, task, args, rank, world, step_gen(step, 50 + rank))
@@ -294,12 +308,14 @@ def main(args: Args):
         log_eval(0)
     for step in range(start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each.
-        draw = torch.randint(len(task.train), (args.batch_prompts,), generator=torch.Generator().manual_seed(args.seed * 7919 + step))
+        prompt_gen = torch.Generator().manual_seed(args.seed * 7919 + step)
+        draw = torch.randint(len(task.train), (args.batch_prompts,), generator=prompt_gen)
         examples = [task.train[i] for i in draw[rank * B : (rank + 1) * B].tolist()]
         prompt_ids = [tokenizer(prompt_text(tokenizer, e["question"], task.instruction))["input_ids"] for e in examples]
         with timer("generate"):
-            rollout = sample(model, [p for p in prompt_ids for _ in range(n)], args.max_new_tokens, args.temperature,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, generator=step_gen(step, 1 + rank))  # fmt: skip
+            group_prompts = [p for p in prompt_ids for _ in range(n)]  # each prompt's n rollouts side by side
+            rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id, generator=step_gen(step, 1 + rank))  # fmt: skip
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         scores = [score(task.name, examples[i // n], t) for i, t in enumerate(texts)]
         rewards = torch.tensor([s[0] for s in scores]).view(B, n)
@@ -345,7 +361,7 @@ def main(args: Args):
         if (step + 1) % args.eval_every == 0 or last:
             log_eval(step + 1)
         if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {})
+            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"train_time": train_time})
         if out_of_time:
             logger.print(f"stopping: --max-time {args.max_time:.0f}s of training reached at step {step + 1}")
             break

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 
 # Difficulty levels of the `chain` pool: (number of operations, largest operand).
-CHAIN_LEVELS = ((1, 9), (2, 9), (3, 12), (4, 12))
+CHAIN_LEVELS = ((1, 5), (2, 5), (3, 6), (4, 6))
 SPLIT_SIZES = {"validation": 200, "test": 200}  # held-out sizes; the rest of the pool is `train`
 CHAIN_POOL = 3000
 FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")

@@ -5,7 +5,15 @@ import itertools
 import pytest
 import torch
 
-from pods import frac_zero_std, group_advantages, grpo_loss, select, select_max_reward, select_max_variance, select_random
+from pods import (
+    frac_zero_std,
+    group_advantages,
+    grpo_loss,
+    select,
+    select_max_reward,
+    select_max_variance,
+    select_random,
+)
 
 
 def pop_var(values) -> float:
@@ -131,14 +139,18 @@ def test_kept_advantages_have_zero_mean_unit_std():
     assert torch.allclose(adv.std(1), torch.ones(50), atol=1e-3)
 
 
+def kept_var(r, idx):
+    return r.gather(1, idx).var(1, unbiased=False)
+
+
 def test_max_variance_dominates_other_rules():
     g = torch.Generator().manual_seed(4)
     for dist in ("binary", "continuous"):
-        r = torch.randint(0, 2, (200, 16), generator=g).float() if dist == "binary" else torch.rand(200, 16, generator=g)
-        var = lambda idx: r.gather(1, idx).var(1, unbiased=False)
-        best = var(select_max_variance(r, 4))
-        assert (best >= var(select_random(r, 4, g)) - 1e-6).all()
-        assert (best >= var(select_max_reward(r, 4)) - 1e-6).all()
+        binary = torch.randint(0, 2, (200, 16), generator=g).float()
+        r = binary if dist == "binary" else torch.rand(200, 16, generator=g)
+        best = kept_var(r, select_max_variance(r, 4))
+        assert (best >= kept_var(r, select_random(r, 4, g)) - 1e-6).all()
+        assert (best >= kept_var(r, select_max_reward(r, 4)) - 1e-6).all()
 
 
 def test_rules_shapes_and_distinct_indices():

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import pods
 from common.model import load_policy
-from conftest import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--m", "2", "--eval-prompts", "6",
@@ -124,4 +124,5 @@ def test_bad_input_is_one_line_and_nonzero_exit(random_model_dir):
     out = run(["--model", random_model_dir, "--n", "4", "--m", "8"])
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == "error: --m 8 is larger than --n 4: cannot keep more rollouts than are generated"
+    expected = "error: --m 8 is larger than --n 4: cannot keep more rollouts than are generated"
+    assert out.stderr.strip().splitlines()[-1] == expected
