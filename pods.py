@@ -337,7 +337,8 @@ def main(args: Args):
             "frac_zero_std/before": frac_zero_std(rewards),
             "frac_zero_std/after": frac_zero_std(kept_rewards),
             "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
-            "train/unfaithful": sum(c and f is False for _, c, f in scores) / max(1, sum(correct)),
+            **({"train/unfaithful": sum(c and f is False for _, c, f in scores) / max(1, sum(correct))}
+               if task.name == "chain" else {}),  # fmt: skip
             **stats,
             **{f"time/{k}": v for k, v in times.items()},
             "throughput/gen_tokens_per_s": rollout.completion_mask.sum().item() / times["generate"],

@@ -105,10 +105,11 @@ def parse_chain_question(question: str):
 
 
 def make_chain(seed: int = 0, pool: int = CHAIN_POOL) -> Task:
-    """A pool mixing the difficulty levels about evenly, split into disjoint train/validation/test by seed.
+    """A pool of distinct questions, split into disjoint train/validation/test by seed.
 
-    Validation and test are drawn from the same mix as train, so held-out accuracy measures the same
-    distribution the policy trains on.
+    Each question's level is drawn uniformly, but the easy levels have few distinct questions (1 op on
+    1..5 has 50), so the pool is weighted toward the harder levels. Validation and test come from the
+    same mix as train, so held-out accuracy measures the distribution the policy trains on.
     """
     rng = random.Random(seed)
     seen, examples = set(), []

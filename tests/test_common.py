@@ -173,7 +173,7 @@ def test_topk_capture(policy):
     assert (r.topk_ids == tokens[..., None]).any(-1)[real].all(), "the sampled token is always in the set"
     with torch.no_grad():
         logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, r.prompt_len - 1 : -1]
-    # position ids differ from sampling for left-padded rows only by an offset-free mask; compare on rows
+    # default position ids are shifted by the left padding; RoPE only sees relative positions, so logits match
     logp = F.log_softmax(logits.float() / temperature, -1)
     assert torch.allclose(logp.gather(-1, r.topk_ids)[real], r.topk_logprobs[real], atol=1e-4)
 
@@ -186,3 +186,17 @@ def test_token_logprobs_gradient_flows(policy):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     model.zero_grad()
+
+
+def test_chat_template_is_applied_for_instruct_models(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    assert prompt_text(tok, "What is 1+2?") == "What is 1+2?\n"  # no template: the bare question
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert prompt_text(tok, "What is 1+2?", " Be brief.") == "<user>What is 1+2? Be brief.<assistant>"
+
+
+def test_gsm8k_offline_gives_a_clear_error():
+    with pytest.raises(SystemExit, match="--task gsm8k: could not load openai/gsm8k"):
+        load_task("gsm8k")
