@@ -126,3 +126,12 @@ def test_bad_input_is_one_line_and_nonzero_exit(random_model_dir):
     assert "Traceback" not in out.stderr
     expected = "error: --m 8 is larger than --n 4: cannot keep more rollouts than are generated"
     assert out.stderr.strip().splitlines()[-1] == expected
+
+
+def test_same_seed_same_metrics(random_model_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        pods.main(_args(random_model_dir, tmp_path, run_name=name, steps=2, eval_every=1))
+        rows = read_metrics(tmp_path / name)
+        runs.append([{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows])
+    assert runs[0] == runs[1]
