@@ -37,7 +37,8 @@ from common.run import (
     save_checkpoint,
     seed_everything,
     setup_distributed,
-)  # fmt: skip
+    world_size,
+)
 
 
 @dataclass
@@ -213,7 +214,7 @@ def grpo_update(model, ref_model, optimizer, kept, advantages, args: Args) -> di
     if args.aggregation == "seq-mean-token-mean":
         normaliser = rows  # every rank holds the same number of sequences
     else:  # global token count / world size, so that averaging gradients over ranks gives the global mean
-        normaliser = all_reduce_sum([mask.sum().item()])[0] / max(1, all_reduce_sum([1])[0])
+        normaliser = all_reduce_sum([mask.sum().item()])[0] / world_size()
     step = args.micro_batch or rows
     optimizer.zero_grad()
     total = 0.0
