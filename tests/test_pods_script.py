@@ -135,3 +135,23 @@ def test_same_seed_same_metrics(random_model_dir, tmp_path):
         rows = read_metrics(tmp_path / name)
         runs.append([{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows])
     assert runs[0] == runs[1]
+
+
+def test_instruct_model_on_a_data_file(random_model_dir, tiny_tokenizer, tmp_path):
+    """The real-model path offline: a chat template, a local jsonl file with GSM8K-style answers."""
+    import shutil
+
+    folder = tmp_path / "instruct"
+    shutil.copytree(random_model_dir, folder)
+    tok = load_policy(str(folder))[1]
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    tok.save_pretrained(folder)
+    data = tmp_path / "math.jsonl"
+    data.write_text("\n".join(json.dumps({"problem": f"{i} apples and 2 more?", "solution": f"so #### {i + 2}"})
+                              for i in range(40)))  # fmt: skip
+    args = _args(str(folder), tmp_path, run_name="instruct", task=str(data), question_field="problem",
+                 answer_field="solution", eval_every=1)  # fmt: skip
+    pods.main(args)
+    rows = read_metrics(tmp_path / "instruct")
+    assert "eval/acc_greedy" in rows[0] and "eval/unfaithful_greedy" not in rows[0]  # steps checkable on chain only
+    assert any("reward/all" in r for r in rows)
