@@ -278,6 +278,8 @@ def main(args: Args):
     task = load_task(args.task, args.seed, args.question_field, args.answer_field)
     args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)
     run_dir = args.resume or run_folder(args.output_dir, args.run_name, "pods", args.seed)
+    if not args.resume and os.path.exists(run_dir):
+        fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with --resume {run_dir}")
     if is_main():
         resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
     barrier()

@@ -3,6 +3,7 @@
 # Usage: bash experiments/pods_compare.sh [seconds of training per run, default 90]
 set -euo pipefail
 budget=${1:-90}
+rm -rf runs/cmp_grpo_s* runs/cmp_pods_s*  # a run folder that exists is refused
 for seed in 1 2 3; do
   python pods.py --seed "$seed" --n 8 --m 8 --max-time "$budget" --steps 100000 --eval-every 5 \
     --run-name "cmp_grpo_s$seed" > /dev/null

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Update cost follows m, not n: time/update at n=32, m=8 against n=m=32 (mean over 10 steps, same seed).
 set -euo pipefail
+rm -rf runs/cost_m8 runs/cost_m32  # a run folder that exists is refused
 python pods.py --n 32 --m 8 --steps 10 --eval-prompts 20 --run-name cost_m8 > /dev/null
 python pods.py --n 32 --m 32 --steps 10 --eval-prompts 20 --run-name cost_m32 > /dev/null
 python - <<'PY'

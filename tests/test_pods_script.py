@@ -155,3 +155,9 @@ def test_instruct_model_on_a_data_file(random_model_dir, tiny_tokenizer, tmp_pat
     rows = read_metrics(tmp_path / "instruct")
     assert "eval/acc_greedy" in rows[0] and "eval/unfaithful_greedy" not in rows[0]  # steps checkable on chain only
     assert any("reward/all" in r for r in rows)
+
+
+def test_existing_run_folder_is_refused(random_model_dir, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit, match="already exists; choose another name, or continue it with --resume"):
+        pods.main(_args(random_model_dir, tmp_path, run_name="taken"))
