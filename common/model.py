@@ -166,7 +166,10 @@ def looks_like_path(name: str) -> bool:
 
 
 def load_policy(name: str, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from `tiny`, a local folder, or a hub id; left padding for batched sampling."""
+    """(model, tokenizer) from a local folder or a hub id (`resolve_model` turns `tiny` into its folder).
+
+    The tokenizer pads on the left, as batched sampling needs."""
+    name = os.path.expanduser(name)
     if not os.path.isdir(name) and looks_like_path(name):
         fail(f"--model {name}: no such folder")
     try:
