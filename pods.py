@@ -276,6 +276,8 @@ def main(args: Args):
     check_args(args, world)
     seed_everything(args.seed)
     task = load_task(args.task, args.seed, args.question_field, args.answer_field)
+    if args.eval_prompts > len(task.test):
+        fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
     args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)
     run_dir = args.resume or run_folder(args.output_dir, args.run_name, "pods", args.seed)
     if not args.resume and os.path.exists(run_dir):

@@ -101,6 +101,7 @@ def test_only_kept_sequences_are_trained_and_parameters_change(random_model_dir,
         (dict(task="chian"), "--task 'chian': unknown task"),
         (dict(model="./missing/model"), "--model ./missing/model: no such folder"),
         (dict(beta=-0.1), "--beta -0.1"),
+        (dict(eval_prompts=500), "--eval-prompts 500: the test split of chain has only 200 prompts"),
     ],
 )
 def test_bad_input(random_model_dir, tmp_path, overrides, message):
@@ -149,10 +150,10 @@ def test_instruct_model_on_a_data_file(random_model_dir, tiny_tokenizer, tmp_pat
     data = tmp_path / "math.jsonl"
     data.write_text("\n".join(json.dumps({"problem": f"{i} apples and 2 more?", "solution": f"so #### {i + 2}"})
                               for i in range(40)))  # fmt: skip
-    args = _args(str(folder), tmp_path, run_name="instruct", task=str(data), question_field="problem",
+    args = _args(str(folder), tmp_path, run_name="instruct_run", task=str(data), question_field="problem",
                  answer_field="solution", eval_every=1)  # fmt: skip
     pods.main(args)
-    rows = read_metrics(tmp_path / "instruct")
+    rows = read_metrics(tmp_path / "instruct_run")
     assert "eval/acc_greedy" in rows[0] and "eval/unfaithful_greedy" not in rows[0]  # steps checkable on chain only
     assert any("reward/all" in r for r in rows)
 
