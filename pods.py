@@ -21,7 +21,7 @@ import tyro
 
 from common.data import fail, load_task
 from common.model import load_policy, prompt_text, resolve_model
-from common.reward import score
+from common.reward import count_correct_unfaithful, score
 from common.rollout import sample, token_logprobs
 from common.run import (
     RunLogger,
@@ -259,9 +259,7 @@ def evaluate(model, tokenizer, task, args: Args, rank: int, world: int, generato
         texts, _ = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, args,
                                  mode == "greedy", generator)  # fmt: skip
         scores = [score(task.name, e, t) for e, t in zip(examples, texts)]
-        correct = sum(c for _, c, _ in scores)
-        unfaithful = sum(c and f is False for _, c, f in scores)
-        correct, unfaithful, total = all_reduce_sum([correct, unfaithful, len(scores)])
+        correct, unfaithful, total = all_reduce_sum([*count_correct_unfaithful(scores), len(scores)])
         metrics[f"eval/acc_{mode}"] = correct / max(1, total)
         if task.name == "chain":
             metrics[f"eval/unfaithful_{mode}"] = unfaithful / max(1, correct)
@@ -335,15 +333,14 @@ def main(args: Args):
             stats = grpo_update(model, ref_model, optimizer, kept, advantages, args)
         times = timer.pop()
         train_time += sum(times.values())
-        correct = [s[1] for s in scores]
+        correct, unfaithful = count_correct_unfaithful(scores)
         metrics = all_reduce_mean({
             "reward/all": rewards.mean().item(),
             "reward/kept": kept_rewards.mean().item(),
             "frac_zero_std/before": frac_zero_std(rewards),
             "frac_zero_std/after": frac_zero_std(kept_rewards),
             "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
-            **({"train/unfaithful": sum(c and f is False for _, c, f in scores) / max(1, sum(correct))}
-               if task.name == "chain" else {}),  # fmt: skip
+            **({"train/unfaithful": unfaithful / max(1, correct)} if task.name == "chain" else {}),
             **stats,
             **{f"time/{k}": v for k, v in times.items()},
             "throughput/gen_tokens_per_s": rollout.completion_mask.sum().item() / times["generate"],

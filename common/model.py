@@ -34,7 +34,7 @@ class TinySpec:
     sft_steps: int = 700
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    unfaithful_fraction: float = 0.25  # right answer, one wrong step not carried forward
+    unfaithful_fraction: float = 0.25  # wrong last step, right `####` answer
     wrong_fraction: float = 0.4  # one wrong step carried through to a wrong answer
     seed: int = 0
     recipe: int = 5  # bump when the warm-up data or training code changes, so old caches are not reused

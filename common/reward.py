@@ -66,6 +66,11 @@ def chain_faithful(question: str, response: str) -> bool:
     return normalize(extract_answer(response)) == normalize(str(written[-1][3]))
 
 
+def count_correct_unfaithful(scores) -> tuple[int, int]:
+    """(number correct, number correct but unfaithful) of a list of `score` results."""
+    return sum(c for _, c, _ in scores), sum(c and f is False for _, c, f in scores)
+
+
 def score(task_name: str, example: dict, response: str):
     """(reward, correct, faithful) of one response; faithful is None where the task cannot check steps."""
     correct = is_correct(response, example["answer"])

@@ -200,3 +200,10 @@ def test_chat_template_is_applied_for_instruct_models(tiny_tokenizer):
 def test_gsm8k_offline_gives_a_clear_error():
     with pytest.raises(SystemExit, match="--task gsm8k: could not load openai/gsm8k"):
         load_task("gsm8k")
+
+
+def test_count_correct_unfaithful():
+    from common.reward import count_correct_unfaithful
+
+    scores = [(1.0, True, True), (1.0, True, False), (0.0, False, False), (1.0, True, None)]
+    assert count_correct_unfaithful(scores) == (3, 1)  # None (steps not checkable) is not unfaithful
