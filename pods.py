@@ -20,6 +20,7 @@ import torch
 import tyro
 
 from common.data import fail, load_task
+from common.evaluate import evaluate
 from common.model import load_policy, prompt_text, resolve_model
 from common.reward import count_correct_unfaithful, score
 from common.rollout import sample, token_logprobs
@@ -30,6 +31,7 @@ from common.run import (
     all_reduce_sum,
     average_gradients,
     barrier,
+    check_flags,
     is_main,
     latest_checkpoint,
     load_trainer_state,
@@ -109,17 +111,9 @@ def check_args(args: Args, world: int):
         fail(f"--m {args.m}: need at least 2 kept rollouts per prompt (the std of one reward is undefined)")
     if args.m > args.n:
         fail(f"--m {args.m} is larger than --n {args.n}: cannot keep more rollouts than are generated")
-    if args.temperature <= 0:
-        fail(f"--temperature {args.temperature}: must be positive")
-    for flag in ("batch_prompts", "steps", "eval_every", "log_every", "eval_prompts"):
-        if getattr(args, flag) <= 0:
-            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    for flag in ("lr", "max_grad_norm"):
-        if getattr(args, flag) <= 0:
-            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    for flag in ("beta", "max_time", "save_every", "micro_batch", "max_new_tokens"):
-        if getattr(args, flag) < 0:
-            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be non-negative")
+    check_flags(args, positive=("temperature", "batch_prompts", "steps", "eval_every", "log_every", "eval_prompts",
+                                "lr", "max_grad_norm"),
+                non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens"))  # fmt: skip
     if args.batch_prompts % world:
         fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
 
@@ -236,36 +230,6 @@ def grpo_update(model, ref_model, optimizer, kept, advantages, args: Args) -> di
     return {"loss": total, "grad_norm": grad_norm.item()}
 
 
-# ---- evaluation ----------------------------------------------------------------------------------------
-
-
-def rollout_texts(model, tokenizer, questions, instruction, args, greedy, generator, chunk=256):
-    """Completions (text) and generated-token count for a list of questions, sampled in chunks."""
-    texts, tokens = [], 0
-    for s in range(0, len(questions), chunk):
-        prompts = [tokenizer(prompt_text(tokenizer, q, instruction))["input_ids"] for q in questions[s : s + chunk]]
-        r = sample(model, prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, greedy=greedy, generator=generator)  # fmt: skip
-        texts += tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
-        tokens += int(r.completion_mask.sum())
-    return texts, tokens
-
-
-def evaluate(model, tokenizer, task, args: Args, rank: int, world: int, generator) -> dict:
-    """Held-out accuracy, greedy and sampled, and the unfaithful rate among correct answers (`chain`)."""
-    examples = task.test[: args.eval_prompts][rank::world]
-    metrics = {}
-    for mode in ("greedy", "sampled"):
-        texts, _ = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, args,
-                                 mode == "greedy", generator)  # fmt: skip
-        scores = [score(task.name, e, t) for e, t in zip(examples, texts)]
-        correct, unfaithful, total = all_reduce_sum([*count_correct_unfaithful(scores), len(scores)])
-        metrics[f"eval/acc_{mode}"] = correct / max(1, total)
-        if task.name == "chain":
-            metrics[f"eval/unfaithful_{mode}"] = unfaithful / max(1, correct)
-    return metrics
-
-
 # ---- training loop ---------------------------------------------------------------------------------------
 
 
@@ -303,7 +267,8 @@ def main(args: Args):
     timer = Timer()
 
     def log_eval(step):
-        metrics = evaluate(model, tokenizer, task, args, rank, world, step_gen(step, 50 + rank))
+        metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
+                           world, step_gen(step, 50 + rank))  # fmt: skip
         logger.log(step, {**metrics, "time/train_elapsed": train_time})
         logger.print(f"step {step:4d} | eval " + " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
 

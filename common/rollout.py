@@ -109,12 +109,15 @@ def _chunk_logprobs(lm_head, hidden, targets, temperature):
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=4096):
+def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=4096, on_logits=None):
     """log pi(completion token) [N, L] under `model` (differentiable), for every loss in the project.
 
     Memory-lean: the backbone runs once; the [tokens, vocabulary] logits exist for one chunk of
     completion positions at a time and are recomputed in the backward pass (activation checkpointing)
     instead of being kept, so a 152k vocabulary costs O(chunk x V), not O(N x L x V).
+    `on_logits(start, logits)`, if given, sees each chunk's raw logits (model dtype, before the
+    temperature, no gradient) for the flat completion positions start, start + 1, ...: statistics
+    such as the entropy or a top-K divergence are computed there, while the chunk exists.
     """
     hidden = model.base_model(
         input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
@@ -128,6 +131,9 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=4096):
     parts = []
     for s in range(0, flat_t.numel(), chunk):
         h, tg = flat_h[s : s + chunk], flat_t[s : s + chunk]
+        if on_logits is not None:  # one extra no-grad lm_head product per chunk, only for callers that ask
+            with torch.no_grad():
+                on_logits(s, lm_head(h))
         if torch.is_grad_enabled():
             parts.append(checkpoint(_chunk_logprobs, lm_head, h, tg, temperature, use_reentrant=False))
         else:

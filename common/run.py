@@ -13,6 +13,14 @@ import torch.distributed as dist
 from common.data import fail
 
 
+def check_flags(args, positive=(), non_negative=()):
+    """One-line error for a flag that must be > 0 (or >= 0): `--lr -1: must be positive`."""
+    for names, ok, word in ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative")):
+        for name in names:
+            if not ok(getattr(args, name)):
+                fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {word}")
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
