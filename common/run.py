@@ -66,6 +66,14 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def all_reduce_mean(metrics: dict) -> dict:
     """Average per-rank metrics (same keys on every rank) so rank 0 logs the global value."""
     if not dist.is_initialized():

@@ -1,0 +1,142 @@
+"""dppo.py end to end: --help, a smoke run per trust region, torchrun, mu is the recorded one, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import dppo
+from common.model import load_policy
+from common.rollout import sample
+
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--minibatches", "2", "--eval-prompts", "4",
+         "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "10"]  # fmt: skip
+
+
+def run(args, cmd=(sys.executable, "dppo.py")):
+    return subprocess.run([*cmd, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def train_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "reward/mean" in r]
+
+
+def test_help():
+    out = run(["--help"])
+    assert out.returncode == 0
+    for flag in ("--trust-region", "--delta-low", "--delta-high", "--eps-high", "--top-k", "--is-cap",
+                 "--aggregation", "--minibatches", "--sampler-temperature"):  # fmt: skip
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("trust_region", dppo.TRUST_REGIONS)
+def test_smoke_run_each_trust_region(trust_region, random_model_dir, tmp_path):
+    extra = ["--sampler-temperature", "1.3", "--top-k", "5", "--aggregation", "token-mean"]
+    extra = extra if trust_region.startswith("topk") else []
+    out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "r",
+               "--trust-region", trust_region, *SMALL, *extra])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = train_rows(tmp_path / "r")
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("dppo/masked_frac", "dppo/masked_frac_pos", "dppo/masked_frac_neg", "dppo/D_mean", "dppo/D_max",
+                "dppo/abs_pi_mu", "dppo/entropy", "time/generate", "time/update"):  # fmt: skip
+        assert key in rows[0]
+    if trust_region == "none":
+        assert all(r["dppo/masked_frac"] == 0 for r in rows)
+    load_policy(str(tmp_path / "r" / "checkpoints" / "step_000002"))  # loadable with transformers
+
+
+def test_torchrun_two_processes(random_model_dir, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--", "dppo.py"]
+    out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "ddp", *SMALL], torchrun)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["step"] for r in train_rows(tmp_path / "ddp")] == [1, 2]
+
+
+def _rollout(model_dir, sampler_temperature, top_k=0):
+    model, tok = load_policy(model_dir)
+    prompts = [tok("What is 1+2?\n")["input_ids"]] * 8
+    g = torch.Generator().manual_seed(0)
+    r = sample(model, prompts, 8, sampler_temperature, tok.eos_token_id, tok.pad_token_id, top_k=top_k, generator=g)
+    return model, r
+
+
+def test_every_minibatch_is_measured_against_the_recorded_mu(random_model_dir, monkeypatch):
+    model, rollout = _rollout(random_model_dir, sampler_temperature=1.5)
+    seen = []
+    real = dppo.trust_region_mask
+
+    def spy(D, logp, logp_mu, *a):
+        seen.append(logp_mu.clone())
+        return real(D, logp, logp_mu, *a)
+
+    monkeypatch.setattr(dppo, "trust_region_mask", spy)
+    args = dppo.Args(minibatches=4, max_new_tokens=8, lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    advantages = torch.tensor([1.0, -1.0] * 4)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(5))
+    stats = dppo.dppo_update(model, optimizer, rollout, advantages, args, torch.Generator().manual_seed(5))
+    assert len(seen) == 4
+    for rows, logp_mu in zip(order.chunk(4), seen):
+        assert torch.equal(logp_mu, rollout.logprobs[rows])  # the sampler's record, not a recomputed copy
+    assert stats["dppo/abs_pi_mu"] > 1e-4  # sampler at T=1.5, trainer at T=1: pi != mu from the start
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_no_mismatch_means_pi_equals_mu_before_the_first_step(random_model_dir):
+    model, rollout = _rollout(random_model_dir, sampler_temperature=1.0)
+    args = dppo.Args(minibatches=1, max_new_tokens=8, lr=1e-9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    stats = dppo.dppo_update(model, optimizer, rollout, torch.zeros(8), args, torch.Generator().manual_seed(0))
+    assert stats["dppo/abs_pi_mu"] < 1e-5 and stats["dppo/masked_frac"] == 0
+
+
+def test_topk_trust_region_needs_recorded_topk(random_model_dir):
+    model, rollout = _rollout(random_model_dir, sampler_temperature=1.0, top_k=0)
+    args = dppo.Args(trust_region="topk-tv", max_new_tokens=8)
+    with pytest.raises(SystemExit, match="needs the behaviour top-K recorded"):
+        dppo.current_policy(model, rollout, args)
+
+
+def test_topk_divergence_in_training_matches_the_reference(random_model_dir):
+    """The per-token Top-K TV that the update uses equals the reference on full logits."""
+    from kernels.topk_divergence import topk_divergence_reference
+
+    model, rollout = _rollout(random_model_dir, sampler_temperature=1.3, top_k=4)
+    with torch.no_grad():
+        _, extra = dppo.current_policy(model, rollout, dppo.Args(trust_region="topk-tv", temperature=1.0))
+        logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits
+    P, valid = rollout.prompt_len, rollout.completion_mask.bool()
+    logits = logits[:, P - 1 : -1][valid]
+    ref = topk_divergence_reference(logits, rollout.topk_ids[valid], rollout.topk_logprobs[valid],
+                                    rollout.completion_ids[valid], 1.0)  # fmt: skip
+    torch.testing.assert_close(extra["tv"][valid], ref["tv"], atol=1e-4, rtol=1e-4)
+    assert (extra["tv"][~valid] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--delta-low", "0"], "--delta-low 0.0: must be positive"),
+        (["--delta-high", "-0.1"], "--delta-high -0.1: must be positive"),
+        (["--trust-region", "topk-tv", "--top-k", "0"], "--top-k 0"),
+        (["--trust-region", "topk-kl", "--top-k", "100000"], "larger than the vocabulary"),
+        (["--minibatches", "3"], "--minibatches 3 does not divide"),
+    ],
+)
+def test_bad_input_gets_a_one_line_error(flags, message, random_model_dir, tmp_path):
+    out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), *SMALL, *flags])
+    assert out.returncode != 0
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_trust_region_is_rejected():
+    out = run(["--trust-region", "clip"])
+    assert out.returncode != 0 and "--trust-region" in out.stderr + out.stdout
