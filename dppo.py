@@ -121,8 +121,8 @@ class Args:
     trainer's; 0 (default) = --temperature, no mismatch"""
     max_new_tokens: int = 0
     """completion length limit, also the fixed horizon of the aggregation; 0 picks 48 for `chain`, 512 otherwise"""
-    lr: float = 2e-4
-    """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
+    lr: float = 5e-5
+    """AdamW learning rate (constant; tuned for `tiny`, which collapses at 2e-4); use about 1e-6 for a 0.5B model"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
 
@@ -316,6 +316,17 @@ def dppo_update(model, optimizer, rollout: Rollout, advantages, args: Args, gene
     }
 
 
+def peak_memory_gb(device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 # ---- training loop ---------------------------------------------------------------------------------------
 
 
@@ -395,7 +406,9 @@ def main(args: Args):
             **{f"time/{k}": v for k, v in times.items()},
             "throughput/gen_tokens_per_s": rollout.completion_mask.sum().item() / times["generate"],
             "throughput/update_tokens_per_s": rollout.completion_mask.sum().item() / times["update"],
-            **({"memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
+            "memory/peak_gb": peak_memory_gb(device),
+            "memory/topk_mb": sum(t.numel() * t.element_size() for t in (rollout.topk_ids, rollout.topk_logprobs)
+                                  if t is not None) / 2**20,
         })  # fmt: skip
         train_time = all_reduce_mean({"t": train_time})["t"]  # every rank agrees on when to stop
         metrics["time/train_elapsed"] = train_time
