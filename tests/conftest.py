@@ -6,6 +6,8 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails loudly
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if not os.path.exists("/dev/nvidia0"):  # no GPU: Triton kernels run in the interpreter, on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before a kernel module is imported
 
 import pytest  # noqa: E402
 
