@@ -47,7 +47,7 @@ from common.run import (
     setup_distributed,
     world_size,
 )
-from kernels.topk_divergence import topk_divergence
+from kernels.topk_divergence import topk_divergence, triton_usable
 
 TRUST_REGIONS = ("binary-tv", "binary-kl", "topk-tv", "topk-kl", "ratio", "none")
 EPS = 1e-12  # floor of a probability inside a log
@@ -125,6 +125,8 @@ class Args:
     """AdamW learning rate (constant; tuned for `tiny`, which collapses at 2e-4); use about 1e-6 for a 0.5B model"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """Top-K divergence implementation: `auto` = the Triton kernel on CUDA and the PyTorch reference elsewhere"""
 
 
 def thresholds(args: Args) -> tuple[float, float]:
@@ -252,13 +254,14 @@ def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, d
 
     def on_logits(start, logits):
         rows = slice(start, start + logits.shape[0])
-        logp_all = F.log_softmax(logits.float() / args.temperature, dim=-1)
-        extra["entropy"][rows] = -(logp_all.exp() * logp_all).sum(-1)
-        if topk:
+        if topk:  # the kernel (or its reference) also returns the entropy, without an fp32 copy of the logits
             ids, logprobs = rollout.topk_ids.flatten(0, 1)[rows], rollout.topk_logprobs.flatten(0, 1)[rows]
             sampled = rollout.completion_ids.flatten()[rows]
-            div = topk_divergence(logits, ids, logprobs, sampled, args.temperature, valid[rows])
-            extra["tv"][rows], extra["kl"][rows] = div["tv"], div["kl"]
+            div = topk_divergence(logits, ids, logprobs, sampled, args.temperature, valid[rows], args.kernels)
+            extra["tv"][rows], extra["kl"][rows], extra["entropy"][rows] = div["tv"], div["kl"], div["entropy"]
+        else:
+            logp_all = F.log_softmax(logits.float() / args.temperature, dim=-1)
+            extra["entropy"][rows] = -(logp_all.exp() * logp_all).sum(-1)
 
     logp = token_logprobs(model, rollout, args.temperature, on_logits=on_logits)
     return logp, {k: v.view(N, L) for k, v in extra.items()}
@@ -350,6 +353,8 @@ def main(args: Args):
     checkpoint = latest_checkpoint(args.resume) if args.resume else None
     model, tokenizer = load_policy(checkpoint or model_path, getattr(torch, args.dtype), device)
     model.eval()
+    if args.kernels == "triton" and not triton_usable(device):
+        fail("--kernels triton: the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     if top_k > model.config.vocab_size:
         fail(f"--top-k {top_k}: larger than the vocabulary ({model.config.vocab_size} tokens)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

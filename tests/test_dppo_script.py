@@ -140,3 +140,27 @@ def test_bad_input_gets_a_one_line_error(flags, message, random_model_dir, tmp_p
 def test_unknown_trust_region_is_rejected():
     out = run(["--trust-region", "clip"])
     assert out.returncode != 0 and "--trust-region" in out.stderr + out.stdout
+
+
+def test_topk_run_with_the_triton_kernel(random_model_dir, tmp_path):
+    """--kernels triton end to end (in the interpreter on a CPU: conftest sets TRITON_INTERPRET=1)."""
+    out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "k", *SMALL,
+               "--trust-region", "topk-kl", "--top-k", "4", "--kernels", "triton"])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [r["step"] for r in train_rows(tmp_path / "k")] == [1, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_triton_kernels_without_gpu_or_interpreter_is_refused(random_model_dir, tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "dppo.py", "--model", random_model_dir, "--output-dir", str(tmp_path),
+                          *SMALL, "--trust-region", "topk-tv", "--kernels", "triton"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode != 0 and "--kernels triton" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_kernel_benchmark_without_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run for minutes")
+    out = subprocess.run([sys.executable, "-m", "kernels.bench"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0 and "no CUDA GPU" in out.stdout
