@@ -24,9 +24,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common.data import fail, load_task
-from common.evaluate import evaluate
-from common.model import load_policy, prompt_text, resolve_model
+from common.data import fail
 from common.reward import count_correct_unfaithful, score
 from common.rollout import Rollout, sample, token_logprobs
 from common.run import (
@@ -36,17 +34,13 @@ from common.run import (
     all_reduce_mean,
     all_reduce_sum,
     average_gradients,
-    barrier,
     check_flags,
     is_main,
-    latest_checkpoint,
     load_trainer_state,
-    run_folder,
     save_checkpoint,
-    seed_everything,
-    setup_distributed,
     world_size,
 )
+from common.session import draw_prompts, evaluate, open_session
 from kernels.topk_divergence import topk_divergence, triton_usable
 
 TRUST_REGIONS = ("binary-tv", "binary-kl", "topk-tv", "topk-kl", "ratio", "none")
@@ -334,25 +328,12 @@ def peak_memory_gb(device) -> float:
 
 
 def main(args: Args):
-    rank, world, device = setup_distributed(args.device)
-    check_args(args, world)
-    seed_everything(args.seed)
-    task = load_task(args.task, args.seed, args.question_field, args.answer_field)
-    if args.eval_prompts > len(task.test):
-        fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
-    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)
+    session = open_session(args, "dppo", check_args)
+    rank, world, device, task = session.rank, session.world, session.device, session.task
+    run_dir, model_path, checkpoint = session.run_dir, session.model_path, session.checkpoint
+    model, tokenizer = session.model, session.tokenizer
     sampler_temperature = args.sampler_temperature or args.temperature
     top_k = args.top_k if args.trust_region.startswith("topk") else 0  # record top-K only when it is used
-    run_dir = args.resume or run_folder(args.output_dir, args.run_name, "dppo", args.seed)
-    if not args.resume and os.path.exists(run_dir):
-        fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with --resume {run_dir}")
-    if is_main():
-        resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
-    barrier()
-    model_path = resolve_model(args.model)
-    checkpoint = latest_checkpoint(args.resume) if args.resume else None
-    model, tokenizer = load_policy(checkpoint or model_path, getattr(torch, args.dtype), device)
-    model.eval()
     if args.kernels == "triton" and not triton_usable(device):
         fail("--kernels triton: the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     if top_k > model.config.vocab_size:
@@ -384,10 +365,7 @@ def main(args: Args):
     for step in range(start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each; the sampler
         #    records log mu of every sampled token (and mu's top-K for the topk-* trust regions).
-        prompt_gen = torch.Generator().manual_seed(args.seed * 7919 + step)
-        draw = torch.randint(len(task.train), (args.batch_prompts,), generator=prompt_gen)
-        examples = [task.train[i] for i in draw[rank * B : (rank + 1) * B].tolist()]
-        prompt_ids = [tokenizer(prompt_text(tokenizer, e["question"], task.instruction))["input_ids"] for e in examples]
+        examples, prompt_ids = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
         with timer("generate"):
             group_prompts = [p for p in prompt_ids for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, sampler_temperature, tokenizer.eos_token_id,

@@ -19,9 +19,8 @@ from typing import Literal
 import torch
 import tyro
 
-from common.data import fail, load_task
-from common.evaluate import evaluate
-from common.model import load_policy, prompt_text, resolve_model
+from common.data import fail
+from common.model import load_policy
 from common.reward import count_correct_unfaithful, score
 from common.rollout import sample, token_logprobs
 from common.run import (
@@ -30,17 +29,13 @@ from common.run import (
     all_reduce_mean,
     all_reduce_sum,
     average_gradients,
-    barrier,
     check_flags,
     is_main,
-    latest_checkpoint,
     load_trainer_state,
-    run_folder,
     save_checkpoint,
-    seed_everything,
-    setup_distributed,
     world_size,
 )
+from common.session import draw_prompts, evaluate, open_session
 
 
 @dataclass
@@ -234,25 +229,11 @@ def grpo_update(model, ref_model, optimizer, kept, advantages, args: Args) -> di
 
 
 def main(args: Args):
-    rank, world, device = setup_distributed(args.device)
-    check_args(args, world)
-    seed_everything(args.seed)
-    task = load_task(args.task, args.seed, args.question_field, args.answer_field)
-    if args.eval_prompts > len(task.test):
-        fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
-    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)
-    run_dir = args.resume or run_folder(args.output_dir, args.run_name, "pods", args.seed)
-    if not args.resume and os.path.exists(run_dir):
-        fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with --resume {run_dir}")
-    if is_main():
-        resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
-    barrier()
-    model_path = resolve_model(args.model)
-    checkpoint = latest_checkpoint(args.resume) if args.resume else None
-    dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_policy(checkpoint or model_path, dtype, device)
-    model.eval()
-    ref_model = load_policy(model_path, dtype, device)[0].eval() if args.beta > 0 else None
+    session = open_session(args, "pods", check_args)
+    rank, world, device, task = session.rank, session.world, session.device, session.task
+    run_dir, model_path, checkpoint = session.run_dir, session.model_path, session.checkpoint
+    model, tokenizer = session.model, session.tokenizer
+    ref_model = load_policy(model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     state = load_trainer_state(checkpoint, optimizer) if checkpoint else {"step": 0, "train_time": 0.0}
     start, train_time = state["step"], state["train_time"]
@@ -276,10 +257,7 @@ def main(args: Args):
         log_eval(0)
     for step in range(start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each.
-        prompt_gen = torch.Generator().manual_seed(args.seed * 7919 + step)
-        draw = torch.randint(len(task.train), (args.batch_prompts,), generator=prompt_gen)
-        examples = [task.train[i] for i in draw[rank * B : (rank + 1) * B].tolist()]
-        prompt_ids = [tokenizer(prompt_text(tokenizer, e["question"], task.instruction))["input_ids"] for e in examples]
+        examples, prompt_ids = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
         with timer("generate"):
             group_prompts = [p for p in prompt_ids for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
