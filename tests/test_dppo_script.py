@@ -39,6 +39,7 @@ def test_help():
 def test_smoke_run_each_trust_region(trust_region, random_model_dir, tmp_path):
     extra = ["--sampler-temperature", "1.3", "--top-k", "5", "--aggregation", "token-mean"]
     extra = extra if trust_region.startswith("topk") else []
+    extra += ["--micro-batch", "2"] if trust_region == "binary-kl" else []  # gradient accumulation path
     out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "r",
                "--trust-region", trust_region, *SMALL, *extra])  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
