@@ -74,6 +74,20 @@ def all_reduce_max(value: float) -> float:
     return t.item()
 
 
+def gather_strided(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Rank r holds rows r, r + world, r + 2 world, ... of a [total, ...] tensor: return all of it, on every
+    rank (padded to equal shards for all_gather, then interleaved back)."""
+    world = world_size()
+    if world == 1:
+        return local
+    shard = -(-total // world)
+    padded = torch.zeros(shard, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, 1).flatten(0, 1)[:total]
+
+
 def all_reduce_mean(metrics: dict) -> dict:
     """Average per-rank metrics (same keys on every rank) so rank 0 logs the global value."""
     if not dist.is_initialized():
