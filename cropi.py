@@ -357,6 +357,7 @@ def main(args: Args):
             pool_store = collect_store(model, tokenizer, task, shard(pool, rank, world), args.pool_responses, args, gen)
             val_stores = [collect_store(model, tokenizer, task, shard(v, rank, world), args.val_responses, args, gen)
                           for v in val_sets]  # fmt: skip
+        os.makedirs(run_dir, exist_ok=True)  # every rank writes its shard; rank 0 may not have made the folder yet
         torch.save((pool_store, val_stores), store_file)
         seconds = timer.pop()["store"]
         logger.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"

@@ -1,0 +1,195 @@
+"""CROPI: POPI gradient, selection rules, and cropi.py end to end (specs/cropi.md, tests 3 and 5)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import RANDOM_SPEC, ROOT
+
+import cropi
+from common.data import make_chain
+
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+
+
+def logits_case(K=4, L=5, V=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(K, L, V, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(V, (K, L), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    logp = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    return logits, logp, mask
+
+
+def test_popi_at_behaviour_equals_on_policy_grpo_gradient():
+    """theta = beta (rho = 1): grad J = (1/K) sum_j A_j (1/|y_j|) sum_t grad log pi, REINFORCE with the
+    group baseline and std normalisation, written by hand."""
+    logits, logp, mask = logits_case()
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    (grad,) = torch.autograd.grad(cropi.popi_objective(logp, logp.detach(), rewards, mask), logits, retain_graph=True)
+    A = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+    hand = sum(A[j] * (logp[j] * mask[j]).sum() / mask[j].sum() for j in range(4)) / 4
+    (want,) = torch.autograd.grad(hand, logits)
+    torch.testing.assert_close(grad, want)
+
+
+def test_popi_equal_rewards_give_exactly_zero():
+    logits, logp, mask = logits_case()
+    behaviour = logp.detach() + 0.3
+    (grad,) = torch.autograd.grad(cropi.popi_objective(logp, behaviour, torch.ones(4), mask), logits)
+    assert (grad == 0).all()
+
+
+def test_popi_clipping_drops_out_of_range_improving_tokens():
+    logp = torch.tensor([[-0.1, -0.1], [-0.1, -0.1]], requires_grad=True)
+    behaviour = torch.tensor([[-1.0, -0.1], [-0.1, -1.0]])  # rho = e^0.9 (out of range) or 1
+    rewards, mask = torch.tensor([1.0, 0.0]), torch.ones(2, 2)
+    (grad,) = torch.autograd.grad(cropi.popi_objective(logp, behaviour, rewards, mask, clip=0.2), logp)
+    assert grad[0, 0] == 0  # A > 0, rho > 1.2: clipped, contributes nothing
+    assert grad[0, 1] != 0 and grad[1, 0] != 0
+    assert grad[1, 1] != 0  # A < 0 with rho > 1.2: min keeps the unclipped term
+
+
+def test_popi_matches_finite_differences_on_a_model(random_model_dir):
+    from common.model import load_policy
+    from common.rollout import sample, token_logprobs
+
+    model, tok = load_policy(random_model_dir)
+    model = model.double()
+    prompts = [tok("What is 1+2?\n")["input_ids"]] * 4
+    rollout = sample(
+        model, prompts, 6, 0.5, tok.eos_token_id, tok.pad_token_id, generator=torch.Generator().manual_seed(0)
+    )
+    rewards, mask = torch.tensor([1.0, 0.0, 0.0, 1.0]), rollout.completion_mask.double()
+    weight = model.get_output_embeddings().weight
+    objective = lambda: cropi.popi_objective(
+        token_logprobs(model, rollout, 0.5), rollout.logprobs.double(), rewards, mask
+    )
+    (grad,) = torch.autograd.grad(objective(), weight)
+    direction = torch.randn_like(weight)
+    h = 1e-3  # token_logprobs works in fp32: a larger step keeps rounding below the tolerance
+    with torch.no_grad():
+        weight += h * direction
+        up = objective()
+        weight -= 2 * h * direction
+        down = objective()
+        weight += h * direction
+    assert (up - down).item() / (2 * h) == pytest.approx((grad * direction).sum().item(), rel=2e-3)
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    inf = -torch.inf
+    tables = torch.tensor([[0.9, 0.8, 0.1, 0.5, inf], [0.1, 0.9, 0.8, 0.2, inf]])
+    # top-2 lists: set 0 -> [0, 1], set 1 -> [1, 2]; fused: 0: 1, 1: 1/2 + 1 = 1.5, 2: 1/2
+    assert cropi.reciprocal_rank_fusion(tables, 2).tolist() == [1, 0]
+    assert cropi.reciprocal_rank_fusion(tables[:1], 3).tolist() == [0, 1, 3]  # one set: top-n by score
+    ties = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    assert cropi.reciprocal_rank_fusion(ties, 2).tolist() == [0, 1]  # ties go to the lower index
+    assert 4 not in cropi.reciprocal_rank_fusion(tables, 4).tolist()  # zero gradient: never picked
+
+
+def test_selection_count_is_floor_rho_n():
+    scores = torch.randn(2, 97, generator=torch.Generator().manual_seed(1))
+    assert len(cropi.reciprocal_rank_fusion(scores, int(0.1 * 97))) == 9
+
+
+def test_cosine_scores_mark_zero_vectors():
+    z = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    s = cropi.cosine_scores(z, torch.tensor([1.0, 0.0]))
+    assert s[0] == pytest.approx(1.0) and s[1] == -torch.inf and s[2] == pytest.approx(0.5**0.5)
+
+
+def test_pass_rate_selection_prefers_half_solved():
+    rewards = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+    assert cropi.pass_rate_selection(rewards, 2).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(select_ratio=0.0), "--select-ratio"),
+        (dict(select_ratio=1.5), "--select-ratio"),
+        (dict(proj_ratio=0.0), "--proj-ratio"),
+        (dict(proj_ratio=2.0), "--proj-ratio"),
+        (dict(proj_dim=0), "--proj-dim"),
+        (dict(stages=0), "--stages"),
+        (dict(steps_per_stage=0), "--steps-per-stage"),
+        (dict(grad_params="("), "--grad-params"),
+    ],
+)
+def test_bad_settings_are_refused(kw, message):
+    with pytest.raises(SystemExit, match=message):
+        cropi.check_args(cropi.Args(**kw), world=1)
+
+
+# ---- end to end -----------------------------------------------------------------------------------------
+
+SMALL = ["--stages", "2", "--steps-per-stage", "1", "--batch-prompts", "2", "--n", "2", "--pool-responses", "2",
+         "--val-responses", "4", "--eval-prompts", "4", "--eval-every", "1", "--max-new-tokens", "16",
+         "--proj-dim", "32", "--score-batch", "8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def warm_model_dir(tmp_path_factory):
+    """A tiny model given a short warm-up, so that some stored groups have mixed rewards."""
+    from dataclasses import replace
+
+    from common.model import build_tiny
+
+    folder = str(tmp_path_factory.mktemp("warm") / "model")
+    build_tiny(folder, replace(RANDOM_SPEC, sft_steps=250, sft_batch=32), log=lambda *a: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def easy_file(tmp_path_factory):
+    """60 one-operation chain questions as a local data file (10% validation, 10% test)."""
+    rows = [e for e in make_chain(seed=0).train if e["level"] == 0][:30]
+    path = tmp_path_factory.mktemp("data") / "easy.jsonl"
+    path.write_text("".join(json.dumps({"question": e["question"], "answer": e["answer"]}) + "\n" for e in rows * 2))
+    return str(path)
+
+
+def run(args):
+    return subprocess.run([sys.executable, "cropi.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def train_rows(run_dir):
+    return [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if "reward/mean" in r]
+
+
+@pytest.mark.parametrize("selection", ["cropi", "full", "random", "pass-rate"])
+def test_smoke_run_each_selection(selection, warm_model_dir, easy_file, tmp_path):
+    out = run(["--model", warm_model_dir, "--task", easy_file, "--output-dir", str(tmp_path), "--run-name", "r",
+               "--selection", selection, "--store-temperature", "1.5", *SMALL])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
+    stage_rows = [r for r in rows if "select/count" in r]
+    assert [r["stage"] for r in stage_rows] == [0, 1]
+    assert (tmp_path / "r" / "store_rank0_of_1.pt").exists()
+    if selection == "cropi":
+        assert "score/zero_gradient_prompts" in stage_rows[0] and stage_rows[0]["score/abs_log_ratio"] < 1e-4
+
+
+def test_torchrun_two_processes(warm_model_dir, easy_file, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--", "cropi.py"]
+    out = subprocess.run([*torchrun, "--model", warm_model_dir, "--task", easy_file, "--output-dir", str(tmp_path),
+                          "--run-name", "ddp", "--store-temperature", "1.5", *SMALL],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["step"] for r in train_rows(tmp_path / "ddp")] == [1, 2]
+
+
+def test_validation_without_usable_prompt_is_a_clear_error(random_model_dir, tmp_path):
+    """Answers no model guesses: every stored group has equal (zero) rewards."""
+    path = tmp_path / "impossible.jsonl"
+    path.write_text(
+        "".join(json.dumps({"question": f"What is {i}+1?", "answer": "987654321"}) + "\n" for i in range(60))
+    )
+    out = run(["--model", random_model_dir, "--task", str(path), "--output-dir", str(tmp_path), *SMALL])
+    assert out.returncode != 0 and "no validation gradient exists" in out.stderr and "Traceback" not in out.stderr
