@@ -360,6 +360,7 @@ def main(args: Args):
         os.makedirs(run_dir, exist_ok=True)  # every rank writes its shard; rank 0 may not have made the folder yet
         torch.save((pool_store, val_stores), store_file)
         seconds = timer.pop()["store"]
+        logger.log(0, {"time/store": seconds})
         logger.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"
                      f" at T={args.store_temperature} in {seconds:.0f}s -> {store_file}")  # fmt: skip
     local_rewards = torch.stack([g["rewards"] for g in pool_store])
