@@ -200,30 +200,37 @@ def scored_parameters(model, pattern: str) -> list[tuple[str, torch.nn.Parameter
     return chosen
 
 
-def projected_gradients(model, store, params, args) -> tuple[torch.Tensor, int, float]:
-    """z(x) = P grad J_x at the current policy for every stored group, [len(store), k]. Gradients of
-    --score-batch prompts at a time sit in one [batch, d] buffer, then are projected; zero-gradient
-    groups (all rewards equal) are skipped and stay zero. Also returns the zero-gradient count and the
-    mean |log pi_theta - log beta| over the stored tokens."""
-    device = next(model.parameters()).device
+def popi_gradients(model, groups, params, args) -> tuple[torch.Tensor, int, float, float]:
+    """grad J_x at the current policy for each stored group, [len(groups), d] fp32 over `params`; groups
+    whose rewards are all equal get a zero row without a backward pass. Also the number of those, and
+    the sum of |log pi_theta - log beta| over the stored tokens with the token count."""
     d = sum(p.numel() for _, p in params)
-    out = torch.zeros(len(store), args.proj_dim, device=device)
+    grads = torch.zeros(len(groups), d, device=next(model.parameters()).device)
+    zero, abs_log_ratio, tokens = 0, 0.0, 0.0
+    for row, group in enumerate(groups):
+        rollout, rewards = group["rollout"], group["rewards"]
+        if rewards.max() == rewards.min():
+            zero += 1
+            continue
+        logp = token_logprobs(model, rollout, args.store_temperature)
+        mask = rollout.completion_mask.float()
+        abs_log_ratio += ((logp.detach() - rollout.logprobs).abs() * mask).sum().item()
+        tokens += mask.sum().item()
+        J = popi_objective(logp, rollout.logprobs, rewards, mask, args.popi_clip)
+        grads[row] = torch.cat([g.flatten() for g in torch.autograd.grad(J, [p for _, p in params])])
+    return grads, zero, abs_log_ratio, tokens
+
+
+def projected_gradients(model, store, params, args) -> tuple[torch.Tensor, int, float]:
+    """z(x) = P grad J_x for every stored group, [len(store), k]: the gradients of --score-batch prompts at
+    a time sit in one [batch, d] buffer and are projected; the (prompts x d) matrix never exists. Also
+    the zero-gradient count and the mean |log pi_theta - log beta| over the stored tokens."""
+    out = torch.zeros(len(store), args.proj_dim, device=next(model.parameters()).device)
     zero, abs_log_ratio, tokens = 0, 0.0, 0.0
     for s in range(0, len(store), args.score_batch):
-        batch = store[s : s + args.score_batch]
-        grads = torch.zeros(len(batch), d, device=device)
-        for row, group in enumerate(batch):
-            rollout, rewards = group["rollout"], group["rewards"]
-            if rewards.max() == rewards.min():
-                zero += 1
-                continue
-            logp = token_logprobs(model, rollout, args.store_temperature)
-            mask = rollout.completion_mask.float()
-            abs_log_ratio += ((logp.detach() - rollout.logprobs).abs() * mask).sum().item()
-            tokens += mask.sum().item()
-            J = popi_objective(logp, rollout.logprobs, rewards, mask, args.popi_clip)
-            grads[row] = torch.cat([g.flatten() for g in torch.autograd.grad(J, [p for _, p in params])])
-        project(grads, 0, args.proj_dim, args.proj_ratio, args.proj_seed, args.proj_mode, out=out[s : s + len(batch)])
+        grads, z, a, t = popi_gradients(model, store[s : s + args.score_batch], params, args)
+        zero, abs_log_ratio, tokens = zero + z, abs_log_ratio + a, tokens + t
+        project(grads, 0, args.proj_dim, args.proj_ratio, args.proj_seed, args.proj_mode, out=out[s : s + len(grads)])
     return out, zero, abs_log_ratio / max(1.0, tokens)
 
 
