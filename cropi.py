@@ -171,11 +171,10 @@ def collect_store(model, tokenizer, task, examples, K, args, generator) -> list[
 def trim(rollout: Rollout) -> Rollout:
     """Drop the padding columns a group does not need (groups were sampled in larger batches)."""
     used = rollout.attention_mask.bool().any(0)
-    first, last = used[: rollout.prompt_len].long().argmax().item(), used.nonzero().max().item() + 1
-    keep = lambda x: None if x is None else x[:, first:last] if x.dim() == 2 and x.shape[1] == used.numel() else x
+    first, last = int(used.long().argmax()), int(used.nonzero().max()) + 1  # first and last used column
     L = last - rollout.prompt_len
-    return Rollout(keep(rollout.input_ids), keep(rollout.attention_mask), rollout.completion_mask[:, :L],
-                   rollout.logprobs[:, :L], rollout.prompt_len - first)  # fmt: skip
+    return Rollout(rollout.input_ids[:, first:last], rollout.attention_mask[:, first:last],
+                   rollout.completion_mask[:, :L], rollout.logprobs[:, :L], rollout.prompt_len - first)  # fmt: skip
 
 
 # ---- POPI: the off-policy policy gradient of one prompt, projected ---------------------------------------

@@ -14,16 +14,19 @@ import numpy as np
 
 
 def curves(selection, metric):
-    runs = sorted(glob.glob(f"runs/cropi_{selection}_s*"))
+    runs, done = sorted(glob.glob(f"runs/cropi_{selection}_s*")), []
     steps, values, seconds, extra = None, [], [], []
     for d in runs:
         rows = [json.loads(line) for line in open(f"{d}/metrics.jsonl")]
         evals = [r for r in rows if metric in r]
+        if steps is not None and len(evals) != len(steps):
+            continue  # an unfinished run
         steps = [r["step"] for r in evals]
         values.append([r[metric] for r in evals])
         seconds.append([r["time/train_elapsed"] for r in evals])
         extra.append((sum(r.get("time/score", 0) for r in rows), sum(r.get("time/store", 0) for r in rows)))
-    return runs, np.array(steps), np.array(values), np.array(seconds).mean(0), np.array(extra).mean(0)
+        done.append(d)
+    return done, np.array(steps), np.array(values), np.array(seconds).mean(0), np.array(extra).mean(0)
 
 
 def first_reach(steps, curve, target):
