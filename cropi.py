@@ -22,7 +22,7 @@ import torch
 import tyro
 
 from common.data import fail
-from common.model import load_policy, prompt_text
+from common.model import load_policy
 from common.reward import count_correct_unfaithful, score
 from common.rollout import Rollout, sample, token_logprobs
 from common.run import (
@@ -36,7 +36,7 @@ from common.run import (
     load_trainer_state,
     save_checkpoint,
 )
-from common.session import evaluate, open_session
+from common.session import evaluate, open_session, prompt_ids
 from kernels.projection import project
 from pods import group_advantages, grpo_update  # the GRPO step itself is the same as PODS's with m = n
 
@@ -157,7 +157,7 @@ def collect_store(model, tokenizer, task, examples, K, args, generator) -> list[
     store = []
     for s in range(0, len(examples), 32):
         chunk = examples[s : s + 32]
-        prompts = [tokenizer(prompt_text(tokenizer, e["question"], task.instruction))["input_ids"] for e in chunk]
+        prompts = prompt_ids(tokenizer, [e["question"] for e in chunk], task.instruction)
         rollout = sample(model, [p for p in prompts for _ in range(K)], args.max_new_tokens, args.store_temperature,
                          tokenizer.eos_token_id, tokenizer.pad_token_id, generator=generator)  # fmt: skip
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
@@ -410,7 +410,7 @@ def main(args: Args):
         order = torch.randperm(len(selected), generator=draw_gen)
         picks = order[torch.arange(args.batch_prompts) % len(selected)]  # wraps when fewer than B are selected
         examples = [pool[selected[i]] for i in picks[rank * B : (rank + 1) * B].tolist()]
-        prompts = [tokenizer(prompt_text(tokenizer, e["question"], task.instruction))["input_ids"] for e in examples]
+        prompts = prompt_ids(tokenizer, [e["question"] for e in examples], task.instruction)
         with timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,

@@ -56,6 +56,11 @@ def open_session(args, script: str, check_args) -> Session:
     return Session(rank, world, device, task, run_dir, model_path, checkpoint, model, tokenizer)
 
 
+def prompt_ids(tokenizer, questions, instruction: str = "") -> list[list[int]]:
+    """Token ids of each question as the model sees it (chat template for instruct models)."""
+    return [tokenizer(prompt_text(tokenizer, q, instruction))["input_ids"] for q in questions]
+
+
 def draw_prompts(task: Task, tokenizer, seed: int, step: int, batch_prompts: int, rank: int, world: int):
     """The step's prompts: the same draw of `batch_prompts` on every rank, each rank taking its slice.
     Returns this rank's examples and their tokenized prompts."""
@@ -63,7 +68,7 @@ def draw_prompts(task: Task, tokenizer, seed: int, step: int, batch_prompts: int
     draw = torch.randint(len(task.train), (batch_prompts,), generator=generator)
     B = batch_prompts // world
     examples = [task.train[i] for i in draw[rank * B : (rank + 1) * B].tolist()]
-    return examples, [tokenizer(prompt_text(tokenizer, e["question"], task.instruction))["input_ids"] for e in examples]
+    return examples, prompt_ids(tokenizer, [e["question"] for e in examples], task.instruction)
 
 
 def rollout_texts(model, tokenizer, questions, instruction, max_new_tokens, temperature, greedy, generator,
@@ -71,7 +76,7 @@ def rollout_texts(model, tokenizer, questions, instruction, max_new_tokens, temp
     """Completions (text) and generated-token count for a list of questions, sampled in chunks."""
     texts, tokens = [], 0
     for s in range(0, len(questions), chunk):
-        prompts = [tokenizer(prompt_text(tokenizer, q, instruction))["input_ids"] for q in questions[s : s + chunk]]
+        prompts = prompt_ids(tokenizer, questions[s : s + chunk], instruction)
         r = sample(model, prompts, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id,
                    greedy=greedy, generator=generator)  # fmt: skip
         texts += tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)

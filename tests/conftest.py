@@ -1,6 +1,8 @@
 """Test session setup: no network, a private model cache, and a tiny random model saved to a temp folder."""
 
+import json
 import os
+import subprocess
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails loudly
@@ -42,3 +44,15 @@ def random_model_dir(tmp_path_factory, tiny_tokenizer):
     random_model(tiny_tokenizer, RANDOM_SPEC).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_command(cmd, env=None, timeout=300):
+    """Run a command (a script, torchrun, a module) from the repository root, output captured as text."""
+    env = env if env is not None else {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metric_rows(run_dir, key=None):
+    """The rows of a run folder's metrics.jsonl: all of them, or those holding `key`."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if key is None or key in row]

@@ -1,18 +1,14 @@
 """CROPI: POPI gradient, selection rules, and cropi.py end to end (specs/cropi.md, tests 3 and 5)."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import RANDOM_SPEC, ROOT
+from conftest import RANDOM_SPEC, metric_rows, run_command
 
 import cropi
 from common.data import make_chain
-
-ENV = {**os.environ, "PYTHONPATH": ROOT}
 
 
 def logits_case(K=4, L=5, V=7, seed=0):
@@ -154,12 +150,11 @@ def easy_file(tmp_path_factory):
 
 
 def run(args):
-    return subprocess.run([sys.executable, "cropi.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return run_command([sys.executable, "cropi.py", *args], timeout=600)
 
 
 def train_rows(run_dir):
-    return [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if "reward/mean" in r]
+    return metric_rows(run_dir, "reward/mean")
 
 
 @pytest.mark.parametrize("selection", ["cropi", "full", "random", "pass-rate"])
@@ -178,9 +173,8 @@ def test_smoke_run_each_selection(selection, warm_model_dir, easy_file, tmp_path
 
 def test_torchrun_two_processes(warm_model_dir, easy_file, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--", "cropi.py"]
-    out = subprocess.run([*torchrun, "--model", warm_model_dir, "--task", easy_file, "--output-dir", str(tmp_path),
-                          "--run-name", "ddp", "--store-temperature", "1.5", *SMALL],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = run_command([*torchrun, "--model", warm_model_dir, "--task", easy_file, "--output-dir", str(tmp_path),
+                       "--run-name", "ddp", "--store-temperature", "1.5", *SMALL], timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert [r["step"] for r in train_rows(tmp_path / "ddp")] == [1, 2]
 

@@ -1,30 +1,26 @@
 """dppo.py end to end: --help, a smoke run per trust region, torchrun, mu is the recorded one, bad input."""
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, metric_rows, run_command
 
 import dppo
 from common.model import load_policy
 from common.rollout import sample
 
-ENV = {**os.environ, "PYTHONPATH": ROOT}
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--minibatches", "2", "--eval-prompts", "4",
          "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "10"]  # fmt: skip
 
 
 def run(args, cmd=(sys.executable, "dppo.py")):
-    return subprocess.run([*cmd, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return run_command([*cmd, *args])
 
 
 def train_rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "reward/mean" in r]
+    return metric_rows(run_dir, "reward/mean")
 
 
 def test_help():
@@ -153,15 +149,14 @@ def test_topk_run_with_the_triton_kernel(random_model_dir, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_triton_kernels_without_gpu_or_interpreter_is_refused(random_model_dir, tmp_path):
-    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "dppo.py", "--model", random_model_dir, "--output-dir", str(tmp_path),
-                          *SMALL, "--trust-region", "topk-tv", "--kernels", "triton"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": ROOT}
+    out = run_command([sys.executable, "dppo.py", "--model", random_model_dir, "--output-dir", str(tmp_path),
+                       *SMALL, "--trust-region", "topk-tv", "--kernels", "triton"], env=env)  # fmt: skip
     assert out.returncode != 0 and "--kernels triton" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_kernel_benchmark_without_gpu_says_so():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmark would run for minutes")
-    out = subprocess.run([sys.executable, "-m", "kernels.bench"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    out = run_command([sys.executable, "-m", "kernels.bench"])
     assert out.returncode == 0 and "no CUDA GPU" in out.stdout

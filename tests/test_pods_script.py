@@ -2,28 +2,24 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import metric_rows, run_command
 
 import pods
 from common.model import load_policy
 
-ENV = {**os.environ, "PYTHONPATH": ROOT}
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--m", "2", "--eval-prompts", "6",
          "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "12"]  # fmt: skip
 
 
 def run(args, cmd=(sys.executable, "pods.py")):
-    return subprocess.run([*cmd, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return run_command([*cmd, *args])
 
 
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+read_metrics = metric_rows
 
 
 def test_help():
