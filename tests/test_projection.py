@@ -18,10 +18,11 @@ def pair_with_cosine(d, c, g):
     return a, c * a + math.sqrt(1 - c * c) * b  # unit vectors with <a, b> = c
 
 
-@pytest.mark.parametrize("mode", ["rademacher", "sjlt"])
+@pytest.mark.parametrize("mode", ["rademacher", "gaussian", "sjlt"])
 def test_inner_product_error_spread(mode):
-    """Unit vectors with inner product c: <Pa, Pb> - c has std close to sqrt((1 + c^2) / k)."""
-    d, k, c = 3000, 256, 0.5
+    """Unit vectors with inner product c: <Pa, Pb> - c has std close to sqrt((1 + c^2) / k) (exactly, for
+    Gaussian entries; up to O(1/d) for the others, so a short d is enough and keeps the test fast)."""
+    d, k, c = 600, 256, 0.5
     a, b = pair_with_cosine(d, c, torch.Generator().manual_seed(0))
     x = torch.stack([a, b]).float()
     errors = torch.tensor([(lambda z: z[0] @ z[1])(project(x, 0, k, p=1.0, seed=s, mode=mode)) - c for s in range(200)])
@@ -33,13 +34,13 @@ def test_inner_product_error_spread(mode):
 def test_linear():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 5000, generator=g), torch.randn(3, 5000, generator=g)
-    for mode in ("rademacher", "sjlt"):
+    for mode in ("rademacher", "gaussian", "sjlt"):
         pa, pb = project(a, 7, 128, 0.3, 5, mode), project(b, 7, 128, 0.3, 5, mode)
         torch.testing.assert_close(project(a + b, 7, 128, 0.3, 5, mode), pa + pb, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(project(2.5 * a, 7, 128, 0.3, 5, mode), 2.5 * pa, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["rademacher", "sjlt"])
+@pytest.mark.parametrize("mode", ["rademacher", "gaussian", "sjlt"])
 def test_same_map_across_chunkings_and_batches(mode):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(5, 10_000, generator=g)
@@ -86,12 +87,13 @@ def test_offsets_beyond_two_to_the_32():
     assert not torch.equal(got, aliased)
 
 
-def test_subset_inner_product_is_unbiased():
+@pytest.mark.parametrize("mode", ["rademacher", "gaussian"])
+def test_subset_inner_product_is_unbiased(mode):
     g = torch.Generator().manual_seed(4)
     a, b = pair_with_cosine(2000, 0.3, g)
     x = torch.stack([a, b]).float()
-    values = torch.tensor([(lambda z: z[0] @ z[1])(project(x, 0, 64, p=0.1, seed=s)) for s in range(400)])
-    assert abs(values.mean() - 0.3) < 3 * values.std() / math.sqrt(400)
+    values = torch.tensor([(lambda z: z[0] @ z[1])(project(x, 0, 64, p=0.1, seed=s, mode=mode)) for s in range(200)])
+    assert abs(values.mean() - 0.3) < 3 * values.std() / math.sqrt(200)
 
 
 def test_kept_share_is_p():
@@ -101,3 +103,36 @@ def test_kept_share_is_p():
     assert abs(kept_coordinates(0, 0, 100_000, 0.1, "cpu").numel() / 100_000 - 0.1) < 0.005
     with pytest.raises(ValueError, match="mode"):
         project(x, 0, 8, mode="dense")
+
+
+def test_gaussian_entries_are_standard_normal():
+    """Box-Muller entries of R: mean 0, variance 1, normal tails and fourth moment, no NaN or inf (u1 > 0)."""
+    from kernels.projection import gaussian_block
+
+    z = gaussian_block(11, torch.arange(2**32 - 1000, 2**32 + 1000), 256).double().flatten()  # 512k entries
+    assert torch.isfinite(z).all()
+    assert abs(z.mean()) < 0.006 and abs(z.var() - 1) < 0.01
+    assert abs((z.abs() > 1.959964).double().mean() - 0.05) < 0.002
+    assert abs(z.pow(4).mean() - 3) < 0.05
+
+
+def test_gaussian_entries_match_the_definition_past_two_to_the_32():
+    """Gaussian entries from the documented Box-Muller formula, in Python integers and doubles."""
+    from kernels.projection import ANGLE_STREAM
+
+    offset, n, k, p = 2**33 + 777, 24, 12, 0.5
+
+    def word(stream, i, j):
+        key = mix32((9 * 0x9E3779B1 + stream) & MASK32)
+        return mix32(mix32((i & MASK32) ^ mix32((i >> 32) ^ key)) ^ mix32((j * 0x9E3779B1) & MASK32))
+
+    def entry(i, j):
+        if slow_entry(9, i, 0, p) == 0:  # not kept
+            return 0.0
+        u1, u2 = ((word(SIGN_STREAM, i, j) >> 9) + 0.5) / 2**23, (word(ANGLE_STREAM, i, j) >> 8) / 2**24
+        return math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2) / math.sqrt(p * k)
+
+    got = project(torch.eye(n), offset, k, p, seed=9, mode="gaussian")
+    want = torch.tensor([[entry(offset + r, j) for j in range(k)] for r in range(n)])
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    assert (want != 0).any(dim=1).sum() not in (0, n)
