@@ -1,19 +1,23 @@
 """Benchmarks of the Triton kernels against their PyTorch references, on a GPU.
 
-    python -m kernels.bench
+    python -m kernels.bench [--full-reference]
 
-Times are medians over many runs after warm-up, measured with CUDA events. Bandwidth is the bytes the
-kernel must read once (the logits) divided by its time, compared with this device's measured copy
-bandwidth. Peak extra memory is the allocator's peak above what was allocated before the call.
-On a machine without a CUDA GPU it says so and exits 0.
+Times are medians over several runs after warm-up, measured with CUDA events. Bandwidth is the bytes the
+kernel must read once (the logits; the gradient vectors) divided by its time, compared with this device's
+measured copy bandwidth. Peak extra memory is the allocator's peak above what was allocated before the call.
+The projection reference takes about a minute per call at full size, so by default it is timed once on
+the first tenth of the coordinates and scaled by 10 (its block loop is linear in n); --full-reference
+times it on all of them. On a machine without a CUDA GPU it says so and exits 0.
 """
 
+import argparse
 import statistics
 import sys
 from functools import partial
 
 import torch
 
+from kernels.projection import MODES, projection_reference, projection_triton
 from kernels.topk_divergence import topk_divergence_reference, topk_divergence_triton
 
 
@@ -80,7 +84,50 @@ def bench_topk_divergence(copy_gbs: float):
             del inputs, kernel, reference, got, want  # free the logits before the next size
 
 
+def timed_once(fn):
+    """(milliseconds, result) of one call, for the slow reference."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    result = fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end), result
+
+
+def bench_projection(copy_gbs: float, full_reference: bool):
+    """The issue's case: B = 8 fp32 vectors of n = 1e8 coordinates, k = 8192. At p = 1 all 1e8 are kept
+    (the 1e8 kept coordinates of the target); p = 0.1 keeps 1e7 of the same input, and costs the kernel
+    nearly as much (it masks dropped coordinates but still hashes R for all n), the reference 10x less."""
+    B, n, k = 8, 10**8, 8192
+    n_ref = n if full_reference else n // 10
+    x = torch.randn(B, n, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    scaled = "" if n_ref == n else " and scaled to n"
+    print(f"\nSparse random projection (B = {B}, n = {n:.0e} fp32 coordinates, k = {k}); bandwidth = input bytes"
+          f" / time; multiply-adds = B p n k / time (dense modes); reference timed on {n_ref:.0e} coordinates"
+          f"{scaled}; difference = max |kernel - reference| / max |reference|")  # fmt: skip
+    print("| mode | p | kernel ms | reference ms | speed-up | kernel GB/s | % of copy bw | T multiply-adds/s "
+          "| difference |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    projection_reference(x[:, :4096], 0, k)  # warm-up: cuBLAS and allocator set-up are not the reference's cost
+    for mode in MODES:
+        for p in (1.0, 0.1):
+            k_ms = median_ms(partial(projection_triton, x, 0, k, p, 0, mode), warmup=2, reps=5)
+            r_ms, want = timed_once(partial(projection_reference, x[:, :n_ref], 0, k, p, 0, mode))
+            r_ms *= n / n_ref
+            got = projection_triton(x[:, :n_ref], 0, k, p, 0, mode)
+            difference = ((got - want).abs().max() / want.abs().max()).item()
+            gbs = x.numel() * x.element_size() / k_ms / 1e6
+            macs = "-" if mode == "sjlt" else f"{B * p * n * k / k_ms / 1e9:.1f}"
+            print(f"| {mode} | {p} | {k_ms:.1f} | {r_ms:.0f} | {r_ms / k_ms:.1f}x | {gbs:.0f}"
+                  f" | {100 * gbs / copy_gbs:.0f}% | {macs} | {difference:.1e} |")  # fmt: skip
+            del got, want
+
+
 def main():
+    parser = argparse.ArgumentParser(description="Triton kernels against their PyTorch references, on a GPU.")
+    parser.add_argument("--full-reference", action="store_true", help="time the projection reference on all 1e8 "
+                        "coordinates (minutes) instead of a tenth scaled by 10")  # fmt: skip
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU here: the kernel benchmarks need one (pytest checks the kernels' correctness on a CPU "
               "under TRITON_INTERPRET=1)")  # fmt: skip
@@ -89,6 +136,7 @@ def main():
     copy_gbs = copy_bandwidth_gbs()
     print(f"measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     bench_topk_divergence(copy_gbs)
+    bench_projection(copy_gbs, args.full_reference)
     return 0
 
 
