@@ -97,7 +97,7 @@ class Args:
     """k: output dimension of the random projection"""
     proj_ratio: float = 0.1
     """p: share of gradient coordinates the projection keeps"""
-    proj_mode: Literal["rademacher", "sjlt"] = "rademacher"
+    proj_mode: Literal["rademacher", "sjlt"] = "sjlt"
     """dense +-1 matrix on the kept coordinates, or the sparse JL transform (4 outputs per coordinate)"""
     proj_seed: int = 0
     """seed of the projection map (the same map for pool and validation, at every stage)"""
