@@ -37,7 +37,7 @@ from common.run import (
     save_checkpoint,
 )
 from common.session import evaluate, open_session, prompt_ids
-from kernels.projection import project
+from kernels.projection import project, triton_usable
 from pods import group_advantages, grpo_update  # the GRPO step itself is the same as PODS's with m = n
 
 
@@ -97,8 +97,8 @@ class Args:
     """k: output dimension of the random projection"""
     proj_ratio: float = 0.1
     """p: share of gradient coordinates the projection keeps"""
-    proj_mode: Literal["rademacher", "sjlt"] = "sjlt"
-    """dense +-1 matrix on the kept coordinates, or the sparse JL transform (4 outputs per coordinate)"""
+    proj_mode: Literal["sjlt", "rademacher", "gaussian"] = "sjlt"
+    """the sparse JL transform (4 outputs per kept coordinate), or a dense +-1 or Gaussian matrix"""
     proj_seed: int = 0
     """seed of the projection map (the same map for pool and validation, at every stage)"""
     popi_clip: float = 0.0
@@ -107,6 +107,8 @@ class Args:
     """regular expression on parameter names: the gradient coordinates scored; empty = all parameters"""
     score_batch: int = 64
     """prompts whose gradients are projected together (memory: score_batch x parameters, fp32)"""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """projection: the Triton kernel on CUDA (auto), or force the PyTorch reference or the kernel"""
     # ---- GRPO on the selected prompts ----
     batch_prompts: int = 16
     """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
@@ -229,7 +231,8 @@ def projected_gradients(model, store, params, args) -> tuple[torch.Tensor, int, 
     for s in range(0, len(store), args.score_batch):
         grads, z, a, t = popi_gradients(model, store[s : s + args.score_batch], params, args)
         zero, abs_log_ratio, tokens = zero + z, abs_log_ratio + a, tokens + t
-        project(grads, 0, args.proj_dim, args.proj_ratio, args.proj_seed, args.proj_mode, out=out[s : s + len(grads)])
+        project(grads, 0, args.proj_dim, args.proj_ratio, args.proj_seed, args.proj_mode, out=out[s : s + len(grads)],
+                backend=args.kernels)  # fmt: skip
     return out, zero, abs_log_ratio / max(1.0, tokens)
 
 
@@ -339,6 +342,8 @@ def main(args: Args):
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
     val_sets = validation_sets(task, args)
+    if args.kernels == "triton" and not triton_usable(device):
+        fail("--kernels triton: the Triton projection needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     params = scored_parameters(model, args.grad_params)
     ref_model = load_policy(model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

@@ -232,3 +232,27 @@ def test_ranking_fidelity_on_a_tiny_model(pool_and_target_gradients, mode):
         projected = project(torch.cat([pool, target[None]]), 0, k, 1.0, seed=seed, mode=mode)
         precisions.append(precision_at(cropi.cosine_scores(projected[:-1], projected[-1]), exact))
     assert sum(precisions) / 5 >= 0.8, f"k {k}, spread {exact.std():.3g}: precision@10% {precisions}"
+
+
+@pytest.mark.parametrize("mode", ["sjlt", "gaussian"])
+def test_kernels_flag_reaches_the_projection(random_model_dir, mode):
+    """--kernels triton (the interpreter on a CPU) and --kernels torch score the same; a small parameter set
+    keeps the interpreted kernel fast."""
+    from common.model import load_policy
+    from common.rollout import sample
+    from kernels.projection import triton_usable
+
+    if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
+        pytest.skip("neither CUDA nor TRITON_INTERPRET=1: the Triton kernel cannot run here")
+    model, tok = load_policy(random_model_dir)
+    prompts = [tok(q + "\n")["input_ids"] for q in ["What is 1+2?", "What is 3-1?"] for _ in range(2)]
+    rollout = sample(model, prompts, 6, 1.0, tok.eos_token_id, tok.pad_token_id,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    groups = [{"rollout": rollout.select(torch.arange(2 * i, 2 * i + 2)), "rewards": torch.tensor([1.0, 0.0])}
+              for i in range(2)]  # fmt: skip
+    params = cropi.scored_parameters(model, r"^model\.norm\.")
+    z = {backend: cropi.projected_gradients(model, groups, params, cropi.Args(proj_dim=16, proj_ratio=0.5,
+                                                                              proj_mode=mode, kernels=backend))[0]
+         for backend in ("torch", "triton")}  # fmt: skip
+    assert z["torch"].abs().sum() > 0
+    torch.testing.assert_close(z["triton"], z["torch"], rtol=1e-4, atol=1e-6)
