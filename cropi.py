@@ -395,6 +395,7 @@ def main(args: Args):
     if start == 0:
         log_eval(0)
     B, n = args.batch_prompts // world, args.n
+    seen = set(state.get("seen", []))  # pool prompts selected at some stage so far
     for step in range(start, steps):
         stage = step // args.steps_per_stage
         # 1. At a stage start: score the whole pool with the current policy and select (the curriculum).
@@ -404,7 +405,10 @@ def main(args: Args):
                                                          stage, rank, world)  # fmt: skip
             seconds = timer.pop()["score"]
             train_time += all_reduce_mean({"t": seconds})["t"]
+            seen_before = len(seen & set(selected.tolist())) / max(1, len(selected))  # curriculum or repetition?
+            seen |= set(selected.tolist())
             stage_metrics |= {"time/score": seconds, "select/count": len(selected), "stage": stage,
+                              "select/seen_before": seen_before, "select/distinct_so_far": len(seen),
                               **pass_rate_histogram(pool_rewards, selected)}  # fmt: skip
             logger.log(step, stage_metrics)
             shown = " ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in stage_metrics.items() if "/" in k)
@@ -450,8 +454,8 @@ def main(args: Args):
         if (step + 1) % args.eval_every == 0 or last:
             log_eval(step + 1)
         if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"train_time": train_time,
-                                                                             "selected": selected})  # fmt: skip
+            trainer_state = {"train_time": train_time, "selected": selected, "seen": sorted(seen)}
+            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, trainer_state)
         if out_of_time:
             logger.print(f"stopping: --max-time {args.max_time:.0f}s of training reached at step {step + 1}")
             break
