@@ -175,11 +175,11 @@ if triton is not None:
         row = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
         column = _mix32(col.to(tl.uint32) * 0x9E3779B1)[:, None]  # column_hash
         acc = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
-        first = tl.program_id(1).to(tl.int64) * blocks_per_program * BLOCK_N
-        for step in range(blocks_per_program):
-            pos = first + step * BLOCK_N + tl.arange(0, BLOCK_N)
+        start = tl.program_id(1).to(tl.int64) * blocks_per_program * BLOCK_N  # int64: n may pass 2^31
+        for _ in range(blocks_per_program):
+            pos = start + tl.arange(0, BLOCK_N)
             index = offset + pos  # the global 64-bit coordinate index
-            x, _ = _load_kept(x_ptr, row_stride, B, n, pos, row, index, subset_key, keep_below, SUBSET)
+            x, _kept = _load_kept(x_ptr, row_stride, B, n, pos, row, index, subset_key, keep_below, SUBSET)
             h = _mix32(_coordinate_hash(sign_key, index)[None, :] ^ column)
             if GAUSSIAN:  # gaussian_block: Box-Muller, 2^-23 and 2^-24 written out
                 h2 = _mix32(_coordinate_hash(angle_key, index)[None, :] ^ column)
@@ -190,6 +190,7 @@ if triton is not None:
                 r = tl.where((h & 1) == 0, 1.0, -1.0)
             # tf32x3: tensor cores at about fp32 accuracy (plain tf32 would round x to 11 bits)
             acc = tl.dot(r, x, acc, input_precision="tf32x3")
+            start += BLOCK_N
         ptrs = partial_ptr + (tl.program_id(1) * B + row).to(tl.int64)[None, :] * k + col[:, None]
         tl.store(ptrs, acc * scale, mask=(col < k)[:, None] & (row < B)[None, :])
 
@@ -238,7 +239,8 @@ def projection_triton(vectors, offset, k, p=0.1, seed=0, mode="rademacher", s=4,
         return out.add_(acc.T)
     block_b, block_n = min(64, max(8, triton.next_power_of_2(B))), block_n or 32
     n_blocks, k_blocks, b_blocks = triton.cdiv(n, block_n), triton.cdiv(k, block_k), triton.cdiv(B, block_b)
-    # Split the coordinates into enough runs to fill the device (4 programs per SM), no more: fewer partials.
+    # Split the coordinates into enough runs to fill the device (4 programs per SM), no more: fewer partials
+    # (the interpreter pretends 2 SMs, which still splits). Rows past a tile of 64 get their own programs.
     sms = torch.cuda.get_device_properties(vectors.device).multi_processor_count if vectors.is_cuda else 2
     per_program = triton.cdiv(n_blocks, min(n_blocks, triton.cdiv(4 * sms, k_blocks * b_blocks)))
     splits = triton.cdiv(n_blocks, per_program)
