@@ -39,7 +39,8 @@ def open_session(args, script: str, check_args) -> Session:
     rank, world, device = setup_distributed(args.device)
     check_args(args, world)
     seed_everything(args.seed)
-    task = load_task(args.task, args.seed, args.question_field, args.answer_field)
+    task = load_task(args.task, args.seed, args.question_field, args.answer_field,
+                     getattr(args, "solution_field", "solution"))  # fmt: skip
     if args.eval_prompts > len(task.test):
         fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
     args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)

@@ -1,0 +1,602 @@
+"""I-PPO: Influence-guided PPO.
+
+A full PPO (actor, separate critic, frozen reference, GAE) with one step added before every update:
+each episode of the rollout buffer is scored by the dot product of its PPO-loss gradient with the
+gradient of an SFT loss on gold validation solutions. Episodes scoring <= 0 are dropped, the rest are
+weighted by score / mean kept score, and training stops when fewer than --min-keep are left.
+Paper: D. Shu, D. Zhang, J. Hullman, "Learning from the Right Rollouts: Data Attribution for PPO-based
+LLM Post-Training", arXiv 2604.01597.
+
+    python ippo.py                                   # built-in tiny model and chain task, CPU, minutes
+    python ippo.py --no-influence                    # plain PPO with a critic (the baseline)
+    python ippo.py --no-reweight                     # filter only: every kept episode weighs 1 (ablation)
+    python ippo.py --grad-params 'layers\\.3\\.' --proj-dim 1024   # score a parameter subset, compressed
+    torchrun --nproc_per_node 2 -- ippo.py           # `--`: torchrun would read --n as its own option
+"""
+
+import copy
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+from torch.func import functional_call, grad, vmap
+
+from common.data import fail
+from common.model import load_policy
+from common.reward import count_correct_unfaithful, score
+from common.rollout import Rollout, left_pad, positions, sample, token_logprobs
+from common.run import (
+    RunLogger,
+    Timer,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    average_gradients,
+    check_flags,
+    is_main,
+    load_trainer_state,
+    save_checkpoint,
+    world_size,
+)
+from common.session import draw_prompts, evaluate, open_session, prompt_ids
+from kernels.projection import project
+
+
+@dataclass
+class Args:
+    # ---- plumbing ----
+    model: str = "tiny"
+    """hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), local folder, or `tiny` (built-in, built once and cached)"""
+    task: str = "chain"
+    """`chain` (built-in arithmetic), `gsm8k`, or a .json/.jsonl/.parquet file"""
+    question_field: str = "question"
+    """field holding the question, for a data file"""
+    answer_field: str = "answer"
+    """field holding the gold answer (a number, or text ending in `#### <answer>`), for a data file"""
+    solution_field: str = "solution"
+    """field holding the worked gold solution, for a data file (the influence's validation objective needs it)"""
+    seed: int = 1
+    """seeds python, numpy and torch; the same seed on the same machine gives the same metrics"""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu` or `cuda`"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """parameter dtype of the actor, critic and reference"""
+    output_dir: str = "runs"
+    """run folders go here"""
+    run_name: str | None = None
+    """run folder name (default: ippo__s<seed>__<time>)"""
+    resume: str | None = None
+    """a run folder to continue from its latest checkpoint"""
+    steps: int = 60
+    """PPO iterations (one rollout buffer, one influence pass and --epochs x --minibatches updates each)"""
+    max_time: float = 0.0
+    """stop after this many seconds of training time (evaluation excluded); 0 for no limit"""
+    log_every: int = 5
+    """iterations between console summary lines and sample dumps (metrics.jsonl gets every iteration)"""
+    eval_every: int = 10
+    """iterations between held-out evaluations (also before the first and after the last)"""
+    eval_prompts: int = 200
+    """held-out test prompts per evaluation"""
+    save_every: int = 0
+    """iterations between checkpoints; 0 saves only at the end"""
+    # ---- PPO ----
+    batch_prompts: int = 16
+    """B: prompts per iteration (over all ranks); each prompt's n rollouts stay on one rank"""
+    n: int = 8
+    """rollouts (episodes) per prompt"""
+    epochs: int = 2
+    """PPO epochs over the (kept) buffer per iteration"""
+    minibatches: int = 2
+    """shuffled mini-batches per epoch, one actor and one critic optimizer step each"""
+    micro_batch: int = 0
+    """episodes per forward/backward inside a mini-batch (gradient accumulation); 0 = the whole mini-batch"""
+    temperature: float = 1.0
+    """sampling temperature (training log-probs use the same temperature)"""
+    max_new_tokens: int = 0
+    """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
+    lr: float = 5e-5
+    """actor AdamW learning rate (constant; tuned for `tiny`); about 1e-6 for a 0.5B model"""
+    critic_lr: float = 5e-4
+    """critic AdamW learning rate (constant)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clipping, actor and critic each"""
+    kl_coef: float = 1e-3
+    """beta of the per-token KL penalty -beta (log pi_old - log pi_ref) in the reward; 0 drops the reference"""
+    gae_lambda: float = 1.0
+    """lambda of GAE (gamma is 1), in [0, 1]"""
+    clip: float = 0.2
+    """epsilon of the clipped surrogate, in (0, 1)"""
+    value_clip: float = 0.2
+    """clip of the value loss: new values stay within this of the values at collection time"""
+    # ---- influence ----
+    influence: bool = True
+    """score episodes by influence and train on the positive ones (--no-influence: plain PPO)"""
+    reweight: bool = True
+    """weight kept episodes by score / mean kept score (--no-reweight: every kept episode weighs 1)"""
+    min_keep: int = 1
+    """stop training, without a step, when fewer episodes than this score positive (over all ranks)"""
+    val_size: int = 100
+    """gold (question, solution) pairs drawn afresh from the validation split each iteration for g_val"""
+    grad_params: str = ""
+    """regular expression on parameter names: the gradient coordinates scored; empty = all actor parameters"""
+    influence_batch: int = 64
+    """episodes whose per-episode gradients are computed together (memory: this x scored parameters, fp32)"""
+    proj_dim: int = 0
+    """k > 0: compress g_i and g_val with kernels/projection.py to k numbers first; 0 = exact dot products"""
+    proj_ratio: float = 1.0
+    """p: share of gradient coordinates the projection keeps"""
+    proj_mode: Literal["rademacher", "sjlt"] = "sjlt"
+    """dense +-1 matrix on the kept coordinates, or the sparse JL transform (4 outputs per coordinate)"""
+    proj_seed: int = 0
+    """seed of the projection map"""
+
+
+def check_args(args: Args, world: int):
+    """Reject bad settings with a one-line error naming the flag."""
+    check_flags(args, positive=("batch_prompts", "n", "epochs", "minibatches", "steps", "temperature", "lr",
+                                "critic_lr", "max_grad_norm", "value_clip", "val_size", "influence_batch",
+                                "eval_every", "log_every", "eval_prompts"),
+                non_negative=("kl_coef", "min_keep", "proj_dim", "max_time", "save_every", "micro_batch",
+                              "max_new_tokens"))  # fmt: skip
+    if not 0 <= args.gae_lambda <= 1:
+        fail(f"--gae-lambda {args.gae_lambda}: must be in [0, 1]")
+    if not 0 < args.clip < 1:
+        fail(f"--clip {args.clip}: must be in (0, 1)")
+    if not 0 < args.proj_ratio <= 1:
+        fail(f"--proj-ratio {args.proj_ratio}: must be in (0, 1]")
+    if args.batch_prompts % world:
+        fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
+    try:
+        re.compile(args.grad_params)
+    except re.error as e:
+        fail(f"--grad-params {args.grad_params!r}: not a regular expression ({e})")
+
+
+# ---- PPO: per-token rewards, GAE, whitening, the clipped losses --------------------------------------------
+
+
+def token_rewards(outcome, logp_old, logp_ref, mask, kl_coef) -> torch.Tensor:
+    """r_t = -beta (log pi_old(y_t) - log pi_ref(y_t)) on every response token, plus the outcome reward R on
+    the last one. outcome [N], the rest [N, L] -> [N, L] (0 on padding)."""
+    rewards = -kl_coef * (logp_old - logp_ref) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(outcome), device=mask.device), last] += outcome * (mask.sum(1) > 0)
+    return rewards
+
+
+def gae(rewards, values, mask, lam, gamma=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, backwards in time: delta_t = r_t + gamma V_{t+1} - V_t (V after the
+    last token is 0: the episode ends), A_t = delta_t + gamma lambda A_{t+1}. Returns (A, A + V), [N, L]."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value, next_advantage = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t], next_value = next_advantage, values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x, mask, eps=1e-8) -> torch.Tensor:
+    """(x - mean) / std over every valid token of the whole buffer (all ranks), 0 on padding. Done once, on
+    the buffer: an episode's advantages are never re-whitened on their own or per mini-batch."""
+    total, total_sq, count = all_reduce_sum([(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()])
+    mean = total / max(count, 1.0)
+    var = max(total_sq / max(count, 1.0) - mean**2, 0.0)
+    return (x - mean) / (var + eps) ** 0.5 * mask
+
+
+def ppo_policy_loss(logp, logp_old, advantages, mask, clip) -> torch.Tensor:
+    """Clipped surrogate, token-mean per episode: mean_t max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps)) with
+    r_t = pi / pi_old. Works on one episode [L] or a batch [N, L]; returns one loss per episode."""
+    ratio = torch.exp(logp - logp_old)
+    per_token = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def value_loss(values, values_old, returns, mask, clip) -> torch.Tensor:
+    """Clipped value loss, token-mean per episode: 1/2 max((V - R)^2, (V_old + clip(V - V_old, +-c) - R)^2)."""
+    clipped = values_old + (values - values_old).clamp(-clip, clip)
+    per_token = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+class Critic(torch.nn.Module):
+    """V(s_t): a copy of the policy's backbone (trained on its own) with a scalar head on the last hidden
+    state. Its value at completion position t is read where the policy predicts token t (state before y_t)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.backbone = copy.deepcopy(policy.base_model)
+        self.head = torch.nn.Linear(policy.config.hidden_size, 1, dtype=policy.dtype, device=policy.device)
+        torch.nn.init.zeros_(self.head.weight)  # V = 0 at the start: the first advantages are the returns
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, rollout: Rollout) -> torch.Tensor:
+        hidden = self.backbone(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                               position_ids=positions(rollout.attention_mask)).last_hidden_state  # fmt: skip
+        values = self.head(hidden[:, rollout.prompt_len - 1 : -1]).squeeze(-1).float()
+        return values * rollout.completion_mask
+
+
+# ---- influence: Score_i = <g_i, g_val> at the pre-update parameters -----------------------------------------
+
+
+def influence_parameters(model, pattern: str) -> list[str]:
+    """Names of the actor parameters scored (all by default); tied weights appear once, under their first name."""
+    names = [name for name, _ in model.named_parameters() if re.search(pattern, name)]
+    if not names:
+        fail(f"--grad-params {pattern!r} matches no parameter of the model")
+    return names
+
+
+def gold_rollout(tokenizer, examples, instruction: str, device) -> Rollout:
+    """Gold (question, solution) pairs laid out like sampled episodes: left-padded prompt, then the solution and
+    EOS as the completion (right-padded), so the same log-prob code serves the SFT loss."""
+    prompts = prompt_ids(tokenizer, [e["question"] for e in examples], instruction)
+    answers = [tokenizer(e["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for e in examples]  # fmt: skip
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    completion = torch.full((len(answers), max(map(len, answers))), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros_like(completion)
+    for i, a in enumerate(answers):
+        completion[i, : len(a)], completion_mask[i, : len(a)] = torch.tensor(a), 1
+    return Rollout(torch.cat([ids, completion], 1).to(device), torch.cat([mask, completion_mask], 1).to(device),
+                   completion_mask.to(device), torch.zeros(completion.shape, device=device), ids.shape[1])  # fmt: skip
+
+
+def validation_gradient(model, names, gold: Rollout) -> tuple[dict, float]:
+    """g_val = grad of the SFT loss, the token-mean NLL of the gold solutions given their questions (prompt
+    tokens masked), over the whole validation batch: each rank's token sum / the global token count, summed
+    over ranks. Dropout off, temperature 1. Returns ({name: gradient}, loss)."""
+    params = dict(model.named_parameters())
+    tokens = all_reduce_sum([gold.completion_mask.sum().item()])[0]
+    loss = -token_logprobs(model, gold).sum() / tokens
+    grads = torch.autograd.grad(loss, [params[k] for k in names])
+    if dist.is_initialized():
+        for g in grads:
+            dist.all_reduce(g)
+    return dict(zip(names, grads)), all_reduce_sum([loss.item()])[0]
+
+
+@contextmanager
+def eager_attention(model):
+    """vmap has no batching rule for the fused attention kernels (sdpa, flash); eager attention is plain
+    matmuls and a softmax, which it batches. Same mathematics; the model's setting is restored on exit."""
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = saved
+
+
+def episode_logprobs(model, params, input_ids, attention_mask, prompt_len, temperature) -> torch.Tensor:
+    """log pi(y_t) [L] of ONE episode through functional_call, in a form vmap can batch: the attention mask is
+    built here as a 4D additive mask (causal, no padded keys; a padded query attends to itself so its row is
+    not empty) instead of by the model from a 2D mask, which needs data-dependent Python control flow."""
+    width = input_ids.shape[-1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
+    own = torch.eye(width, dtype=torch.bool, device=input_ids.device)
+    allowed = causal & (attention_mask.bool()[None, :] | own)
+    additive = torch.zeros(width, width, dtype=model.dtype, device=input_ids.device)
+    additive = additive.masked_fill(~allowed, torch.finfo(model.dtype).min)[None, None]
+    completion = width - prompt_len
+    out = functional_call(model, params, (), dict(input_ids=input_ids[None], attention_mask=additive,
+                          position_ids=positions(attention_mask[None]), logits_to_keep=completion + 1))  # fmt: skip
+    logits = out.logits[0, :-1].float() / temperature  # positions P-1 .. end-1 predict the completion tokens
+    return logits.log_softmax(-1).gather(-1, input_ids[prompt_len:, None]).squeeze(-1)
+
+
+def episode_gradients(model, names, rollout: Rollout, advantages, logp_old, temperature, clip) -> dict:
+    """g_i = grad of episode i's PPO loss, for every episode of `rollout` at once: {name: [N, *shape]}.
+    torch.func: the gradient of one episode's loss, vmapped over the episodes (one batched forward and
+    backward, no loop over episodes); parameters outside `names` are constants. At the collection-time
+    parameters the ratio is 1 and clipping is inactive, so g_i = -(1/|y_i|) sum_t A_it grad log pi(y_it)."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    scored = {k: params.pop(k) for k in names}
+
+    def loss(chosen, ids, attention, mask, adv, old):
+        logp = episode_logprobs(model, {**params, **chosen}, ids, attention, rollout.prompt_len, temperature)
+        return ppo_policy_loss(logp, old, adv, mask, clip)
+
+    with eager_attention(model):
+        return vmap(grad(loss), in_dims=(None, 0, 0, 0, 0, 0))(
+            scored, rollout.input_ids, rollout.attention_mask, rollout.completion_mask.float(), advantages, logp_old
+        )
+
+
+def project_gradients(grads: dict, names, args: Args) -> torch.Tensor:
+    """P g for a batch of gradients {name: [B, ...]} -> [B, k], one parameter tensor at a time at its offset
+    in the flattened scored-parameter vector (the same map for every call with the same names and seed)."""
+    out, offset = None, 0
+    for name in names:
+        flat = grads[name].flatten(1)
+        out = project(flat, offset, args.proj_dim, args.proj_ratio, args.proj_seed, args.proj_mode, out=out)
+        offset += flat.shape[1]
+    return out
+
+
+def influence_scores(model, names, rollout, advantages, logp_old, g_val: dict, args: Args) -> torch.Tensor:
+    """Score_i = <g_i, g_val> for every episode [N], --influence-batch episodes at a time; with --proj-dim k,
+    <P g_i, P g_val> instead. Positive: a small step on episode i's loss also lowers the validation loss."""
+    target = project_gradients({k: g[None] for k, g in g_val.items()}, names, args)[0] if args.proj_dim else None
+    scores, acc = [], torch.promote_types(model.dtype, torch.float32)  # bf16 models: dot products in fp32
+    for rows in torch.arange(len(advantages), device=advantages.device).split(args.influence_batch):
+        grads = episode_gradients(model, names, rollout.select(rows), advantages[rows], logp_old[rows],
+                                  args.temperature, args.clip)  # fmt: skip
+        if args.proj_dim:
+            scores.append(project_gradients(grads, names, args) @ target)
+        else:
+            scores.append(sum(grads[k].flatten(1).to(acc) @ g_val[k].flatten().to(acc) for k in names))
+    return torch.cat(scores)
+
+
+def influence_weights(scores, reweight=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep D' = {i : Score_i > 0}; w_i = Score_i / mean over D' of Score (the kept weights average 1, over
+    all ranks), or 1 with reweight off; 0 for dropped episodes. Returns (keep [N] bool, weights [N])."""
+    keep = scores > 0
+    total, count = all_reduce_sum([scores[keep].sum().item(), keep.sum().item()])
+    if not reweight or count == 0:
+        return keep, keep.float()
+    return keep, torch.where(keep, scores / (total / count), torch.zeros_like(scores))
+
+
+# ---- the PPO update on the kept episodes -------------------------------------------------------------------
+
+
+def weighted_mean(per_episode, weights, size) -> torch.Tensor:
+    """This rank's part of sum_i w_i L_i / size, where the sum and `size` run over the whole mini-batch on all
+    ranks: times the world size, because the gradients are then averaged over ranks."""
+    return (weights * per_episode).sum() * world_size() / size
+
+
+def sync_gradients(net):
+    """Average gradients over ranks; a rank whose share of a mini-batch is empty contributes zeros."""
+    for p in net.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    average_gradients(net)
+
+
+def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Args, generator) -> dict:
+    """--epochs passes over the kept episodes in --minibatches shuffled mini-batches, one actor and one critic
+    step each. Actor: sum over the mini-batch of w_i x (clipped surrogate, token-mean of episode i) / its size;
+    critic: the clipped value loss on the same episodes, unweighted. Sizes are global (ranks hold uneven shares)."""
+    rollout, rows = batch["rollout"], batch["rollout"].input_ids.shape[0]
+    model.train()
+    critic.train()
+    sums = dict.fromkeys(("policy_loss", "value_loss", "episodes", "clipped", "approx_kl", "tokens"), 0.0)
+    grad_norms, value_grad_norms = [], []
+    for _ in range(args.epochs):
+        order = torch.randperm(rows, generator=generator).to(rollout.input_ids.device)
+        for minibatch in order.tensor_split(args.minibatches):
+            size = all_reduce_sum([len(minibatch)])[0]
+            if size == 0:  # fewer kept episodes than mini-batches: nothing here on any rank
+                continue
+            optimizer.zero_grad()
+            critic_optimizer.zero_grad()
+            parts = minibatch.split(args.micro_batch or len(minibatch)) if len(minibatch) else ()  # may be empty here
+            for part in parts:
+                sub, mask = rollout.select(part), rollout.completion_mask[part].float()
+                logp = token_logprobs(model, sub, args.temperature)
+                policy = ppo_policy_loss(logp, batch["logp_old"][part], batch["advantages"][part], mask, args.clip)
+                weighted_mean(policy, batch["weights"][part], size).backward()
+                values = critic(sub)
+                value = value_loss(values, batch["values"][part], batch["returns"][part], mask, args.value_clip)
+                weighted_mean(value, torch.ones_like(value), size).backward()
+                with torch.no_grad():
+                    log_ratio = (logp - batch["logp_old"][part]) * mask
+                    sums["clipped"] += (((log_ratio.exp() - 1).abs() > args.clip) * mask).sum().item()
+                    sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * mask).sum().item()
+                sums["tokens"] += mask.sum().item()
+                sums["policy_loss"] += policy.sum().item()
+                sums["value_loss"] += value.sum().item()
+                sums["episodes"] += len(part)
+            sync_gradients(model)
+            sync_gradients(critic)
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+            value_grad_norms.append(torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm).item())
+            optimizer.step()
+            critic_optimizer.step()
+    model.eval()
+    critic.eval()
+    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
+    mean = lambda xs: sum(xs) / max(1, len(xs))
+    return {
+        "loss/policy": s["policy_loss"] / max(1.0, s["episodes"]),
+        "loss/value": s["value_loss"] / max(1.0, s["episodes"]),
+        "ppo/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
+        "ppo/approx_kl": s["approx_kl"] / max(1.0, s["tokens"]),
+        "grad_norm": mean(grad_norms),
+        "grad_norm/critic": mean(value_grad_norms),
+    }
+
+
+# ---- training loop ---------------------------------------------------------------------------------------
+
+
+def draw_validation(task, seed: int, step: int, size: int, rank: int, world: int) -> list[dict]:
+    """A fresh batch of `size` gold validation examples (the same draw on every rank; each rank takes a slice)."""
+    generator = torch.Generator().manual_seed(seed * 7907 + step)
+    draw = torch.randperm(len(task.validation), generator=generator)[:size]
+    return [task.validation[i] for i in draw[rank::world].tolist()]
+
+
+def main(args: Args):
+    session = open_session(args, "ippo", check_args)
+    rank, world, device, task = session.rank, session.world, session.device, session.task
+    run_dir, model_path, checkpoint = session.run_dir, session.model_path, session.checkpoint
+    model, tokenizer = session.model, session.tokenizer
+    if args.influence:
+        if not all(e.get("solution") for e in task.validation):
+            fail(f"--task {args.task}: the validation split has no gold solutions (field {args.solution_field!r}),"
+                 " which the influence's validation gradient needs; use --no-influence for plain PPO")  # fmt: skip
+        if args.val_size > len(task.validation):
+            fail(f"--val-size {args.val_size}: the validation split of {task.name} has {len(task.validation)}")
+    names = influence_parameters(model, args.grad_params) if args.influence else []
+    ref_model = load_policy(model_path, model.dtype, device)[0].eval() if args.kl_coef > 0 else None
+    critic = Critic(load_policy(model_path, model.dtype, device)[0]).eval()  # the critic starts from the SFT model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
+    state = {"step": 0, "train_time": 0.0}
+    if checkpoint:
+        state = load_trainer_state(checkpoint, optimizer)
+        critic.load_state_dict(state["critic"])
+        critic_optimizer.load_state_dict(state["critic_optimizer"])
+    start, train_time = state["step"], state["train_time"]
+    n = args.n
+    logger = RunLogger(run_dir, args, args.steps, start)
+    mode = "plain PPO" if not args.influence else "I-PPO" + ("" if args.reweight else " (filter only)")
+    scored = sum(p.numel() for k, p in model.named_parameters() if k in names)
+    logger.print(
+        f"run folder {run_dir} | model {model_path} | task {task.name} ({len(task.train)} train prompts) | {mode}"
+        f" | B={args.batch_prompts} n={n} epochs={args.epochs} minibatches={args.minibatches}"
+        + (f" | scoring {scored} parameters ({len(names)} tensors)" if args.influence else "")
+        + f" | {world} process(es) on {device}"
+    )
+    step_gen = lambda step, stream: torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 101 + stream)
+    timer = Timer()
+
+    def log_eval(step):
+        metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
+                           world, step_gen(step, 50 + rank))  # fmt: skip
+        logger.log(step, {**metrics, "time/train_elapsed": train_time})
+        logger.print(f"step {step:4d} | eval " + " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
+
+    def save(step):  # the actor in save_pretrained format; the critic and both optimizers in trainer_state.pt
+        save_checkpoint(run_dir, step, model, tokenizer, optimizer, {
+            "train_time": train_time, "critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()
+        })  # fmt: skip
+
+    if start == 0:
+        log_eval(0)
+    for step in range(start, args.steps):
+        # 1. B prompts (the same draw on every rank; each rank takes its slice), n episodes each; outcome rewards.
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
+        with timer("generate"):
+            episode_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n episodes side by side
+            rollout = sample(model, episode_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id, generator=step_gen(step, 1 + rank))  # fmt: skip
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        scores = [score(task.name, examples[i // n], t) for i, t in enumerate(texts)]
+        outcome = torch.tensor([s[0] for s in scores], device=device)
+        mask = rollout.completion_mask.float()
+        # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.
+        with timer("advantage"), torch.no_grad():
+            logp_old = token_logprobs(model, rollout, args.temperature)
+            logp_ref = token_logprobs(ref_model, rollout, args.temperature) if ref_model is not None else logp_old
+            values = critic(rollout)
+            rewards = token_rewards(outcome, logp_old, logp_ref, mask, args.kl_coef)
+            advantages, returns = gae(rewards, values, mask, args.gae_lambda)
+            advantages = whiten(advantages, mask)
+        # 3. Influence at the pre-update parameters: g_val from fresh gold pairs, Score_i = <g_i, g_val>, keep > 0.
+        keep, weights, info = torch.ones_like(outcome, dtype=torch.bool), torch.ones_like(outcome), {}
+        if args.influence:
+            with timer("influence"):
+                gold = gold_rollout(tokenizer, draw_validation(task, args.seed, step, args.val_size, rank, world),
+                                    task.instruction, device)  # fmt: skip
+                g_val, val_loss = validation_gradient(model, names, gold)
+                influence = influence_scores(model, names, rollout, advantages, logp_old, g_val, args)
+                keep, weights = influence_weights(influence, args.reweight)
+            info = influence_metrics(scores, influence, keep, weights, val_loss)
+        kept_total, total = all_reduce_sum([keep.sum().item(), len(keep)])
+        stop = kept_total < args.min_keep
+        # 4. PPO epochs on the kept episodes, weighted; the critic on the same episodes, unweighted.
+        rows = keep.nonzero().squeeze(-1)
+        batch = {"rollout": rollout.select(rows), "advantages": advantages[rows], "logp_old": logp_old[rows],
+                 "values": values[rows], "returns": returns[rows], "weights": weights[rows]}  # fmt: skip
+        stats = {}
+        if not stop:
+            with timer("update"):
+                shuffle = torch.Generator().manual_seed(args.seed * 31 + step * 7 + rank)
+                stats = ppo_update(model, critic, optimizer, critic_optimizer, batch, args, shuffle)
+        times = timer.pop()
+        train_time += sum(times.values())
+        correct, unfaithful = count_correct_unfaithful(scores)
+        kept_tokens = batch["rollout"].completion_mask.sum().item()
+        correct, unfaithful, tokens, kept_tokens = all_reduce_sum([correct, unfaithful, mask.sum().item(), kept_tokens])
+        metrics = {
+            **all_reduce_mean({
+                "reward/mean": outcome.mean().item(),
+                "train/completion_len": mask.sum(1).mean().item(),
+                "value/mean": ((values * mask).sum() / mask.sum()).item(),
+                "kl/ref": (((logp_old - logp_ref) * mask).sum() / mask.sum()).item(),
+                **{f"time/{k}": v for k, v in times.items()},
+            }),
+            **({"train/unfaithful": unfaithful / max(1, correct)} if task.name == "chain" else {}),
+            **info, **stats,
+            "throughput/gen_tokens_per_s": tokens / world / max(times["generate"], 1e-9),
+        }  # fmt: skip
+        if "update" in times:
+            metrics["throughput/update_tokens_per_s"] = kept_tokens / world / max(times["update"], 1e-9)
+            if args.influence:
+                metrics["time/influence_over_update"] = metrics["time/influence"] / max(metrics["time/update"], 1e-9)
+        if stop:
+            metrics["influence/early_stop"] = 1.0
+        train_time = all_reduce_mean({"t": train_time})["t"]  # every rank agrees on when to stop
+        metrics["time/train_elapsed"] = train_time
+        logger.log(step + 1, metrics)
+        logger.progress(reward=metrics["reward/mean"], kept=kept_total / total)
+        if (step + 1) % args.log_every == 0:
+            shown = (f" | kept {metrics['influence/kept_frac']:.2f} dropped-correct"
+                     f" {metrics['influence/dropped_correct']:.2f} | infl {metrics['time/influence']:.2f}s"
+                     if args.influence else "")  # fmt: skip
+            logger.print(
+                f"step {step + 1:4d} | reward {metrics['reward/mean']:.3f} | V {metrics['value/mean']:.3f}{shown}"
+                f" | gen {metrics['time/generate']:.2f}s adv {metrics['time/advantage']:.2f}s"
+                f" upd {metrics.get('time/update', 0.0):.2f}s"
+            )
+            logger.samples(step + 1, [{"question": examples[0]["question"], "completion": t, "reward": s[0]}
+                                      for t, s in zip(texts[:4], scores[:4])])  # fmt: skip
+        if stop:
+            logger.print(
+                f"stopping at iteration {step + 1}: {int(kept_total)} of {int(total)} episodes scored"
+                f" positive, fewer than --min-keep {args.min_keep}; no update taken (I-PPO's early stop)"
+            )
+        out_of_time = args.max_time and train_time >= args.max_time
+        last = step + 1 == args.steps or out_of_time or stop
+        if (step + 1) % args.eval_every == 0 or last:
+            log_eval(step + 1)
+        if (args.save_every and (step + 1) % args.save_every == 0) or last:
+            save(step + 1)
+        if out_of_time and not stop:
+            logger.print(f"stopping: --max-time {args.max_time:.0f}s of training reached at step {step + 1}")
+        if last:
+            break
+    logger.close()
+    if is_main():
+        print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, checkpoints in {run_dir}/checkpoints")
+
+
+def influence_metrics(scores, influence, keep, weights, val_loss) -> dict:
+    """What the filter did this iteration, over all ranks: kept share, mean positive score, and which episodes
+    it dropped (correct ones; among those, faithful and unfaithful ones; wrong ones)."""
+    correct = torch.tensor([c for _, c, _ in scores], device=keep.device)
+    unfaithful = torch.tensor([c and f is False for _, c, f in scores], device=keep.device)
+    dropped = ~keep
+    sums = all_reduce_sum([
+        keep.sum().item(), len(keep), influence[keep].sum().item(),
+        (dropped & correct).sum().item(), correct.sum().item(), (dropped & unfaithful).sum().item(),
+        unfaithful.sum().item(), (dropped & ~correct).sum().item(), (~correct).sum().item(),
+    ])  # fmt: skip
+    kept, total, positive, drop_c, n_c, drop_u, n_u, drop_w, n_w = sums
+    return {
+        "influence/kept_frac": kept / total,
+        "influence/mean_pos_score": positive / max(1.0, kept),
+        "influence/max_weight": all_reduce_max(weights.max().item() if keep.any() else 0.0),
+        "influence/dropped_correct": drop_c / max(1.0, n_c),
+        "influence/dropped_correct_unfaithful": drop_u / max(1.0, n_u),
+        "influence/dropped_correct_faithful": (drop_c - drop_u) / max(1.0, n_c - n_u),
+        "influence/dropped_wrong": drop_w / max(1.0, n_w),
+        "influence/val_loss": val_loss,
+    }
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
