@@ -1,0 +1,104 @@
+"""Summarise PPO / I-PPO runs of ippo.py as markdown tables, one row per group of seeds.
+
+    python experiments/ippo_summary.py 'PPO=runs/ippo_ppo_s*' 'I-PPO=runs/ippo_ippo_s*'
+
+"first" and "last" are the first and last 20% of each run's training iterations. Values are means over the
+group's runs (seeds); final accuracy and the early stop are also listed per seed.
+"""
+
+import glob
+import json
+import sys
+
+import numpy as np
+
+
+def load(run_dir):
+    rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    return [r for r in rows if "reward/mean" in r], [r for r in rows if "eval/acc_sampled" in r]
+
+
+def window(rows, key, part):
+    """Mean of `key` over the first or last fifth of the iterations that log it (nan when none do)."""
+    values = [r[key] for r in rows if key in r]
+    if not values:
+        return float("nan")
+    k = max(1, len(values) // 5)
+    return float(np.mean(values[:k] if part == "first" else values[-k:]))
+
+
+def run_summary(run_dir):
+    train, evals = load(run_dir)
+    mean = lambda key: float(np.mean([r[key] for r in train if key in r])) if any(key in r for r in train) else 0.0
+    stop = [r["step"] for r in train if r.get("influence/early_stop")]
+    return {
+        "iterations": len(train),
+        "final": evals[-1]["eval/acc_sampled"],
+        "best": max(e["eval/acc_sampled"] for e in evals),
+        "eval_unf_start": evals[0]["eval/unfaithful_sampled"],
+        "eval_unf_final": evals[-1]["eval/unfaithful_sampled"],
+        "eval_unf_mean": float(np.mean([e["eval/unfaithful_sampled"] for e in evals[1:]])),
+        "train_unf_first": window(train, "train/unfaithful", "first"),
+        "train_unf_last": window(train, "train/unfaithful", "last"),
+        "kept_first": window(train, "influence/kept_frac", "first") if "influence/kept_frac" in train[0] else 1.0,
+        "kept_last": window(train, "influence/kept_frac", "last") if "influence/kept_frac" in train[0] else 1.0,
+        "dropped_correct": mean("influence/dropped_correct"),
+        "dropped_unfaithful": mean("influence/dropped_correct_unfaithful"),
+        "dropped_faithful": mean("influence/dropped_correct_faithful"),
+        "dropped_wrong": mean("influence/dropped_wrong"),
+        "generate": mean("time/generate"),
+        "advantage": mean("time/advantage"),
+        "influence": mean("time/influence"),
+        "update": mean("time/update"),
+        "update_first": window(train, "time/update", "first"),
+        "update_last": window(train, "time/update", "last"),
+        "stop": stop[0] if stop else None,
+        "curve": [(e["step"], e["eval/acc_sampled"]) for e in evals],
+    }
+
+
+def main(argv):
+    groups = []
+    for group in argv:
+        label, pattern = group.split("=", 1)
+        runs = sorted(glob.glob(pattern))
+        if not runs:
+            sys.exit(f"error: no run folder matches {pattern}")
+        groups.append((label, [run_summary(d) for d in runs]))
+    m = lambda rs, k: float(np.mean([r[k] for r in rs]))
+    print(
+        "| run | seeds | iterations | final held-out acc (per seed) | best | held-out unfaithful among correct:"
+        " start -> final (mean over evals) | training unfaithful: first 20% -> last 20% | kept fraction:"
+        " first -> last | early stop (per seed) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, rs in groups:
+        finals = ", ".join(f"{r['final']:.3f}" for r in rs)
+        stops = ", ".join("none" if r["stop"] is None else f"iteration {r['stop']}" for r in rs)
+        print(f"| {label} | {len(rs)} | {', '.join(str(r['iterations']) for r in rs)} | {m(rs, 'final'):.3f}"
+              f" ({finals}) | {m(rs, 'best'):.3f} | {m(rs, 'eval_unf_start'):.3f} -> {m(rs, 'eval_unf_final'):.3f}"
+              f" ({m(rs, 'eval_unf_mean'):.3f}) | {m(rs, 'train_unf_first'):.3f} -> {m(rs, 'train_unf_last'):.3f}"
+              f" | {m(rs, 'kept_first'):.3f} -> {m(rs, 'kept_last'):.3f} | {stops} |")  # fmt: skip
+    print()
+    print(
+        "| run | s/iteration: generate / advantage / influence / update | update s: first 20% -> last 20%"
+        " | influence / update | dropped share of correct episodes (faithful / unfaithful) | dropped share of"
+        " wrong episodes |"
+    )
+    print("|---|---|---|---|---|---|")
+    for label, rs in groups:
+        ratio = m(rs, "influence") / max(m(rs, "update"), 1e-9)
+        print(f"| {label} | {m(rs, 'generate'):.3f} / {m(rs, 'advantage'):.3f} / {m(rs, 'influence'):.3f} /"
+              f" {m(rs, 'update'):.3f} | {m(rs, 'update_first'):.3f} -> {m(rs, 'update_last'):.3f} | {ratio:.2f}"
+              f" | {m(rs, 'dropped_correct'):.3f} ({m(rs, 'dropped_faithful'):.3f} / {m(rs, 'dropped_unfaithful'):.3f})"
+              f" | {m(rs, 'dropped_wrong'):.3f} |")  # fmt: skip
+    print()
+    print("Mean held-out accuracy (eval/acc_sampled) over seeds, by iteration:")
+    for label, rs in groups:
+        steps = sorted({s for r in rs for s, _ in r["curve"]})
+        means = [np.mean([dict(r["curve"]).get(s, r["curve"][-1][1]) for r in rs]) for s in steps]
+        print(f"- {label}: " + ", ".join(f"{s}: {a:.3f}" for s, a in zip(steps, means)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
