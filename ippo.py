@@ -89,9 +89,9 @@ class Args:
     """B: prompts per iteration (over all ranks); each prompt's n rollouts stay on one rank"""
     n: int = 8
     """rollouts (episodes) per prompt"""
-    epochs: int = 2
-    """PPO epochs over the (kept) buffer per iteration"""
-    minibatches: int = 2
+    epochs: int = 4
+    """PPO epochs over the (kept) buffer per iteration (4 as in CleanRL's PPO; the paper's runs use 2)"""
+    minibatches: int = 4
     """shuffled mini-batches per epoch, one actor and one critic optimizer step each"""
     micro_batch: int = 0
     """episodes per forward/backward inside a mini-batch (gradient accumulation); 0 = the whole mini-batch"""
@@ -99,7 +99,7 @@ class Args:
     """sampling temperature (training log-probs use the same temperature)"""
     max_new_tokens: int = 0
     """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
-    lr: float = 5e-5
+    lr: float = 3e-5
     """actor AdamW learning rate (constant; tuned for `tiny`); about 1e-6 for a 0.5B model"""
     critic_lr: float = 5e-4
     """critic AdamW learning rate (constant)"""
@@ -151,6 +151,8 @@ def check_args(args: Args, world: int):
         fail(f"--proj-ratio {args.proj_ratio}: must be in (0, 1]")
     if args.batch_prompts % world:
         fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
+    if args.influence and args.val_size < world:
+        fail(f"--val-size {args.val_size}: fewer validation examples than the {world} processes (ranks)")
     try:
         re.compile(args.grad_params)
     except re.error as e:
@@ -450,13 +452,12 @@ def main(args: Args):
         critic.load_state_dict(state["critic"])
         critic_optimizer.load_state_dict(state["critic_optimizer"])
     start, train_time = state["step"], state["train_time"]
-    n = args.n
     logger = RunLogger(run_dir, args, args.steps, start)
     mode = "plain PPO" if not args.influence else "I-PPO" + ("" if args.reweight else " (filter only)")
     scored = sum(p.numel() for k, p in model.named_parameters() if k in names)
     logger.print(
         f"run folder {run_dir} | model {model_path} | task {task.name} ({len(task.train)} train prompts) | {mode}"
-        f" | B={args.batch_prompts} n={n} epochs={args.epochs} minibatches={args.minibatches}"
+        f" | B={args.batch_prompts} n={args.n} epochs={args.epochs} minibatches={args.minibatches}"
         + (f" | scoring {scored} parameters ({len(names)} tensors)" if args.influence else "")
         + f" | {world} process(es) on {device}"
     )
@@ -480,11 +481,11 @@ def main(args: Args):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n episodes each; outcome rewards.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
         with timer("generate"):
-            episode_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n episodes side by side
+            episode_prompts = [p for p in prompts for _ in range(args.n)]  # each prompt's n episodes side by side
             rollout = sample(model, episode_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator=step_gen(step, 1 + rank))  # fmt: skip
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        scores = [score(task.name, examples[i // n], t) for i, t in enumerate(texts)]
+        scores = [score(task.name, examples[i // args.n], t) for i, t in enumerate(texts)]
         outcome = torch.tensor([s[0] for s in scores], device=device)
         mask = rollout.completion_mask.float()
         # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.

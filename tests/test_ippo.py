@@ -331,6 +331,8 @@ def test_bad_settings_are_refused(overrides, message):
 def test_batch_must_divide_by_world_size():
     with pytest.raises(SystemExit, match="--batch-prompts 3 does not divide by the 2 processes"):
         ippo.check_args(ippo.Args(batch_prompts=3), world=2)
+    with pytest.raises(SystemExit, match="--val-size 1: fewer validation examples than the 2 processes"):
+        ippo.check_args(ippo.Args(val_size=1), world=2)
 
 
 def test_parameter_subset_matching_nothing(random_model_dir, tmp_path):
@@ -356,8 +358,9 @@ def test_bad_input_is_one_line_and_nonzero_exit():
 
 # ---- end to end ------------------------------------------------------------------------------------------
 
-SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--eval-prompts", "4", "--eval-every", "1",
-         "--log-every", "1", "--max-new-tokens", "8", "--val-size", "8", "--influence-batch", "4"]  # fmt: skip
+SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--epochs", "1", "--minibatches", "2", "--eval-prompts",
+         "4", "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "8", "--val-size", "8",
+         "--influence-batch", "4"]  # fmt: skip
 # ippo.py with a reward that varies within each group, so that a random model gets advantages of both
 # signs, episodes are both kept and dropped, and the update runs (the script itself is unchanged).
 WRAPPER = """import tyro, ippo
