@@ -349,6 +349,30 @@ def influence_weights(scores, reweight=True) -> tuple[torch.Tensor, torch.Tensor
     return keep, torch.where(keep, scores / (total / count), torch.zeros_like(scores))
 
 
+def influence_metrics(scores, influence, keep, weights, val_loss) -> dict:
+    """What the filter did this iteration, over all ranks: kept share, mean positive score, and which episodes
+    it dropped (correct ones; among those, faithful and unfaithful ones; wrong ones)."""
+    correct = torch.tensor([c for _, c, _ in scores], device=keep.device)
+    unfaithful = torch.tensor([c and f is False for _, c, f in scores], device=keep.device)
+    dropped = ~keep
+    sums = all_reduce_sum([
+        keep.sum().item(), len(keep), influence[keep].sum().item(),
+        (dropped & correct).sum().item(), correct.sum().item(), (dropped & unfaithful).sum().item(),
+        unfaithful.sum().item(), (dropped & ~correct).sum().item(), (~correct).sum().item(),
+    ])  # fmt: skip
+    kept, total, positive, drop_c, n_c, drop_u, n_u, drop_w, n_w = sums
+    return {
+        "influence/kept_frac": kept / total,
+        "influence/mean_pos_score": positive / max(1.0, kept),
+        "influence/max_weight": all_reduce_max(weights.max().item() if keep.any() else 0.0),
+        "influence/dropped_correct": drop_c / max(1.0, n_c),
+        "influence/dropped_correct_unfaithful": drop_u / max(1.0, n_u),
+        "influence/dropped_correct_faithful": (drop_c - drop_u) / max(1.0, n_c - n_u),
+        "influence/dropped_wrong": drop_w / max(1.0, n_w),
+        "influence/val_loss": val_loss,
+    }
+
+
 # ---- the PPO update on the kept episodes -------------------------------------------------------------------
 
 
@@ -573,30 +597,6 @@ def main(args: Args):
     logger.close()
     if is_main():
         print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, checkpoints in {run_dir}/checkpoints")
-
-
-def influence_metrics(scores, influence, keep, weights, val_loss) -> dict:
-    """What the filter did this iteration, over all ranks: kept share, mean positive score, and which episodes
-    it dropped (correct ones; among those, faithful and unfaithful ones; wrong ones)."""
-    correct = torch.tensor([c for _, c, _ in scores], device=keep.device)
-    unfaithful = torch.tensor([c and f is False for _, c, f in scores], device=keep.device)
-    dropped = ~keep
-    sums = all_reduce_sum([
-        keep.sum().item(), len(keep), influence[keep].sum().item(),
-        (dropped & correct).sum().item(), correct.sum().item(), (dropped & unfaithful).sum().item(),
-        unfaithful.sum().item(), (dropped & ~correct).sum().item(), (~correct).sum().item(),
-    ])  # fmt: skip
-    kept, total, positive, drop_c, n_c, drop_u, n_u, drop_w, n_w = sums
-    return {
-        "influence/kept_frac": kept / total,
-        "influence/mean_pos_score": positive / max(1.0, kept),
-        "influence/max_weight": all_reduce_max(weights.max().item() if keep.any() else 0.0),
-        "influence/dropped_correct": drop_c / max(1.0, n_c),
-        "influence/dropped_correct_unfaithful": drop_u / max(1.0, n_u),
-        "influence/dropped_correct_faithful": (drop_c - drop_u) / max(1.0, n_c - n_u),
-        "influence/dropped_wrong": drop_w / max(1.0, n_w),
-        "influence/val_loss": val_loss,
-    }
 
 
 if __name__ == "__main__":

@@ -258,6 +258,16 @@ def test_update_changes_parameters_and_resumes(random_model_dir, tmp_path, monke
     assert [r["step"] for r in metric_rows(tmp_path / "r", "reward/mean")] == [1, 2]
 
 
+def test_same_seed_same_metrics(random_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ippo, "score", varying_reward)
+    runs = []
+    for name in ("a", "b"):
+        ippo.main(_args(random_model_dir, tmp_path, run_name=name, steps=2))
+        runs.append([{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+                     for r in metric_rows(tmp_path / name)])  # fmt: skip
+    assert runs[0] == runs[1]
+
+
 # ---- 7: rewards and GAE by hand ----------------------------------------------------------------------------
 
 
