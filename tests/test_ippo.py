@@ -1,11 +1,12 @@
 """I-PPO: the PPO math, the influence scores, and ippo.py end to end (specs/ippo.md, tests 1-7)."""
 
 import copy
+import os
 import sys
 
 import pytest
 import torch
-from conftest import metric_rows, run_command
+from conftest import ROOT, metric_rows, run_command
 
 import ippo
 from common.model import load_policy
@@ -25,6 +26,21 @@ RESPONSES = [
     {"question": "What is 9-3+1?", "solution": "9-3=5 5+1=6 #### 6"},
     {"question": "What is 4+4?", "solution": "#### 9"},
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny test models' operations are too small for two threads: on a shared 2-core CPU, OpenMP's
+    synchronisation then costs far more than it saves (a 2-iteration main() takes 40 s instead of 2 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(cmd):
+    """A subprocess from the repository root, one thread per process (see one_thread)."""
+    return run_command(cmd, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +377,7 @@ def test_validation_split_without_gold_solutions(random_model_dir, tmp_path):
 
 
 def test_bad_input_is_one_line_and_nonzero_exit():
-    out = run_command([sys.executable, "ippo.py", "--gae-lambda", "2"])
+    out = run([sys.executable, "ippo.py", "--gae-lambda", "2"])
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == "error: --gae-lambda 2.0: must be in [0, 1]"
 
@@ -380,7 +396,7 @@ ippo.main(tyro.cli(ippo.Args))
 
 
 def test_help():
-    out = run_command([sys.executable, "ippo.py", "--help"])
+    out = run([sys.executable, "ippo.py", "--help"])
     assert out.returncode == 0
     for flag in ("--no-influence", "--no-reweight", "--min-keep", "--val-size", "--grad-params", "--proj-dim",
                  "--gae-lambda", "--clip", "--value-clip", "--kl-coef", "--epochs", "--minibatches"):  # fmt: skip
@@ -391,7 +407,7 @@ def test_help():
 def test_smoke_run(mode, random_model_dir, tmp_path):
     wrapper = tmp_path / "run_ippo.py"
     wrapper.write_text(WRAPPER)
-    out = run_command([sys.executable, str(wrapper), "--model", random_model_dir, "--output-dir", str(tmp_path),
+    out = run([sys.executable, str(wrapper), "--model", random_model_dir, "--output-dir", str(tmp_path),
                        "--run-name", "smoke", f"--{mode}", *SMALL])  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     rows = metric_rows(tmp_path / "smoke")
@@ -416,7 +432,7 @@ def test_torchrun_two_processes(random_model_dir, tmp_path):
     wrapper = tmp_path / "run_ippo.py"
     wrapper.write_text(WRAPPER)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--", str(wrapper)]
-    out = run_command([*torchrun, "--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "ddp",
+    out = run([*torchrun, "--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "ddp",
                        *SMALL])  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     train = metric_rows(tmp_path / "ddp", "reward/mean")  # rank 0 alone writes
