@@ -22,7 +22,7 @@ import torch
 import tyro
 
 from common.data import fail
-from common.model import load_policy
+from common.model import load_policy, matching_parameters
 from common.reward import count_correct_unfaithful, score
 from common.rollout import Rollout, sample, token_logprobs
 from common.run import (
@@ -194,13 +194,6 @@ def popi_objective(logp, logp_beta, rewards, completion_mask, clip=0.0) -> torch
     return per_response.mean()
 
 
-def scored_parameters(model, pattern: str) -> list[tuple[str, torch.nn.Parameter]]:
-    chosen = [(name, p) for name, p in model.named_parameters() if re.search(pattern, name)]
-    if not chosen:
-        fail(f"--grad-params {pattern!r} matches no parameter of the model")
-    return chosen
-
-
 def popi_gradients(model, groups, params, args) -> tuple[torch.Tensor, int, float, float]:
     """grad J_x at the current policy for each stored group, [len(groups), d] fp32 over `params`; groups
     whose rewards are all equal get a zero row without a backward pass. Also the number of those, and
@@ -344,7 +337,7 @@ def main(args: Args):
     val_sets = validation_sets(task, args)
     if args.kernels == "triton" and not triton_usable(device):
         fail("--kernels triton: the Triton projection needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
-    params = scored_parameters(model, args.grad_params)
+    params = matching_parameters(model, args.grad_params)
     ref_model = load_policy(model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     state = load_trainer_state(checkpoint, optimizer) if checkpoint else {"step": 0, "train_time": 0.0}

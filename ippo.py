@@ -27,7 +27,7 @@ import tyro
 from torch.func import functional_call, grad, vmap
 
 from common.data import fail
-from common.model import load_policy
+from common.model import load_policy, matching_parameters
 from common.reward import count_correct_unfaithful, score
 from common.rollout import Rollout, left_pad, positions, sample, token_logprobs
 from common.run import (
@@ -229,14 +229,6 @@ class Critic(torch.nn.Module):
 # ---- influence: Score_i = <g_i, g_val> at the pre-update parameters -----------------------------------------
 
 
-def influence_parameters(model, pattern: str) -> list[str]:
-    """Names of the actor parameters scored (all by default); tied weights appear once, under their first name."""
-    names = [name for name, _ in model.named_parameters() if re.search(pattern, name)]
-    if not names:
-        fail(f"--grad-params {pattern!r} matches no parameter of the model")
-    return names
-
-
 def gold_rollout(tokenizer, examples, instruction: str, device) -> Rollout:
     """Gold (question, solution) pairs laid out like sampled episodes: left-padded prompt, then the solution and
     EOS as the completion (right-padded), so the same log-prob code serves the SFT loss."""
@@ -382,14 +374,6 @@ def weighted_mean(per_episode, weights, size) -> torch.Tensor:
     return (weights * per_episode).sum() * world_size() / size
 
 
-def sync_gradients(net):
-    """Average gradients over ranks; a rank whose share of a mini-batch is empty contributes zeros."""
-    for p in net.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    average_gradients(net)
-
-
 def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Args, generator) -> dict:
     """--epochs passes over the kept episodes in --minibatches shuffled mini-batches, one actor and one critic
     step each. Actor: sum over the mini-batch of w_i x (clipped surrogate, token-mean of episode i) / its size;
@@ -424,8 +408,8 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
                 sums["policy_loss"] += policy.sum().item()
                 sums["value_loss"] += value.sum().item()
                 sums["episodes"] += len(part)
-            sync_gradients(model)
-            sync_gradients(critic)
+            average_gradients(model)  # a rank whose share of the mini-batch is empty contributes zeros
+            average_gradients(critic)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
             value_grad_norms.append(torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm).item())
             optimizer.step()
@@ -465,7 +449,7 @@ def main(args: Args):
                  " which the influence's validation gradient needs; use --no-influence for plain PPO")  # fmt: skip
         if args.val_size > len(task.validation):
             fail(f"--val-size {args.val_size}: the validation split of {task.name} has {len(task.validation)}")
-    names = influence_parameters(model, args.grad_params) if args.influence else []
+    names = [name for name, _ in matching_parameters(model, args.grad_params)] if args.influence else []
     ref_model = load_policy(model_path, model.dtype, device)[0].eval() if args.kl_coef > 0 else None
     critic = Critic(load_policy(model_path, model.dtype, device)[0]).eval()  # the critic starts from the SFT model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -181,6 +182,15 @@ def load_policy(name: str, dtype=torch.float32, device="cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def matching_parameters(model, pattern: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) for the parameters whose name matches the regular expression (`--grad-params`);
+    tied weights appear once, under their first name. None matching is a user error."""
+    chosen = [(name, p) for name, p in model.named_parameters() if re.search(pattern, name)]
+    if not chosen:
+        fail(f"--grad-params {pattern!r} matches no parameter of the model")
+    return chosen
 
 
 def prompt_text(tokenizer, question: str, instruction: str = "") -> str:

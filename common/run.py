@@ -98,13 +98,16 @@ def all_reduce_mean(metrics: dict) -> dict:
 
 
 def average_gradients(model):
-    """Average gradients over ranks: the same result as one process holding every rank's batch."""
+    """Average gradients over ranks: the same result as one process holding every rank's batch. A parameter
+    with no gradient on this rank (its share of the batch was empty) joins as zeros: every rank must take
+    part in every all-reduce."""
     if not dist.is_initialized():
         return
     for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world_size()
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size()
 
 
 # ---- run folder, logging, checkpoints ------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 import cropi
 from common.data import load_task
-from common.model import load_policy, resolve_model
+from common.model import load_policy, matching_parameters, resolve_model
 from kernels.projection import project
 
 
@@ -33,7 +33,7 @@ def main(argv):
     pool = [g for g in pool if g["rewards"].max() > g["rewards"].min()][:n_prompts]
     hard = [e for e in task.validation if e["level"] == 3]
     val = cropi.collect_store(model, tokenizer, task, hard, args.val_responses, args, gen)
-    params = cropi.scored_parameters(model, "")
+    params = matching_parameters(model, "")
     G = torch.cat([cropi.popi_gradients(model, pool[s : s + 64], params, args)[0] for s in range(0, len(pool), 64)])
     val_grads = cropi.popi_gradients(model, val, params, args)[0]
     v = val_grads[val_grads.norm(dim=1) > 0][: args.val_prompts].mean(0)

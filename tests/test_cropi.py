@@ -9,6 +9,7 @@ from conftest import RANDOM_SPEC, metric_rows, run_command
 
 import cropi
 from common.data import make_chain
+from common.model import matching_parameters
 
 
 def logits_case(K=4, L=5, V=7, seed=0):
@@ -210,7 +211,7 @@ def pool_and_target_gradients(warm_model_dir):
     rollout = sample(model, prompts, 24, 1.0, tok.eos_token_id, tok.pad_token_id, generator=g)
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])[torch.stack([torch.randperm(4, generator=g) for _ in questions])]
     groups = [{"rollout": rollout.select(torch.arange(4 * i, 4 * i + 4)), "rewards": r} for i, r in enumerate(rewards)]
-    params = cropi.scored_parameters(model, "")
+    params = matching_parameters(model, "")
     grads = cropi.popi_gradients(model, groups, params, cropi.Args(store_temperature=1.0))[0]
     return grads[:100], grads[100:].mean(0)
 
@@ -250,7 +251,7 @@ def test_kernels_flag_reaches_the_projection(random_model_dir, mode):
                      generator=torch.Generator().manual_seed(0))  # fmt: skip
     groups = [{"rollout": rollout.select(torch.arange(2 * i, 2 * i + 2)), "rewards": torch.tensor([1.0, 0.0])}
               for i in range(2)]  # fmt: skip
-    params = cropi.scored_parameters(model, r"^model\.norm\.")
+    params = matching_parameters(model, r"^model\.norm\.")
     z = {backend: cropi.projected_gradients(model, groups, params, cropi.Args(proj_dim=16, proj_ratio=0.5,
                                                                               proj_mode=mode, kernels=backend))[0]
          for backend in ("torch", "triton")}  # fmt: skip

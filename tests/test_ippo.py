@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, metric_rows, run_command
 
 import ippo
-from common.model import load_policy
+from common.model import load_policy, matching_parameters
 from common.rollout import Rollout, token_logprobs
 
 # Gold pairs of different question and solution lengths: laid out as a buffer they need left padding
@@ -312,7 +312,7 @@ def test_parameter_subset_and_projection(policy):
     model, tok = policy
     gold, episodes = buffer(tok, EXAMPLES), buffer(tok, RESPONSES + EXAMPLES)
     advantages, logp_old = random_advantages(episodes, seed=4), no_grad_logprobs(model, episodes)
-    subset = ippo.influence_parameters(model, r"layers\.1\.mlp")
+    subset = [name for name, _ in matching_parameters(model, r"layers\.1\.mlp")]
     assert subset and all("layers.1.mlp" in k for k in subset)
     g_val, _ = ippo.validation_gradient(model, subset, gold)
     scores = ippo.influence_scores(model, subset, episodes, advantages, logp_old, g_val, ippo.Args())
@@ -323,7 +323,7 @@ def test_parameter_subset_and_projection(policy):
                                       ippo.Args(proj_dim=4096, proj_mode="sjlt"))  # fmt: skip
     assert torch.corrcoef(torch.stack([scores, projected]))[0, 1] > 0.95
     with pytest.raises(SystemExit, match="--grad-params 'no_such_layer' matches no parameter"):
-        ippo.influence_parameters(model, "no_such_layer")
+        matching_parameters(model, "no_such_layer")
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
