@@ -6,22 +6,10 @@ Every value is the mean over the group's runs (seeds); final accuracy also lists
 """
 
 import glob
-import json
 import sys
 
 import numpy as np
-
-
-def load(run_dir):
-    rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
-    return [r for r in rows if "reward/mean" in r], [r for r in rows if "eval/acc_sampled" in r]
-
-
-def window_mean(rows, key, part):
-    """Mean of `key` over the first or last fifth of the training steps."""
-    k = max(1, len(rows) // 5)
-    picked = rows[:k] if part == "first" else rows[-k:]
-    return np.mean([r[key] for r in picked])
+from run_metrics import load, window_mean
 
 
 def summarise(runs):

@@ -7,24 +7,10 @@ group's runs (seeds); final accuracy and the early stop are also listed per seed
 """
 
 import glob
-import json
 import sys
 
 import numpy as np
-
-
-def load(run_dir):
-    rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
-    return [r for r in rows if "reward/mean" in r], [r for r in rows if "eval/acc_sampled" in r]
-
-
-def window(rows, key, part):
-    """Mean of `key` over the first or last fifth of the iterations that log it (nan when none do)."""
-    values = [r[key] for r in rows if key in r]
-    if not values:
-        return float("nan")
-    k = max(1, len(values) // 5)
-    return float(np.mean(values[:k] if part == "first" else values[-k:]))
+from run_metrics import load, window_mean
 
 
 def run_summary(run_dir):
@@ -38,10 +24,10 @@ def run_summary(run_dir):
         "eval_unf_start": evals[0]["eval/unfaithful_sampled"],
         "eval_unf_final": evals[-1]["eval/unfaithful_sampled"],
         "eval_unf_mean": float(np.mean([e["eval/unfaithful_sampled"] for e in evals[1:]])),
-        "train_unf_first": window(train, "train/unfaithful", "first"),
-        "train_unf_last": window(train, "train/unfaithful", "last"),
-        "kept_first": window(train, "influence/kept_frac", "first") if "influence/kept_frac" in train[0] else 1.0,
-        "kept_last": window(train, "influence/kept_frac", "last") if "influence/kept_frac" in train[0] else 1.0,
+        "train_unf_first": window_mean(train, "train/unfaithful", "first"),
+        "train_unf_last": window_mean(train, "train/unfaithful", "last"),
+        "kept_first": window_mean(train, "influence/kept_frac", "first") if "influence/kept_frac" in train[0] else 1.0,
+        "kept_last": window_mean(train, "influence/kept_frac", "last") if "influence/kept_frac" in train[0] else 1.0,
         "dropped_correct": mean("influence/dropped_correct"),
         "dropped_unfaithful": mean("influence/dropped_correct_unfaithful"),
         "dropped_faithful": mean("influence/dropped_correct_faithful"),
@@ -50,8 +36,8 @@ def run_summary(run_dir):
         "advantage": mean("time/advantage"),
         "influence": mean("time/influence"),
         "update": mean("time/update"),
-        "update_first": window(train, "time/update", "first"),
-        "update_last": window(train, "time/update", "last"),
+        "update_first": window_mean(train, "time/update", "first"),
+        "update_last": window_mean(train, "time/update", "last"),
         "stop": stop[0] if stop else None,
         "curve": [(e["step"], e["eval/acc_sampled"]) for e in evals],
     }
