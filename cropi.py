@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import tyro
 
-from common.data import fail
+from common.data import TARGET_SKILL, check_skills, fail, of_skills
 from common.model import load_policy, matching_parameters
 from common.reward import count_correct_unfaithful, score
 from common.rollout import Rollout, sample, token_logprobs
@@ -36,8 +36,10 @@ from common.run import (
     load_trainer_state,
     save_checkpoint,
 )
-from common.session import evaluate, open_session, prompt_ids
+from common.session import eval_line, evaluate, open_session, prompt_ids
 from kernels.projection import project, triton_usable
+
+MIN_TARGET_PROMPTS = 8  # fewest validation prompts a target skill may have (its gradient is their mean)
 from pods import group_advantages, grpo_update  # the GRPO step itself is the same as PODS's with m = n
 
 
@@ -89,8 +91,9 @@ class Args:
     """stored responses per validation prompt"""
     val_prompts: int = 100
     """validation prompts with a non-zero gradient used per validation set"""
-    val_min_level: int = 3
-    """`chain`: validation sets are the levels >= this one (0..3, one set each; 3 = the hardest only)"""
+    target_skills: tuple[str, ...] = ()
+    """skills whose validation prompts are the target, one set each, fused by reciprocal rank; empty = the
+    task's weak target skill (`words` for chain), or the whole validation split for a task without skills"""
     store_temperature: float = 0.5
     """temperature of the behaviour policy beta that produced the store (POPI's log-probs use it too)"""
     proj_dim: int = 1024
@@ -266,13 +269,23 @@ def pass_rate_histogram(pool_rewards: torch.Tensor, selected: torch.Tensor) -> d
     return {f"select/pass_rate_{name}": int(mask.sum()) for name, mask in edges}
 
 
-def validation_sets(task, args) -> list[list[dict]]:
-    """The validation targets: for `chain` one set per level >= --val-min-level (the hard end), else one."""
-    if task.name != "chain":
+def target_skills(task, args) -> list[str]:
+    """The skills CROPI targets: --target-skills, else the built-in target skill for `chain`; [] = no skills
+    (the whole validation split is the one target)."""
+    if args.target_skills:
+        return check_skills(task, args.target_skills, "--target-skills")
+    return [TARGET_SKILL] if task.name == "chain" else []
+
+
+def validation_sets(task, skills, world) -> list[list[dict]]:
+    """The validation targets: one set per target skill, or the whole validation split."""
+    if not skills:
         return [task.validation]
-    sets = [[e for e in task.validation if e["level"] == level] for level in range(args.val_min_level, 4)]
-    if not sets or not all(sets):
-        fail(f"--val-min-level {args.val_min_level}: expected 0..3 (a chain level with validation prompts)")
+    sets = [of_skills(task.validation, [skill]) for skill in skills]
+    for skill, examples in zip(skills, sets):
+        if len(examples) < max(MIN_TARGET_PROMPTS, world):
+            fail(f"--target-skills {skill}: only {len(examples)} validation prompts of that skill; a target needs"
+                 f" at least {max(MIN_TARGET_PROMPTS, world)}")  # fmt: skip
     return sets
 
 
@@ -295,7 +308,7 @@ def validation_targets(model, val_stores, params, args, world) -> torch.Tensor:
         if count == 0:
             fail(
                 f"validation set {b}: every prompt's {args.val_responses} stored responses have equal rewards, so no"
-                " validation gradient exists; raise --val-responses or --store-temperature, or lower --val-min-level"
+                " validation gradient exists; raise --val-responses or --store-temperature, or choose --target-skills"
             )
         targets.append(total / count)
     return torch.stack(targets)
@@ -334,7 +347,8 @@ def main(args: Args):
     pool, steps = task.train, args.stages * args.steps_per_stage
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
-    val_sets = validation_sets(task, args)
+    skills = target_skills(task, args)
+    val_sets = validation_sets(task, skills, world)
     if args.kernels == "triton" and not triton_usable(device):
         fail("--kernels triton: the Triton projection needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     params = matching_parameters(model, args.grad_params)
@@ -369,21 +383,18 @@ def main(args: Args):
                      f" at T={args.store_temperature} in {seconds:.0f}s -> {store_file}")  # fmt: skip
     local_rewards = torch.stack([g["rewards"] for g in pool_store])
     pool_rewards = gather_strided(local_rewards.to(device), len(pool)).cpu()
-    target_test = [e for e in task.test if e.get("level", 3) >= args.val_min_level]
-    target_task = type(task)(**{**task.__dict__, "test": target_test})
+    target_task = type(task)(**{**task.__dict__, "test": of_skills(task.test, skills)})
 
     def log_eval(step):
         metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
                            world, step_gen(step, 50 + rank))  # fmt: skip
-        if task.name == "chain":  # accuracy on the targeted (hard) levels of the test split
+        if skills:  # accuracy on the test prompts of the target skills
             target = evaluate(model, tokenizer, target_task, len(target_task.test), args.max_new_tokens,
                               args.temperature, rank, world, step_gen(step, 60 + rank))  # fmt: skip
-            metrics |= {k.replace("eval/", "eval_target/"): v for k, v in target.items()}
+            metrics |= {k.replace("eval/", "eval_target/"): v for k, v in target.items() if k.count("/") == 1}
         logger.log(step, {**metrics, "time/train_elapsed": train_time})
-        shown = " ".join(
-            f"{k.replace('eval/', '').replace('eval_target/', 'target_')} {v:.3f}" for k, v in metrics.items()
-        )
-        logger.print(f"step {step:4d} | eval {shown}")
+        target = " ".join(f"{k[13:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval_target/"))
+        logger.print(eval_line(step, metrics) + (f" | target {target}" if target else ""))
 
     if start == 0:
         log_eval(0)

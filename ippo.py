@@ -43,7 +43,7 @@ from common.run import (
     save_checkpoint,
     world_size,
 )
-from common.session import draw_prompts, evaluate, open_session, prompt_ids
+from common.session import draw_prompts, eval_line, evaluate, open_session, prompt_ids
 from kernels.projection import project
 
 
@@ -476,7 +476,7 @@ def main(args: Args):
         metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
                            world, step_gen(step, 50 + rank))  # fmt: skip
         logger.log(step, {**metrics, "time/train_elapsed": train_time})
-        logger.print(f"step {step:4d} | eval " + " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
+        logger.print(eval_line(step, metrics))
 
     def save(step):  # the actor in save_pretrained format; the critic and both optimizers in trainer_state.pt
         save_checkpoint(run_dir, step, model, tokenizer, optimizer, {

@@ -35,7 +35,7 @@ from common.run import (
     save_checkpoint,
     world_size,
 )
-from common.session import draw_prompts, evaluate, open_session
+from common.session import draw_prompts, eval_line, evaluate, open_session
 
 
 @dataclass
@@ -251,7 +251,7 @@ def main(args: Args):
         metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
                            world, step_gen(step, 50 + rank))  # fmt: skip
         logger.log(step, {**metrics, "time/train_elapsed": train_time})
-        logger.print(f"step {step:4d} | eval " + " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
+        logger.print(eval_line(step, metrics))
 
     if start == 0:
         log_eval(0)

@@ -2,18 +2,42 @@
 
 Every task yields a list of examples `{"question": str, "answer": str, "solution": str}`, where
 `answer` is the gold final answer and `solution` a worked gold solution ending in `#### <answer>`
-(empty when the source has none).
+(empty when the source has none). `chain` examples also carry their `skill`.
 """
 
 import os
 import random
 from dataclasses import dataclass
 
-# Difficulty levels of the `chain` pool: (number of operations, largest operand).
-CHAIN_LEVELS = ((1, 5), (2, 5), (3, 6), (4, 6))
-SPLIT_SIZES = {"validation": 200, "test": 200}  # held-out sizes; the rest of the pool is `train`
-CHAIN_POOL = 3000
 FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")
+SPLIT_SIZES = {"validation": 300, "test": 300}  # held-out sizes; the rest of the pool is `train`
+
+
+@dataclass(frozen=True)
+class Skill:
+    """One kind of `chain` question: how many operations, how large the operands, how it is written."""
+
+    name: str
+    ops: tuple[int, int]  # fewest and most operations
+    max_operand: int
+    pool_share: float  # its share of the pool, and of every split
+    times_first: bool = False  # the chain opens with a multiplication (a*b), the only place `*` appears
+    in_words: bool = False  # the question spells numbers and operators in words; solutions stay in digits
+
+
+# The skills of the `chain` pool. `words` is the weak target skill: rare in the pool and rarer still in
+# the tiny model's warm-up, so the base model has barely met it (see `TinySpec.warmup_shares`).
+CHAIN_SKILLS = (
+    Skill("short", (2, 3), 6, 0.22),
+    Skill("long", (4, 5), 6, 0.26),
+    Skill("times", (2, 3), 6, 0.38, times_first=True),
+    Skill("words", (1, 3), 5, 0.14, in_words=True),
+)
+SKILLS = {s.name: s for s in CHAIN_SKILLS}
+TARGET_SKILL = "words"
+CHAIN_POOL = 4000
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 
 
 def fail(message: str):
@@ -30,71 +54,49 @@ class Task:
     instruction: str = ""  # appended to the question for chat models
 
 
-def chain_question(rng: random.Random, n_ops: int, max_operand: int):
-    """One chained arithmetic problem: its question, operands and operators.
+def apply(value: int, op: str, x: int) -> int:
+    return value + x if op == "+" else value - x if op == "-" else value * x
 
-    The running value stays within [0, 2 * max_operand]: an operation that would leave that range is
-    flipped (+ <-> -), so every intermediate result is a small non-negative number.
-    """
-    value = rng.randint(1, max_operand)
-    operands, ops = [value], []
-    for _ in range(n_ops):
-        x, op = rng.randint(1, max_operand), rng.choice("+-")
-        if (op == "-" and value - x < 0) or (op == "+" and value + x > 2 * max_operand):
+
+def chain_operations(rng: random.Random, skill: Skill):
+    """Operands and operators of one chain of the skill. The running value stays within [0, 2 * max_operand]
+    after any +/- (an operation that would leave that range is flipped), so every result is small and
+    non-negative; a chain that opens with a*b starts from at most max_operand^2."""
+    n_ops = rng.randint(*skill.ops)
+    operands, ops = [rng.randint(1, skill.max_operand)], []
+    if skill.times_first:
+        operands.append(rng.randint(2, skill.max_operand))
+        ops.append("*")
+    value = operands[0] * operands[1] if skill.times_first else operands[0]
+    for _ in range(n_ops - len(ops)):
+        x, op = rng.randint(1, skill.max_operand), rng.choice("+-")
+        high = max(2 * skill.max_operand, value)
+        if (op == "-" and value - x < 0) or (op == "+" and value + x > high):
             op = "+" if op == "-" else "-"
-        value = value + x if op == "+" else value - x
+        value = apply(value, op, x)
         operands.append(x)
         ops.append(op)
-    question = "What is " + str(operands[0]) + "".join(o + str(x) for o, x in zip(ops, operands[1:])) + "?"
-    return question, operands, ops
+    return operands, ops
 
 
-def chain_steps(operands, ops):
-    """The faithful steps [(left, op, right, result), ...] of a chain."""
-    steps, value = [], operands[0]
-    for op, right in zip(ops, operands[1:]):
-        result = value + right if op == "+" else value - right
-        steps.append((value, op, right, result))
-        value = result
-    return steps
-
-
-def format_solution(steps, answer) -> str:
-    return " ".join(f"{a}{op}{b}={c}" for a, op, b, c in steps) + f" #### {answer}"
-
-
-def chain_example(rng: random.Random, level: int) -> dict:
-    question, operands, ops = chain_question(rng, *CHAIN_LEVELS[level])
-    steps = chain_steps(operands, ops)
-    answer = str(steps[-1][3])
-    return {"question": question, "answer": answer, "solution": format_solution(steps, answer), "level": level}
-
-
-def corrupt_one_step(example: dict, rng: random.Random, keep_answer: bool) -> str:
-    """A solution with exactly one wrong step result.
-
-    keep_answer=True gives an *unfaithful* solution: the last step's written result is wrong but the
-    `####` answer is right (the steps before it stay chained, so the answer still depends on them).
-    keep_answer=False puts the wrong result at a random step and carries it through to a wrong answer.
-    """
-    operands, ops = parse_chain_question(example["question"])
-    steps = chain_steps(operands, ops)
-    i = len(steps) - 1 if keep_answer else rng.randrange(len(steps))
-    a, op, b, c = steps[i]
-    wrong = c + rng.choice([-1, 1]) * rng.randint(1, 3)
-    if keep_answer:
-        steps[i] = (a, op, b, wrong)
-        return format_solution(steps, example["answer"])
-    steps = steps[:i] + [(a, op, b, wrong)] + chain_steps([wrong] + operands[i + 2 :], ops[i + 1 :])
-    return format_solution(steps, steps[-1][3])
+def chain_question(operands, ops, in_words: bool = False) -> str:
+    """'What is 4+2-1?' or, in words, 'What is four plus two minus one?'."""
+    if in_words:
+        parts = [NUMBER_WORDS[operands[0]]] + [f" {OP_WORDS[o]} {NUMBER_WORDS[x]}" for o, x in zip(ops, operands[1:])]
+        return "What is " + "".join(parts) + "?"
+    return "What is " + str(operands[0]) + "".join(o + str(x) for o, x in zip(ops, operands[1:])) + "?"
 
 
 def parse_chain_question(question: str):
-    """Operands and operators of 'What is 12+7-5?' -> ([12, 7, 5], ['+', '-'])."""
+    """Operands and operators of 'What is 12+7-5?' -> ([12, 7, 5], ['+', '-']), also when written in words."""
     expr = question.removeprefix("What is ").rstrip("?")
+    if " " in expr:  # in words: 'four plus two minus one'
+        words = expr.split()
+        symbols = {w: o for o, w in OP_WORDS.items()}
+        return [NUMBER_WORDS.index(w) for w in words[::2]], [symbols[w] for w in words[1::2]]
     operands, ops, number = [], [], ""
     for ch in expr:
-        if ch in "+-" and number:
+        if ch in "+-*" and number:
             operands.append(int(number))
             ops.append(ch)
             number = ""
@@ -104,23 +106,92 @@ def parse_chain_question(question: str):
     return operands, ops
 
 
-def make_chain(seed: int = 0, pool: int = CHAIN_POOL) -> Task:
-    """A pool of distinct questions, split into disjoint train/validation/test by seed.
+def chain_steps(operands, ops):
+    """The faithful steps [(left, op, right, result), ...] of a chain."""
+    steps, value = [], operands[0]
+    for op, right in zip(ops, operands[1:]):
+        result = apply(value, op, right)
+        steps.append((value, op, right, result))
+        value = result
+    return steps
 
-    Each question's level is drawn uniformly, but the easy levels have few distinct questions (1 op on
-    1..5 has 50), so the pool is weighted toward the harder levels. Validation and test come from the
-    same mix as train, so held-out accuracy measures the distribution the policy trains on.
-    """
+
+def format_solution(steps, answer) -> str:
+    return " ".join(f"{a}{op}{b}={c}" for a, op, b, c in steps) + f" #### {answer}"
+
+
+def chain_example(rng: random.Random, skill: Skill) -> dict:
+    operands, ops = chain_operations(rng, skill)
+    steps = chain_steps(operands, ops)
+    answer = str(steps[-1][3])
+    question = chain_question(operands, ops, skill.in_words)
+    return {"question": question, "answer": answer, "solution": format_solution(steps, answer), "skill": skill.name}
+
+
+def wrong_result(c: int, rng: random.Random) -> int:
+    """A nearby wrong value (never negative, never c)."""
+    wrong = c + rng.choice([-1, 1]) * rng.randint(1, 3)
+    return wrong if wrong >= 0 and wrong != c else c + rng.randint(1, 3)
+
+
+def slipped_solution(example: dict, rng: random.Random) -> str:
+    """An *unfaithful* solution: one step's written result is wrong, but the chain goes on from the true
+    value, so every other step and the `####` answer are right. The outcome reward cannot see the slip."""
+    steps = chain_steps(*parse_chain_question(example["question"]))
+    i = rng.randrange(len(steps))
+    a, op, b, c = steps[i]
+    steps[i] = (a, op, b, wrong_result(c, rng))
+    return format_solution(steps, example["answer"])
+
+
+def carried_solution(example: dict, rng: random.Random) -> str:
+    """A wrong solution: one step's result is wrong and carried through the rest, to a wrong answer."""
+    operands, ops = parse_chain_question(example["question"])
+    steps = chain_steps(operands, ops)
+    i = rng.randrange(len(steps))
+    a, op, b, c = steps[i]
+    wrong = wrong_result(c, rng)
+    steps = steps[:i] + [(a, op, b, wrong)] + chain_steps([wrong] + operands[i + 2 :], ops[i + 1 :])
+    return format_solution(steps, steps[-1][3])
+
+
+def make_chain(seed: int = 0, pool: int = CHAIN_POOL) -> Task:
+    """A pool of distinct questions, each skill its `pool_share` of it, split into disjoint train, validation
+    and test by seed. Every split carries the same skill mix (stratified), so held-out accuracy measures
+    the distribution the policy trains on and every skill has held-out prompts."""
     rng = random.Random(seed)
-    seen, examples = set(), []
-    while len(examples) < pool:
-        ex = chain_example(rng, level=rng.randrange(len(CHAIN_LEVELS)))
-        if ex["question"] not in seen:
-            seen.add(ex["question"])
-            examples.append(ex)
-    rng.shuffle(examples)
     n_val, n_test = SPLIT_SIZES["validation"], SPLIT_SIZES["test"]
-    return Task("chain", examples[n_val + n_test :], examples[:n_val], examples[n_val : n_val + n_test])
+    train, validation, test = [], [], []
+    for skill in CHAIN_SKILLS:
+        seen, examples = set(), []
+        while len(examples) < round(skill.pool_share * pool):
+            ex = chain_example(rng, skill)
+            if ex["question"] not in seen:
+                seen.add(ex["question"])
+                examples.append(ex)
+        v, t = round(skill.pool_share * n_val), round(skill.pool_share * n_test)
+        validation += examples[:v]
+        test += examples[v : v + t]
+        train += examples[v + t :]
+    for split in (train, validation, test):
+        rng.shuffle(split)
+    return Task("chain", train, validation, test)
+
+
+def of_skills(examples: list, skills) -> list:
+    """The examples of the given skills (e.g. the validation prompts of the target skill)."""
+    return [e for e in examples if e.get("skill") in skills]
+
+
+def check_skills(task: Task, skills, flag: str) -> list:
+    """The skill names of a flag, checked: known to the task, one-line errors otherwise."""
+    known = sorted({e["skill"] for e in task.validation if "skill" in e})
+    if not known:
+        fail(f"{flag}: the examples of {task.name} have no `skill` field (only `chain` and files with one do)")
+    for name in skills:
+        if name not in known:
+            fail(f"{flag} {name!r}: unknown skill; the skills of {task.name} are {', '.join(known)}")
+    return list(skills)
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -158,11 +229,13 @@ def make_file_task(path: str, question_field: str, answer_field: str, solution_f
         if field not in ds.column_names:
             fail(f"{flag} {field!r}: {path} has no such field (fields: {', '.join(ds.column_names)})")
     has_solution = solution_field in ds.column_names
+    has_skill = "skill" in ds.column_names  # optional: lets --target-skills and per-skill metrics use it
     examples = [
         {
             "question": str(r[question_field]),
             "answer": gsm8k_answer(str(r[answer_field])),
             "solution": str(r[solution_field]) if has_solution else "",
+            **({"skill": str(r["skill"])} if has_skill else {}),
         }
         for r in ds
     ]

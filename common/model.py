@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
-from common.data import corrupt_one_step, fail, make_chain
+from common.data import SKILLS, carried_solution, fail, make_chain, slipped_solution
 
 EOS = "<|endoftext|>"
 
@@ -35,10 +35,13 @@ class TinySpec:
     sft_steps: int = 700
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    unfaithful_fraction: float = 0.25  # wrong last step, right `####` answer
-    wrong_fraction: float = 0.4  # one wrong step carried through to a wrong answer
+    # Share of each skill in the warm-up data: the target skill `words` is nearly absent, so the base model
+    # is weak on it but not blind to it; `times` is under-represented, so it is harder than its pool share.
+    warmup_shares: tuple = (("short", 0.34), ("long", 0.38), ("times", 0.24), ("words", 0.04))
+    slip_fraction: float = 0.3  # one wrong step result, the chain goes on from the true value: right answer
+    carry_fraction: float = 0.1  # one wrong step result carried through to a wrong answer
     seed: int = 0
-    recipe: int = 5  # bump when the warm-up data or training code changes, so old caches are not reused
+    recipe: int = 6  # bump when the warm-up data or training code changes, so old caches are not reused
 
 
 def cache_root() -> str:
@@ -88,15 +91,20 @@ def random_model(tokenizer, spec: TinySpec = TinySpec()):
 
 
 def warmup_texts(spec: TinySpec):
-    """(prompt, completion) pairs from the chain train split, with the spec's share of flawed solutions."""
+    """(prompt, completion) pairs from the chain train split, drawn by the spec's skill shares, with its
+    shares of flawed solutions: slipped (unfaithful, right answer) and carried (wrong answer)."""
     rng = random.Random(spec.seed)
+    train = make_chain(seed=0).train
+    by_skill = {name: [e for e in train if e["skill"] == name] for name in SKILLS}
+    names, shares = zip(*spec.warmup_shares)
     pairs = []
-    for ex in make_chain(seed=0).train:
+    for name in rng.choices(names, weights=shares, k=len(train)):
+        ex = rng.choice(by_skill[name])
         u = rng.random()
-        if u < spec.unfaithful_fraction:
-            solution = corrupt_one_step(ex, rng, keep_answer=True)
-        elif u < spec.unfaithful_fraction + spec.wrong_fraction:
-            solution = corrupt_one_step(ex, rng, keep_answer=False)
+        if u < spec.slip_fraction:
+            solution = slipped_solution(ex, rng)
+        elif u < spec.slip_fraction + spec.carry_fraction:
+            solution = carried_solution(ex, rng)
         else:
             solution = ex["solution"]
         pairs.append((ex["question"] + "\n", solution + EOS))

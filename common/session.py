@@ -87,16 +87,31 @@ def rollout_texts(model, tokenizer, questions, instruction, max_new_tokens, temp
 
 def evaluate(model, tokenizer, task, n_prompts, max_new_tokens, temperature, rank, world, generator) -> dict:
     """`eval/acc_greedy` and `eval/acc_sampled` (one sample at `temperature`) on the first `n_prompts` test
-    prompts, sharded over ranks, and for `chain` the unfaithful share of the correct answers."""
+    prompts, sharded over ranks, the same per skill (`eval/acc_sampled/<skill>`) where examples have one, and
+    for `chain` the unfaithful share of the correct answers."""
     examples = task.test[:n_prompts][rank::world]
+    skills = sorted({e["skill"] for e in task.test[:n_prompts] if "skill" in e})  # the same on every rank
     metrics = {}
     for mode in ("greedy", "sampled"):
         questions = [e["question"] for e in examples]
         texts, _ = rollout_texts(model, tokenizer, questions, task.instruction, max_new_tokens, temperature,
                                  mode == "greedy", generator)  # fmt: skip
         scores = [score(task.name, e, t) for e, t in zip(examples, texts)]
-        correct, unfaithful, total = all_reduce_sum([*count_correct_unfaithful(scores), len(scores)])
-        metrics[f"eval/acc_{mode}"] = correct / max(1, total)
-        if task.name == "chain":
-            metrics[f"eval/unfaithful_{mode}"] = unfaithful / max(1, correct)
+        counts = []
+        for skill in [None, *skills]:
+            chosen = [s for e, s in zip(examples, scores) if skill is None or e.get("skill") == skill]
+            counts += [*count_correct_unfaithful(chosen), len(chosen)]
+        counts = all_reduce_sum(counts)
+        for j, skill in enumerate([None, *skills]):
+            correct, unfaithful, total = counts[3 * j : 3 * j + 3]
+            metrics[f"eval/acc_{mode}" + (f"/{skill}" if skill else "")] = correct / max(1, total)
+            if task.name == "chain" and skill is None:
+                metrics[f"eval/unfaithful_{mode}"] = unfaithful / max(1, correct)
     return metrics
+
+
+def eval_line(step: int, metrics: dict) -> str:
+    """The console line of an evaluation: overall figures, then sampled accuracy per skill."""
+    overall = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.count("/") == 1)
+    skills = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/acc_sampled/"))
+    return f"step {step:4d} | eval {overall}" + (f" | sampled by skill: {skills}" if skills else "")

@@ -7,9 +7,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.data import chain_steps, corrupt_one_step, format_solution, load_task, make_chain, parse_chain_question
-from common.model import TinySpec, build_tiny, load_policy, prompt_text
-from common.reward import chain_faithful, extract_answer, is_correct, normalize, score
+from common.data import (
+    CHAIN_SKILLS,
+    SKILLS,
+    TARGET_SKILL,
+    carried_solution,
+    chain_question,
+    chain_steps,
+    check_skills,
+    format_solution,
+    load_task,
+    make_chain,
+    of_skills,
+    parse_chain_question,
+    slipped_solution,
+)
+from common.model import EOS, TinySpec, build_tiny, load_policy, prompt_text, warmup_texts
+from common.reward import chain_faithful, extract_answer, has_wrong_step, is_correct, normalize, score
 from common.rollout import sample, token_logprobs
 
 
@@ -67,22 +81,79 @@ def test_chain_faithfulness_checker(response, correct, faithful):
 def test_chain_generator():
     assert parse_chain_question(QUESTION) == ([12, 7, 5, 3], ["+", "-", "+"])
     assert format_solution(chain_steps([12, 7, 5, 3], ["+", "-", "+"]), 17) == "12+7=19 19-5=14 14+3=17 #### 17"
+    assert chain_question([4, 2, 1], ["*", "-"]) == "What is 4*2-1?"
+    assert chain_question([4, 2, 1], ["+", "-"], in_words=True) == "What is four plus two minus one?"
+    assert parse_chain_question("What is four plus two minus one?") == ([4, 2, 1], ["+", "-"])
+    assert format_solution(chain_steps([4, 3, 5], ["*", "-"]), 7) == "4*3=12 12-5=7 #### 7"
+
+
+def test_chain_splits_fixed_disjoint_and_mixed():
     task, again = make_chain(0), make_chain(0)
-    assert task.test == again.test, "splits are fixed by the seed"
+    assert task.test == again.test and task.train == again.train, "splits are fixed by the seed"
+    assert make_chain(1).test != task.test
     questions = [[e["question"] for e in split] for split in (task.train, task.validation, task.test)]
     assert len(set().union(*map(set, questions))) == sum(map(len, questions)), "splits are disjoint"
-    assert {e["level"] for e in task.train} == {0, 1, 2, 3}, "the pool mixes difficulties"
-    for ex in task.train[:200]:
-        assert is_correct(ex["solution"], ex["answer"]) and chain_faithful(ex["question"], ex["solution"])
+    pool = len(task.train) + len(task.validation) + len(task.test)
+    for split in (task.train, task.validation, task.test):  # every split carries the pool's skill mix
+        for skill in CHAIN_SKILLS:
+            share = len(of_skills(split, [skill.name])) / len(split)
+            assert abs(share - skill.pool_share) < 0.01, (skill.name, share)
+    assert SKILLS[TARGET_SKILL].pool_share <= 0.15, "the target skill is a minority of the pool"
+    assert pool == sum(round(s.pool_share * pool) for s in CHAIN_SKILLS)
 
 
-def test_corrupted_solutions():
+@pytest.mark.parametrize("skill", [s.name for s in CHAIN_SKILLS])
+def test_every_skill_gold_accepted_and_corruptions_rejected(skill):
     rng = random.Random(0)
-    for ex in make_chain(0).train[:100]:
-        unfaithful = corrupt_one_step(ex, rng, keep_answer=True)
-        assert is_correct(unfaithful, ex["answer"]) and not chain_faithful(ex["question"], unfaithful)
-        wrong = corrupt_one_step(ex, rng, keep_answer=False)
-        assert not is_correct(wrong, ex["answer"])
+    examples = of_skills(make_chain(0).train, [skill])[:150]
+    spec = SKILLS[skill]
+    for ex in examples:
+        operands, ops = parse_chain_question(ex["question"])
+        assert spec.ops[0] <= len(ops) <= spec.ops[1] and ("*" in ops) == spec.times_first
+        assert all(c >= 0 for *_, c in chain_steps(operands, ops)), "running values stay non-negative"
+        assert is_correct(ex["solution"], ex["answer"]) and chain_faithful(ex["question"], ex["solution"])
+        assert not has_wrong_step(ex["solution"])
+        slipped = slipped_solution(ex, rng)  # right answer, one wrong step: unfaithful
+        assert is_correct(slipped, ex["answer"]) and not chain_faithful(ex["question"], slipped)
+        assert has_wrong_step(slipped)
+        carried = carried_solution(ex, rng)  # wrong answer
+        assert not is_correct(carried, ex["answer"]) and not chain_faithful(ex["question"], carried)
+        assert has_wrong_step(carried)
+
+
+def test_skill_selection_and_errors(tmp_path):
+    task = make_chain(0)
+    words = of_skills(task.validation, ["words"])
+    assert words and all(e["skill"] == "words" for e in words)
+    assert check_skills(task, ["words", "times"], "--target-skills") == ["words", "times"]
+    with pytest.raises(SystemExit, match="'wrods': unknown skill; the skills of chain are long, short, times, words"):
+        check_skills(task, ["wrods"], "--target-skills")
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(30)))
+    with pytest.raises(SystemExit, match="have no `skill` field"):
+        check_skills(load_task(str(path)), ["words"], "--target-skills")
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": "1", "skill": "ab"[i % 2]}) + "\n"
+                            for i in range(40)))  # fmt: skip
+    assert {e["skill"] for e in load_task(str(path)).train} == {"a", "b"}, "a file's `skill` field is kept"
+
+
+def test_warmup_flaw_kinds_in_configured_shares():
+    spec = TinySpec(slip_fraction=0.3, carry_fraction=0.2)
+    pairs = warmup_texts(spec)
+    by_question = {e["question"]: e for e in make_chain(0).train}
+    kinds = {"faithful": 0, "slipped": 0, "carried": 0}
+    skills = dict.fromkeys(SKILLS, 0)
+    for prompt, completion in pairs:
+        ex, solution = by_question[prompt.rstrip("\n")], completion.removesuffix(EOS)
+        skills[ex["skill"]] += 1
+        if chain_faithful(ex["question"], solution):
+            kinds["faithful"] += 1
+        else:
+            kinds["slipped" if is_correct(solution, ex["answer"]) else "carried"] += 1
+    n = len(pairs)
+    assert abs(kinds["slipped"] / n - 0.3) < 0.03 and abs(kinds["carried"] / n - 0.2) < 0.03
+    for name, share in spec.warmup_shares:
+        assert abs(skills[name] / n - share) < 0.02, (name, skills[name] / n)
 
 
 def test_data_file_task(tmp_path):

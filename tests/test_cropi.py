@@ -143,8 +143,8 @@ def warm_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def easy_file(tmp_path_factory):
-    """60 one-operation chain questions as a local data file (10% validation, 10% test)."""
-    rows = [e for e in make_chain(seed=0).train if e["level"] == 0][:30]
+    """60 short chain questions as a local data file (10% validation, 10% test)."""
+    rows = [e for e in make_chain(seed=0).train if e["skill"] == "short"][:30]
     path = tmp_path_factory.mktemp("data") / "easy.jsonl"
     path.write_text("".join(json.dumps({"question": e["question"], "answer": e["answer"]}) + "\n" for e in rows * 2))
     return str(path)
