@@ -121,7 +121,8 @@ class Args:
     min_keep: int = 1
     """stop training, without a step, when fewer episodes than this score positive (over all ranks)"""
     val_size: int = 100
-    """gold (question, solution) pairs drawn afresh from the validation split each iteration for g_val"""
+    """gold (question, faithful solution) pairs drawn afresh each iteration for g_val from the validation split,
+    which carries every skill of the pool in its share"""
     grad_params: str = ""
     """regular expression on parameter names: the gradient coordinates scored; empty = all actor parameters"""
     influence_batch: int = 64

@@ -28,9 +28,9 @@ class Skill:
 # The skills of the `chain` pool. `words` is the weak target skill: rare in the pool and rarer still in
 # the tiny model's warm-up, so the base model has barely met it (see `TinySpec.warmup_shares`).
 CHAIN_SKILLS = (
-    Skill("short", (2, 3), 6, 0.22),
-    Skill("long", (4, 5), 6, 0.26),
-    Skill("times", (2, 3), 6, 0.38, times_first=True),
+    Skill("short", (2, 3), 6, 0.25),
+    Skill("long", (4, 5), 6, 0.28),
+    Skill("times", (2, 3), 6, 0.33, times_first=True),
     Skill("words", (1, 3), 5, 0.14, in_words=True),
 )
 SKILLS = {s.name: s for s in CHAIN_SKILLS}
@@ -152,6 +152,24 @@ def carried_solution(example: dict, rng: random.Random) -> str:
     a, op, b, c = steps[i]
     wrong = wrong_result(c, rng)
     steps = steps[:i] + [(a, op, b, wrong)] + chain_steps([wrong] + operands[i + 2 :], ops[i + 1 :])
+    return format_solution(steps, steps[-1][3])
+
+
+def misread_solution(example: dict, rng: random.Random) -> str:
+    """A wrong solution from a misread question: one step's right operand is not the question's, and every
+    step is computed correctly from what was written, so the chain is consistent but ends in a wrong answer."""
+    operands, ops = parse_chain_question(example["question"])
+    j = rng.randrange(1, len(operands))
+    low = 2 if ops[j - 1] == "*" else 1
+    operands = operands[:j] + [rng.choice([x for x in range(low, operands[j] + 3) if x != operands[j]])] + operands[j + 1 :]
+    steps = chain_steps(operands, ops)
+    return format_solution(steps, steps[-1][3])
+
+
+def plus_for_times_solution(example: dict) -> str:
+    """A wrong solution from a misconception: the opening a*b is read as a+b, the rest computed correctly."""
+    operands, ops = parse_chain_question(example["question"])
+    steps = chain_steps(operands, ["+", *ops[1:]])
     return format_solution(steps, steps[-1][3])
 
 

@@ -19,7 +19,15 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
-from common.data import SKILLS, carried_solution, fail, make_chain, slipped_solution
+from common.data import (
+    SKILLS,
+    carried_solution,
+    fail,
+    make_chain,
+    misread_solution,
+    plus_for_times_solution,
+    slipped_solution,
+)
 
 EOS = "<|endoftext|>"
 
@@ -40,6 +48,8 @@ class TinySpec:
     warmup_shares: tuple = (("short", 0.34), ("long", 0.38), ("times", 0.24), ("words", 0.04))
     slip_fraction: float = 0.3  # one wrong step result, the chain goes on from the true value: right answer
     carry_fraction: float = 0.1  # one wrong step result carried through to a wrong answer
+    misread_fraction: float = 0.0  # one operand misread, every step consistent with it: a wrong answer
+    plus_for_times: float = 0.0  # share of `times` solutions that read the opening a*b as a+b (a misconception)
     seed: int = 0
     recipe: int = 6  # bump when the warm-up data or training code changes, so old caches are not reused
 
@@ -101,10 +111,14 @@ def warmup_texts(spec: TinySpec):
     for name in rng.choices(names, weights=shares, k=len(train)):
         ex = rng.choice(by_skill[name])
         u = rng.random()
-        if u < spec.slip_fraction:
+        if ex["skill"] == "times" and rng.random() < spec.plus_for_times:
+            solution = plus_for_times_solution(ex)
+        elif u < spec.slip_fraction:
             solution = slipped_solution(ex, rng)
         elif u < spec.slip_fraction + spec.carry_fraction:
             solution = carried_solution(ex, rng)
+        elif u < spec.slip_fraction + spec.carry_fraction + spec.misread_fraction:
+            solution = misread_solution(ex, rng)
         else:
             solution = ex["solution"]
         pairs.append((ex["question"] + "\n", solution + EOS))

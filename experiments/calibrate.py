@@ -65,13 +65,15 @@ def main(args: Args):
     ratio = lambda a, b: a / b if b else float("nan")
     print(f"model {args.model} | chain test split, {len(examples)} prompts | {args.samples} samples per prompt"
           f" at T={args.temperature}\n")  # fmt: skip
-    header = f"{'skill':8} {'prompts':>7} {'greedy':>7} {'sampled':>8} {'unfaithful|correct':>19} {'P(correct|flawed)':>18}"
+    header = (f"{'skill':8} {'prompts':>7} {'greedy':>7} {'sampled':>8} {'unfaithful|correct':>19} {'flawed':>7}"
+              f" {'P(correct|flawed)':>18}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for key in [*SKILLS, "all"]:
         g, s = greedy[key], sampled[key]
         print(f"{key:8} {g['n']:7d} {ratio(g['correct'], g['n']):7.3f} {ratio(s['correct'], s['n']):8.3f}"
-              f" {ratio(s['unfaithful'], s['correct']):19.3f} {ratio(s['flawed_correct'], s['flawed']):18.3f}")  # fmt: skip
+              f" {ratio(s['unfaithful'], s['correct']):19.3f} {ratio(s['flawed'], s['n']):7.3f}"
+              f" {ratio(s['flawed_correct'], s['flawed']):18.3f}")  # fmt: skip
     s = sampled["all"]
     print(f"\nflawed chains: {s['flawed']} of {s['n']} sampled responses ({ratio(s['flawed'], s['n']):.3f});"
           f" done in {time.time() - start:.0f}s")  # fmt: skip

@@ -18,6 +18,7 @@ from common.data import (
     format_solution,
     load_task,
     make_chain,
+    misread_solution,
     of_skills,
     parse_chain_question,
     slipped_solution,
@@ -119,6 +120,9 @@ def test_every_skill_gold_accepted_and_corruptions_rejected(skill):
         carried = carried_solution(ex, rng)  # wrong answer
         assert not is_correct(carried, ex["answer"]) and not chain_faithful(ex["question"], carried)
         assert has_wrong_step(carried)
+        misread = misread_solution(ex, rng)  # wrong answer, every step consistent with the misread operand
+        assert not is_correct(misread, ex["answer"]) and not chain_faithful(ex["question"], misread)
+        assert not has_wrong_step(misread)
 
 
 def test_skill_selection_and_errors(tmp_path):
@@ -138,20 +142,23 @@ def test_skill_selection_and_errors(tmp_path):
 
 
 def test_warmup_flaw_kinds_in_configured_shares():
-    spec = TinySpec(slip_fraction=0.3, carry_fraction=0.2)
+    spec = TinySpec(slip_fraction=0.3, carry_fraction=0.2, misread_fraction=0.1)
     pairs = warmup_texts(spec)
     by_question = {e["question"]: e for e in make_chain(0).train}
-    kinds = {"faithful": 0, "slipped": 0, "carried": 0}
+    kinds = {"faithful": 0, "slipped": 0, "carried": 0, "misread": 0}
     skills = dict.fromkeys(SKILLS, 0)
     for prompt, completion in pairs:
         ex, solution = by_question[prompt.rstrip("\n")], completion.removesuffix(EOS)
         skills[ex["skill"]] += 1
         if chain_faithful(ex["question"], solution):
             kinds["faithful"] += 1
+        elif is_correct(solution, ex["answer"]):
+            kinds["slipped"] += 1
         else:
-            kinds["slipped" if is_correct(solution, ex["answer"]) else "carried"] += 1
+            kinds["carried" if has_wrong_step(solution) else "misread"] += 1
     n = len(pairs)
-    assert abs(kinds["slipped"] / n - 0.3) < 0.03 and abs(kinds["carried"] / n - 0.2) < 0.03
+    for kind, share in (("slipped", 0.3), ("carried", 0.2), ("misread", 0.1)):
+        assert abs(kinds[kind] / n - share) < 0.03, (kind, kinds[kind] / n)
     for name, share in spec.warmup_shares:
         assert abs(skills[name] / n - share) < 0.02, (name, skills[name] / n)
 

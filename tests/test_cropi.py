@@ -8,7 +8,7 @@ import torch
 from conftest import RANDOM_SPEC, metric_rows, run_command
 
 import cropi
-from common.data import make_chain
+from common.data import make_chain, of_skills
 from common.model import matching_parameters
 
 
@@ -120,6 +120,25 @@ def test_pass_rate_selection_prefers_half_solved():
 def test_bad_settings_are_refused(kw, message):
     with pytest.raises(SystemExit, match=message):
         cropi.check_args(cropi.Args(**kw), world=1)
+
+
+def test_target_defaults_to_the_weak_skill_and_bad_targets_are_refused():
+    task = make_chain(seed=0)
+    skills = cropi.target_skills(task, cropi.Args())
+    assert skills == ["words"]
+    (words,) = cropi.validation_sets(task, skills, world=1)
+    assert words and {e["skill"] for e in words} == {"words"}
+    two = cropi.validation_sets(task, cropi.target_skills(task, cropi.Args(target_skills=("words", "times"))), 1)
+    assert [{e["skill"] for e in v} for v in two] == [{"words"}, {"times"}]  # one set each, fused by RRF
+    with pytest.raises(SystemExit, match="'word': unknown skill; the skills of chain are long, short, times, words"):
+        cropi.target_skills(task, cropi.Args(target_skills=("word",)))
+    few = type(task)(**{**task.__dict__, "validation": of_skills(task.validation, ["words"])[:5]})
+    with pytest.raises(SystemExit, match="--target-skills words: only 5 validation prompts of that skill"):
+        cropi.validation_sets(few, ["words"], world=1)
+    plain = type(task)("file.jsonl", task.train, [{"question": "q", "answer": "1"}] * 20, task.test)
+    assert cropi.validation_sets(plain, cropi.target_skills(plain, cropi.Args()), 1) == [plain.validation]
+    with pytest.raises(SystemExit, match="have no `skill` field"):
+        cropi.target_skills(plain, cropi.Args(target_skills=("words",)))
 
 
 # ---- end to end -----------------------------------------------------------------------------------------
