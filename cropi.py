@@ -38,9 +38,9 @@ from common.run import (
 )
 from common.session import eval_line, evaluate, open_session, prompt_ids
 from kernels.projection import project, triton_usable
+from pods import group_advantages, grpo_update  # the GRPO step itself is the same as PODS's with m = n
 
 MIN_TARGET_PROMPTS = 8  # fewest validation prompts a target skill may have (its gradient is their mean)
-from pods import group_advantages, grpo_update  # the GRPO step itself is the same as PODS's with m = n
 
 
 @dataclass
@@ -414,6 +414,10 @@ def main(args: Args):
             stage_metrics |= {"time/score": seconds, "select/count": len(selected), "stage": stage,
                               "select/seen_before": seen_before, "select/distinct_so_far": len(seen),
                               **pass_rate_histogram(pool_rewards, selected)}  # fmt: skip
+            if skills:  # does the selection find the target skills? (their share of the pool is the chance level)
+                picked = of_skills([pool[i] for i in selected.tolist()], skills)
+                stage_metrics |= {"select/target_share": len(picked) / max(1, len(selected)),
+                                  "select/target_share_pool": len(of_skills(pool, skills)) / len(pool)}  # fmt: skip
             logger.log(step, stage_metrics)
             shown = " ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in stage_metrics.items() if "/" in k)
             logger.print(f"stage {stage} | selected {len(selected)} prompts in {seconds:.1f}s | {shown}")

@@ -28,9 +28,9 @@ class Skill:
 # The skills of the `chain` pool. `words` is the weak target skill: rare in the pool and rarer still in
 # the tiny model's warm-up, so the base model has barely met it (see `TinySpec.warmup_shares`).
 CHAIN_SKILLS = (
-    Skill("short", (2, 3), 6, 0.25),
-    Skill("long", (4, 5), 6, 0.28),
-    Skill("times", (2, 3), 6, 0.33, times_first=True),
+    Skill("short", (2, 3), 6, 0.30),
+    Skill("long", (4, 5), 6, 0.36),
+    Skill("times", (2, 3), 6, 0.20, times_first=True),
     Skill("words", (1, 3), 5, 0.14, in_words=True),
 )
 SKILLS = {s.name: s for s in CHAIN_SKILLS}
@@ -161,7 +161,8 @@ def misread_solution(example: dict, rng: random.Random) -> str:
     operands, ops = parse_chain_question(example["question"])
     j = rng.randrange(1, len(operands))
     low = 2 if ops[j - 1] == "*" else 1
-    operands = operands[:j] + [rng.choice([x for x in range(low, operands[j] + 3) if x != operands[j]])] + operands[j + 1 :]
+    misread = rng.choice([x for x in range(low, operands[j] + 3) if x != operands[j]])
+    operands = operands[:j] + [misread] + operands[j + 1 :]
     steps = chain_steps(operands, ops)
     return format_solution(steps, steps[-1][3])
 

@@ -1,10 +1,14 @@
 """Load a policy and its tokenizer (hub id or local folder), format prompts, and build the `tiny` model.
 
 `tiny` is a small Qwen2-architecture causal LM with a byte-level BPE tokenizer, both made here, then
-warmed up with a short supervised run on `chain` solutions. The warm-up data are deliberately
-imperfect: a fraction of solutions carry one wrong step that is not carried forward (right answer,
-unfaithful reasoning) and a fraction carry one wrong step that is (wrong answer). So the base model
-starts well below its ceiling, shows unfaithful reasoning, and RL has something to improve.
+warmed up with a short supervised run on `chain` solutions from a deliberately flawed teacher:
+- it meets the skills in other shares than the pool has them (the target skill `words` barely at all);
+- most of its flawed solutions *slip*: one step's written result is wrong but the chain goes on from the
+  true value, so the answer is right and only the steps are unfaithful (the outcome reward cannot see it);
+- a few carry a wrong result to a wrong answer, some misread an operand, and over half of its `times`
+  solutions read the opening a*b as a+b, a misconception the outcome reward does see and can correct.
+So the base model starts well below its ceiling, greedy decoding included, differs widely by skill, and
+writes unfaithful chains that still earn full reward.
 """
 
 import hashlib
@@ -40,16 +44,16 @@ class TinySpec:
     hidden_size: int = 64
     layers: int = 4
     heads: int = 4
-    sft_steps: int = 700
+    sft_steps: int = 1200
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    # Share of each skill in the warm-up data: the target skill `words` is nearly absent, so the base model
-    # is weak on it but not blind to it; `times` is under-represented, so it is harder than its pool share.
-    warmup_shares: tuple = (("short", 0.34), ("long", 0.38), ("times", 0.24), ("words", 0.04))
-    slip_fraction: float = 0.3  # one wrong step result, the chain goes on from the true value: right answer
-    carry_fraction: float = 0.1  # one wrong step result carried through to a wrong answer
-    misread_fraction: float = 0.0  # one operand misread, every step consistent with it: a wrong answer
-    plus_for_times: float = 0.0  # share of `times` solutions that read the opening a*b as a+b (a misconception)
+    # Share of each skill in the warm-up data: the target skill `words` is nearly absent (1.5%), so the base
+    # model is weak on it but not blind to it; `times` is under-represented and often misread (below).
+    warmup_shares: tuple = (("short", 0.33), ("long", 0.45), ("times", 0.205), ("words", 0.015))
+    slip_fraction: float = 0.7  # one wrong step result, the chain goes on from the true value: right answer
+    carry_fraction: float = 0.02  # one wrong step result carried through to a wrong answer
+    misread_fraction: float = 0.15  # one operand misread, every step consistent with it: a wrong answer
+    plus_for_times: float = 0.55  # share of `times` solutions that read the opening a*b as a+b (a misconception)
     seed: int = 0
     recipe: int = 6  # bump when the warm-up data or training code changes, so old caches are not reused
 

@@ -21,6 +21,7 @@ from common.data import (
     misread_solution,
     of_skills,
     parse_chain_question,
+    plus_for_times_solution,
     slipped_solution,
 )
 from common.model import EOS, TinySpec, build_tiny, load_policy, prompt_text, warmup_texts
@@ -133,7 +134,8 @@ def test_skill_selection_and_errors(tmp_path):
     with pytest.raises(SystemExit, match="'wrods': unknown skill; the skills of chain are long, short, times, words"):
         check_skills(task, ["wrods"], "--target-skills")
     path = tmp_path / "plain.jsonl"
-    path.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(30)))
+    rows = [{"question": f"What is {i}+1?", "answer": str(i + 1)} for i in range(30)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(SystemExit, match="have no `skill` field"):
         check_skills(load_task(str(path)), ["words"], "--target-skills")
     path.write_text("".join(json.dumps({"question": f"q{i}", "answer": "1", "skill": "ab"[i % 2]}) + "\n"
@@ -142,7 +144,7 @@ def test_skill_selection_and_errors(tmp_path):
 
 
 def test_warmup_flaw_kinds_in_configured_shares():
-    spec = TinySpec(slip_fraction=0.3, carry_fraction=0.2, misread_fraction=0.1)
+    spec = TinySpec(slip_fraction=0.3, carry_fraction=0.2, misread_fraction=0.1, plus_for_times=0.0)
     pairs = warmup_texts(spec)
     by_question = {e["question"]: e for e in make_chain(0).train}
     kinds = {"faithful": 0, "slipped": 0, "carried": 0, "misread": 0}
@@ -161,6 +163,19 @@ def test_warmup_flaw_kinds_in_configured_shares():
         assert abs(kinds[kind] / n - share) < 0.03, (kind, kinds[kind] / n)
     for name, share in spec.warmup_shares:
         assert abs(skills[name] / n - share) < 0.02, (name, skills[name] / n)
+
+
+def test_plus_for_times_misconception_share():
+    skill, make = "times", plus_for_times_solution
+    spec = TinySpec(plus_for_times=0.4, slip_fraction=0.0, carry_fraction=0.0, misread_fraction=0.0)
+    by_question = {e["question"]: e for e in make_chain(0).train}
+    pairs = [(by_question[p.rstrip("\n")], c.removesuffix(EOS)) for p, c in warmup_texts(spec)]
+    own = [(e, c) for e, c in pairs if e["skill"] == skill]
+    wrong = [c for e, c in own if c == make(e)]
+    assert abs(len(wrong) / len(own) - 0.4) < 0.04
+    assert all(e["solution"] == c for e, c in pairs if e["skill"] != skill), "other skills are untouched"
+    assert all(not has_wrong_step(c) for c in wrong), "a consistent chain: the error is in the reading, not a step"
+    assert plus_for_times_solution({"question": "What is 3*4-2?"}) == "3+4=7 7-2=5 #### 5"
 
 
 def test_data_file_task(tmp_path):
