@@ -268,9 +268,10 @@ def make_file_task(path: str, question_field: str, answer_field: str, solution_f
 def load_task(
     name: str, seed: int = 0, question_field="question", answer_field="answer", solution_field="solution"
 ) -> Task:
-    """`chain`, `gsm8k`, or the path of a .json/.jsonl/.parquet file."""
-    if name == "chain":
-        return make_chain(seed)
+    """`chain` (one fixed split, whatever the seed), `gsm8k`, or the path of a .json/.jsonl/.parquet file (split
+    by the seed)."""
+    if name == "chain":  # one fixed world for every run seed: the tiny model's warm-up used this train split
+        return make_chain()
     if name == "gsm8k":
         return make_gsm8k(seed)
     if name.endswith(FILE_EXTENSIONS):

@@ -56,3 +56,18 @@ def metric_rows(run_dir, key=None):
     """The rows of a run folder's metrics.jsonl: all of them, or those holding `key`."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [row for row in map(json.loads, f) if key is None or key in row]
+
+
+def check_per_skill_eval(row, n_prompts):
+    """An evaluation row on `chain` holds accuracy per skill of the first `n_prompts` test prompts, and the
+    overall accuracy is their prompt-weighted mean."""
+    from collections import Counter
+
+    from common.data import make_chain
+
+    counts = Counter(e["skill"] for e in make_chain().test[:n_prompts])
+    for mode in ("greedy", "sampled"):
+        per_skill = {k.split("/")[-1]: v for k, v in row.items() if k.startswith(f"eval/acc_{mode}/")}
+        assert set(per_skill) == set(counts), (mode, per_skill, counts)
+        weighted = sum(per_skill[s] * c for s, c in counts.items()) / n_prompts
+        assert abs(weighted - row[f"eval/acc_{mode}"]) < 1e-9

@@ -104,6 +104,13 @@ def test_chain_splits_fixed_disjoint_and_mixed():
     assert pool == sum(round(s.pool_share * pool) for s in CHAIN_SKILLS)
 
 
+def test_warmup_never_sees_a_held_out_question():
+    task = load_task("chain", seed=1)
+    assert task.test == load_task("chain", seed=7).test == make_chain(0).test, "one world for every run seed"
+    held_out = {e["question"] for e in task.validation + task.test}
+    assert not held_out & {p.rstrip("\n") for p, _ in warmup_texts(TinySpec())}
+
+
 @pytest.mark.parametrize("skill", [s.name for s in CHAIN_SKILLS])
 def test_every_skill_gold_accepted_and_corruptions_rejected(skill):
     rng = random.Random(0)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, metric_rows, run_command
+from conftest import ROOT, check_per_skill_eval, metric_rows, run_command
 
 import dppo
 from common.model import load_policy
@@ -46,6 +46,7 @@ def test_smoke_run_each_trust_region(trust_region, random_model_dir, tmp_path):
         assert key in rows[0]
     if trust_region == "none":
         assert all(r["dppo/masked_frac"] == 0 for r in rows)
+        check_per_skill_eval(metric_rows(tmp_path / "r", "eval/acc_sampled")[0], 4)
     load_policy(str(tmp_path / "r" / "checkpoints" / "step_000002"))  # loadable with transformers
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, metric_rows, run_command
+from conftest import ROOT, check_per_skill_eval, metric_rows, run_command
 
 import ippo
 from common.model import load_policy, matching_parameters
@@ -414,6 +414,7 @@ def test_smoke_run(mode, random_model_dir, tmp_path):
     train = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in train] == [1, 2]
     assert {"eval/acc_sampled", "eval/unfaithful_sampled", "eval/acc_greedy"} <= set(rows[0])
+    check_per_skill_eval(rows[0], 4)
     expected = {"train/unfaithful", "loss/policy", "loss/value", "ppo/clip_frac", "value/mean", "kl/ref",
                 "time/generate", "time/advantage", "time/update", "throughput/gen_tokens_per_s",
                 "throughput/update_tokens_per_s"}  # fmt: skip

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import metric_rows, run_command
+from conftest import check_per_skill_eval, metric_rows, run_command
 
 import pods
 from common.model import load_policy
@@ -40,6 +40,7 @@ def test_smoke_run_checkpoint_and_resume(random_model_dir, tmp_path):
                 "time/update", "throughput/gen_tokens_per_s", "throughput/update_tokens_per_s"):  # fmt: skip
         assert key in train[0]
     assert {"eval/acc_greedy", "eval/acc_sampled", "eval/unfaithful_greedy"} <= set(rows[0])
+    check_per_skill_eval(rows[0], 6)
     assert (run_dir / "args.json").exists() and (run_dir / "samples.jsonl").exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
     model, _ = load_policy(str(run_dir / "checkpoints" / "step_000002"))  # loadable with transformers
