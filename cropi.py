@@ -393,7 +393,7 @@ def main(args: Args):
                               args.temperature, rank, world, step_gen(step, 60 + rank))  # fmt: skip
             metrics |= {k.replace("eval/", "eval_target/"): v for k, v in target.items() if k.count("/") == 1}
         logger.log(step, {**metrics, "time/train_elapsed": train_time})
-        target = " ".join(f"{k[13:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval_target/"))
+        target = " ".join(f"{k[12:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval_target/"))
         logger.print(eval_line(step, metrics) + (f" | target {target}" if target else ""))
 
     if start == 0:

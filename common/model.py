@@ -106,9 +106,10 @@ def random_model(tokenizer, spec: TinySpec = TinySpec()):
 
 def warmup_texts(spec: TinySpec):
     """(prompt, completion) pairs from the chain train split, drawn by the spec's skill shares, with its
-    shares of flawed solutions: slipped (unfaithful, right answer) and carried (wrong answer)."""
+    shares of flawed solutions: slipped (unfaithful, right answer), carried and misread (wrong answers),
+    and for `times` the plus-for-times misconception."""
     rng = random.Random(spec.seed)
-    train = make_chain(seed=0).train
+    train = make_chain().train
     by_skill = {name: [e for e in train if e["skill"] == name] for name in SKILLS}
     names, shares = zip(*spec.warmup_shares)
     pairs = []

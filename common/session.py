@@ -112,6 +112,6 @@ def evaluate(model, tokenizer, task, n_prompts, max_new_tokens, temperature, ran
 
 def eval_line(step: int, metrics: dict) -> str:
     """The console line of an evaluation: overall figures, then sampled accuracy per skill."""
-    overall = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.count("/") == 1)
+    overall = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1)
     skills = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/acc_sampled/"))
     return f"step {step:4d} | eval {overall}" + (f" | sampled by skill: {skills}" if skills else "")

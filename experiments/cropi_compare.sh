@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CROPI against GRPO on the full pool and on a random 10% per stage: the defaults (6 stages x 16 steps,
-# validation target = the hardest chain level), seeds 1 to 3, the same GRPO steps; then the summary.
+# validation target = the weak target skill `words`), seeds 1 to 3, the same GRPO steps; then the summary.
 # SELECTIONS="cropi" bash experiments/cropi_compare.sh re-runs only some selections.
 set -euo pipefail
 for seed in 1 2 3; do

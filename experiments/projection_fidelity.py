@@ -1,7 +1,7 @@
 """How well do projected cosines rank prompts? precision@10% against exact full-gradient cosines.
 
 On the tiny model: POPI gradients of pool prompts (those with a non-zero gradient, up to --prompts) and
-the validation target (the hardest chain level), exact cosines from the full gradients, then projected
+the validation target (the target skill's validation prompts), exact cosines from the full gradients, then projected
 cosines for every p and k. Precision@10% = share of the exact top 10% that the projected top 10% finds.
 
     PYTHONPATH=. python experiments/projection_fidelity.py [--prompts 600]
@@ -13,7 +13,7 @@ import time
 import torch
 
 import cropi
-from common.data import load_task
+from common.data import TARGET_SKILL, load_task, of_skills
 from common.model import load_policy, matching_parameters, resolve_model
 from kernels.projection import project
 
@@ -31,8 +31,8 @@ def main(argv):
     gen = torch.Generator().manual_seed(0)
     pool = cropi.collect_store(model, tokenizer, task, task.train[: 2 * n_prompts], args.pool_responses, args, gen)
     pool = [g for g in pool if g["rewards"].max() > g["rewards"].min()][:n_prompts]
-    hard = [e for e in task.validation if e["level"] == 3]
-    val = cropi.collect_store(model, tokenizer, task, hard, args.val_responses, args, gen)
+    target = of_skills(task.validation, [TARGET_SKILL])
+    val = cropi.collect_store(model, tokenizer, task, target, args.val_responses, args, gen)
     params = matching_parameters(model, "")
     G = torch.cat([cropi.popi_gradients(model, pool[s : s + 64], params, args)[0] for s in range(0, len(pool), 64)])
     val_grads = cropi.popi_gradients(model, val, params, args)[0]
