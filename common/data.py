@@ -135,12 +135,14 @@ def wrong_result(c: int, rng: random.Random) -> int:
 
 
 def slipped_solution(example: dict, rng: random.Random) -> str:
-    """An *unfaithful* solution: one step's written result is wrong, but the chain goes on from the true
-    value, so every other step and the `####` answer are right. The outcome reward cannot see the slip."""
+    """An *unfaithful* solution from a habit: one step's result is written one too high (the first two-digit
+    result if there is one, else a random step), but the chain goes on from the true value, so every other
+    step and the `####` answer are right. The outcome reward cannot see the slip."""
     steps = chain_steps(*parse_chain_question(example["question"]))
-    i = rng.randrange(len(steps))
+    two_digit = [k for k, step in enumerate(steps) if step[3] >= 10]
+    i = two_digit[0] if two_digit else rng.randrange(len(steps))
     a, op, b, c = steps[i]
-    steps[i] = (a, op, b, wrong_result(c, rng))
+    steps[i] = (a, op, b, c + 1)
     return format_solution(steps, example["answer"])
 
 

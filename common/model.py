@@ -3,8 +3,9 @@
 `tiny` is a small Qwen2-architecture causal LM with a byte-level BPE tokenizer, both made here, then
 warmed up with a short supervised run on `chain` solutions from a deliberately flawed teacher:
 - it meets the skills in other shares than the pool has them (the target skill `words` barely at all);
-- most of its flawed solutions *slip*: one step's written result is wrong but the chain goes on from the
-  true value, so the answer is right and only the steps are unfaithful (the outcome reward cannot see it);
+- most of its solutions *slip* out of habit: one step's result is written one too high but the chain goes
+  on from the true value, so the answer is right and only the steps are unfaithful (the outcome reward
+  cannot see it);
 - a few carry a wrong result to a wrong answer, some misread an operand, and over half of its `times`
   solutions read the opening a*b as a+b, a misconception the outcome reward does see and can correct.
 So the base model starts well below its ceiling, greedy decoding included, differs widely by skill, and
@@ -50,12 +51,12 @@ class TinySpec:
     # Share of each skill in the warm-up data: the target skill `words` is nearly absent (1.5%), so the base
     # model is weak on it but not blind to it; `times` is under-represented and often misread (below).
     warmup_shares: tuple = (("short", 0.33), ("long", 0.45), ("times", 0.205), ("words", 0.015))
-    slip_fraction: float = 0.7  # one wrong step result, the chain goes on from the true value: right answer
+    slip_fraction: float = 0.7  # one step result written one too high, the chain goes on from the true value
     carry_fraction: float = 0.02  # one wrong step result carried through to a wrong answer
-    misread_fraction: float = 0.15  # one operand misread, every step consistent with it: a wrong answer
+    misread_fraction: float = 0.2  # one operand misread, every step consistent with it: a wrong answer
     plus_for_times: float = 0.55  # share of `times` solutions that read the opening a*b as a+b (a misconception)
     seed: int = 0
-    recipe: int = 6  # bump when the warm-up data or training code changes, so old caches are not reused
+    recipe: int = 7  # bump when the warm-up data or training code changes, so old caches are not reused
 
 
 def cache_root() -> str:
