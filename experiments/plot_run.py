@@ -1,6 +1,6 @@
 """Held-out accuracy of one run against its steps: overall (sampled and greedy) and sampled per skill.
 
-    python experiments/plot_run.py runs/pods__s1__... docs/pods_default.png
+    python experiments/plot_run.py runs/pods__s1__... docs/pods_default.png ["python pods.py, seed 1"]
 """
 
 import json
@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(run_dir: str, out: str):
+def main(run_dir: str, out: str, title: str = ""):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         evals = [row for row in map(json.loads, f) if "eval/acc_sampled" in row]
     steps = [row["step"] for row in evals]
@@ -22,7 +22,8 @@ def main(run_dir: str, out: str):
     ax.plot(steps, [r["eval/acc_greedy"] for r in evals], "k--", lw=1.5, label="all skills, greedy")
     for key in sorted(k for k in evals[0] if k.startswith("eval/acc_sampled/")):
         ax.plot(steps, [r[key] for r in evals], lw=1, marker=".", label=key.split("/")[-1] + ", sampled")
-    ax.set(xlabel="optimizer step", ylabel="held-out accuracy", ylim=(0, 1.02), title=os.path.basename(run_dir))
+    ax.set(xlabel="optimizer step", ylabel="held-out accuracy", ylim=(0, 1.02))
+    ax.set_title(title or os.path.basename(run_dir))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", ncol=2)
     fig.tight_layout()
@@ -31,4 +32,4 @@ def main(run_dir: str, out: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
