@@ -162,8 +162,9 @@ def warm_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def easy_file(tmp_path_factory):
-    """60 short chain questions as a local data file (10% validation, 10% test)."""
-    rows = [e for e in make_chain(seed=0).train if e["skill"] == "short"][:30]
+    """60 one-operation questions (30 distinct) as a local data file (10% validation, 10% test): short enough
+    to be answered within the smoke runs' 16 new tokens."""
+    rows = [{"question": f"What is {a}+{b}?", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 6)]
     path = tmp_path_factory.mktemp("data") / "easy.jsonl"
     path.write_text("".join(json.dumps({"question": e["question"], "answer": e["answer"]}) + "\n" for e in rows * 2))
     return str(path)

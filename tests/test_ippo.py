@@ -196,7 +196,7 @@ def test_score_is_the_first_order_change_of_the_validation_loss(policy):
     params = dict(model.named_parameters())
     before = validation_loss(model, gold)
     for i in range(len(RESPONSES)):
-        eta = 1e-3 / sum((grads[k][i] ** 2).sum() for k in names).sqrt().item()  # a step of length 1e-3
+        eta = 1e-4 / sum((grads[k][i] ** 2).sum() for k in names).sqrt().item()  # a step of length 1e-4 (fp64)
         with torch.no_grad():
             for k in names:
                 params[k] -= eta * grads[k][i]

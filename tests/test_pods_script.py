@@ -97,7 +97,7 @@ def test_only_kept_sequences_are_trained_and_parameters_change(random_model_dir,
         (dict(task="chian"), "--task 'chian': unknown task"),
         (dict(model="./missing/model"), "--model ./missing/model: no such folder"),
         (dict(beta=-0.1), "--beta -0.1"),
-        (dict(eval_prompts=500), "--eval-prompts 500: the test split of chain has only 200 prompts"),
+        (dict(eval_prompts=500), "--eval-prompts 500: the test split of chain has only 300 prompts"),
     ],
 )
 def test_bad_input(random_model_dir, tmp_path, overrides, message):
