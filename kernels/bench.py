@@ -95,7 +95,7 @@ def timed_once(fn):
 
 
 def bench_projection(copy_gbs: float, full_reference: bool):
-    """The issue's case: B = 8 fp32 vectors of n = 1e8 coordinates, k = 8192. At p = 1 all 1e8 are kept
+    """The benchmark case: B = 8 fp32 vectors of n = 1e8 coordinates, k = 8192. At p = 1 all 1e8 are kept
     (the 1e8 kept coordinates of the target); p = 0.1 keeps 1e7 of the same input, and costs the kernel
     nearly as much (it masks dropped coordinates but still hashes R for all n), the reference 10x less."""
     B, n, k = 8, 10**8, 8192

@@ -1,4 +1,4 @@
-"""CROPI: POPI gradient, selection rules, and cropi.py end to end (specs/cropi.md, tests 3 and 5)."""
+"""CROPI: POPI gradient, selection rules, and cropi.py end to end."""
 
 import json
 import sys

@@ -1,4 +1,4 @@
-"""I-PPO: the PPO math, the influence scores, and ippo.py end to end (specs/ippo.md, tests 1-7)."""
+"""I-PPO: the PPO math, the influence scores, and ippo.py end to end."""
 
 import copy
 import os

@@ -1,4 +1,4 @@
-"""PODS selection and GRPO math against brute force and hand computation (specs/pods.md, tests 1-9)."""
+"""PODS selection and GRPO math against brute force and hand computation."""
 
 import itertools
 

@@ -1,5 +1,5 @@
-"""Sparse random projection (kernels/projection.py) against its mathematical promises (specs/cropi.md,
-tests 1 and 2): error spread, linearity, one map whatever the chunking, seeds, 64-bit offsets, unbiased."""
+"""Sparse random projection (kernels/projection.py) against its mathematical promises: error spread,
+linearity, one map whatever the chunking, seeds, 64-bit offsets, unbiased."""
 
 import math
 

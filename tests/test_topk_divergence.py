@@ -1,4 +1,4 @@
-"""Top-K divergence reference against exact divergences and hand facts (specs/dppo.md, test 2)."""
+"""Top-K divergence reference against exact divergences and hand facts."""
 
 import pytest
 import torch

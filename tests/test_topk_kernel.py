@@ -1,4 +1,4 @@
-"""Triton Top-K divergence kernel against the PyTorch reference (specs/dppo.md, test 7).
+"""Triton Top-K divergence kernel against the PyTorch reference.
 
 On a CPU the kernel runs under TRITON_INTERPRET=1 (set by conftest) with small shapes; on a GPU the
 same cases run natively, plus the real vocabulary size V = 151936.
