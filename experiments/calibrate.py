@@ -1,9 +1,9 @@
 """What the base model can and cannot do on the `chain` test split, skill by skill.
 
 Greedy accuracy, sampled accuracy (`--samples` draws per prompt at `--temperature`), the unfaithful share
-among correct sampled answers (right `####` answer, some step wrong), and P(correct | flawed chain): of
-the sampled responses whose steps are not the faithful chain, the share that still ends in the right
-answer. Where that share is high, the outcome reward cannot tell a flawed chain from a faithful one.
+among correct sampled answers (right `####` answer, steps not the question's faithful chain), and
+P(correct | flawed chain): of the sampled responses with an arithmetically wrong written step, the share
+that still ends in the right answer. Where that share is high, the outcome reward cannot see step errors.
 
     python -m experiments.calibrate                 # the built-in tiny model (built on first use)
     python -m experiments.calibrate --model runs/pods__s1__.../checkpoints/step_000200
@@ -38,12 +38,12 @@ def tally(examples, texts) -> dict:
     counts = {}
     for e, text in zip(examples, texts):
         _, correct, faithful = score("chain", e, text)
+        flawed = has_wrong_step(text)
         for key in ("all", e["skill"]):
             c = counts.setdefault(key, dict(n=0, correct=0, unfaithful=0, flawed=0, flawed_correct=0))
             c["n"] += 1
             c["correct"] += correct
             c["unfaithful"] += correct and not faithful
-            flawed = has_wrong_step(text)
             c["flawed"] += flawed
             c["flawed_correct"] += correct and flawed
     return counts

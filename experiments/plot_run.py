@@ -3,19 +3,18 @@
     python experiments/plot_run.py runs/pods__s1__... docs/pods_default.png ["python pods.py, seed 1"]
 """
 
-import json
 import os
 import sys
 
 import matplotlib
+from run_metrics import load
 
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(run_dir: str, out: str, title: str = ""):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        evals = [row for row in map(json.loads, f) if "eval/acc_sampled" in row]
+    _, evals = load(run_dir)
     steps = [row["step"] for row in evals]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["eval/acc_sampled"] for r in evals], "k-", lw=2.5, label="all skills, sampled")
