@@ -1,4 +1,4 @@
-"""CROPI: Curriculum RL with Off-Policy Influence guidance, on top of GRPO.
+"""CROPI: Curriculum RL with Off-Policy Influence guidance, on top of GRPO (read it as `diff grpo.py cropi.py`).
 
 Training runs in stages. At the start of each stage every pool prompt is scored by how well its
 policy gradient aligns with a validation target's gradient, and GRPO trains on the best 10% only.
@@ -15,30 +15,37 @@ Paper: E. Zhu, D. Jiang, et al., "Data-Efficient RLVR via Off-Policy Influence G
 
 import os
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import tyro
 
-from common.data import TARGET_SKILL, check_skills, fail, of_skills
+from common.data import TARGET_SKILL, check_skills, of_skills
 from common.model import load_policy, matching_parameters
-from common.reward import count_correct_unfaithful, score
+from common.reward import score
 from common.rollout import Rollout, sample, token_logprobs
 from common.run import (
-    RunLogger,
-    Timer,
-    all_reduce_mean,
     all_reduce_sum,
+    average_gradients,
     check_flags,
+    fail,
     gather_strided,
-    is_main,
-    load_trainer_state,
-    save_checkpoint,
+    seeded_generator,
+    world_size,
 )
-from common.session import eval_line, evaluate, open_session, prompt_ids
+from common.session import (
+    TrainingLoop,
+    draw_prompts,
+    evaluate,
+    open_session,
+    prompt_ids,
+    rollout_metrics,
+    score_groups,
+    shown_value,
+)
 from kernels.projection import project, triton_usable
-from pods import group_advantages, grpo_update  # the GRPO step itself is the same as PODS's with m = n
 
 MIN_TARGET_PROMPTS = 8  # fewest validation prompts a target skill may have (its gradient is their mean)
 
@@ -63,7 +70,7 @@ class Args:
     output_dir: str = "runs"
     """run folders go here"""
     run_name: str | None = None
-    """run folder name (default: cropi__s<seed>__<time>)"""
+    """run folder name (default: <script>__s<seed>__<time>)"""
     resume: str | None = None
     """a run folder to continue from its latest checkpoint (the offline store is reused)"""
     max_time: float = 0.0
@@ -76,13 +83,42 @@ class Args:
     """held-out test prompts per evaluation"""
     save_every: int = 0
     """steps between checkpoints; 0 saves only at the end"""
+    # ---- GRPO on the selected prompts ----
+    batch_prompts: int = 16
+    """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
+    n: int = 8
+    """rollouts per prompt (a group)"""
+    minibatches: int = 1
+    """optimizer steps per rollout batch: the batch is shuffled and split into this many mini-batches"""
+    micro_batch: int = 0
+    """sequences per forward/backward inside a mini-batch (gradient accumulation); 0 = the whole mini-batch"""
+    temperature: float = 1.0
+    """sampling temperature (training log-probs use the same temperature)"""
+    max_new_tokens: int = 0
+    """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
+    lr: float = 2e-4
+    """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clipping"""
+    eps_low: float = 0.2
+    """clip of the ratio pi/pi_old below 1 - eps_low (where A < 0)"""
+    eps_high: float = 0.2
+    """clip of the ratio above 1 + eps_high (where A > 0); 0.28 is DAPO's clip-higher"""
+    beta: float = 0.0
+    """KL penalty coefficient (k3 estimator) against the initial policy; 0 turns it off"""
+    scale_rewards: bool = True
+    """divide each group's centred rewards by their std (GRPO); --no-scale-rewards: mean-centring only"""
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """loss aggregation: token-mean per sequence then mean over sequences (GRPO), mean over all tokens (DAPO),
+    or per sequence sum / max-new-tokens then mean (Dr. GRPO)"""
     # ---- the curriculum and the selection ----
     selection: Literal["cropi", "full", "random", "pass-rate"] = "cropi"
     """how each stage's prompts are chosen: influence (CROPI), all of the pool, random, or learnability p(1-p)"""
     stages: int = 6
     """curriculum stages; every stage re-scores the whole pool with the current policy"""
     steps_per_stage: int = 16
-    """GRPO steps per stage (16 x 16 prompts is one pass over 10% of the chain pool)"""
+    """GRPO steps per stage (one rollout batch and --minibatches optimizer steps each); 16 x 16 prompts is
+    about one pass over 10% of the chain pool"""
     select_ratio: float = 0.1
     """rho: share of the pool selected per stage"""
     pool_responses: int = 8
@@ -112,45 +148,124 @@ class Args:
     """prompts whose gradients are projected together (memory: score_batch x parameters, fp32)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """projection: the Triton kernel on CUDA (auto), or force the PyTorch reference or the kernel"""
-    # ---- GRPO on the selected prompts ----
-    batch_prompts: int = 16
-    """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
-    n: int = 8
-    """rollouts per prompt (a group)"""
-    temperature: float = 1.0
-    """sampling temperature of GRPO training (training log-probs use the same temperature)"""
-    max_new_tokens: int = 0
-    """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
-    lr: float = 2e-4
-    """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
-    max_grad_norm: float = 1.0
-    """gradient-norm clipping"""
-    beta: float = 0.0
-    """KL penalty coefficient (k3) against the initial policy in the GRPO loss; 0 turns it off"""
-    aggregation: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
-    """GRPO loss aggregation"""
-    micro_batch: int = 0
-    """sequences per forward/backward in the GRPO update; 0 = all at once"""
 
 
 def check_args(args: Args, world: int):
     """Reject bad settings with a one-line error naming the flag."""
-    if not 0 < args.select_ratio <= 1:
-        fail(f"--select-ratio {args.select_ratio}: must be in (0, 1]")
-    if not 0 < args.proj_ratio <= 1:
-        fail(f"--proj-ratio {args.proj_ratio}: must be in (0, 1]")
-    positive = ("stages", "steps_per_stage", "proj_dim", "batch_prompts", "eval_every", "log_every", "eval_prompts",
-                "lr", "max_grad_norm", "temperature", "store_temperature", "val_prompts", "score_batch")  # fmt: skip
-    check_flags(args, positive, ("max_time", "save_every", "micro_batch", "max_new_tokens", "beta", "popi_clip"))
-    for flag in ("n", "pool_responses", "val_responses"):
+    if args.n < 2:
+        fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
+    check_flags(args, positive=("batch_prompts", "minibatches", "stages", "steps_per_stage", "eval_every", "log_every",
+                                "eval_prompts", "temperature", "lr", "max_grad_norm", "eps_low", "eps_high",
+                                "store_temperature", "proj_dim", "val_prompts", "score_batch"),
+                non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
+                              "popi_clip"))  # fmt: skip
+    for flag in ("pool_responses", "val_responses"):
         if getattr(args, flag) < 2:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: need at least 2 responses for a group advantage")
+    for flag in ("select_ratio", "proj_ratio"):
+        if not 0 < getattr(args, flag) <= 1:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be in (0, 1]")
     if args.batch_prompts % world:
         fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
+    rows = args.batch_prompts // world * args.n
+    if rows % args.minibatches:
+        fail(f"--minibatches {args.minibatches} does not divide the {rows} sequences per rank (batch-prompts x n)")
+    if args.micro_batch and (rows // args.minibatches) % args.micro_batch:
+        fail(f"--micro-batch {args.micro_batch} does not divide the {rows // args.minibatches}-sequence mini-batch")
     try:
         re.compile(args.grad_params)
     except re.error as e:
         fail(f"--grad-params {args.grad_params!r}: not a regular expression ({e})")
+
+
+# ---- advantages: each completion against its own group ---------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group g (a row of rewards [B, n]), unbiased std;
+    without `scale`, A_i = r_i - mean_g r (Dr. GRPO)."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
+
+
+# ---- the loss --------------------------------------------------------------------------------------------
+
+
+def clipped_surrogate(logp, logp_old, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token, as a loss [N, L]: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
+    r = pi(y_t) / pi_old(y_t). Also where the clip binds (there the token's gradient is 0)."""
+    ratio = torch.exp(logp - logp_old)
+    A = advantages[:, None]
+    unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
+    return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
+
+
+def kl_k3(logp, ref_logp) -> torch.Tensor:
+    """KL(pi || pi_ref) per token, the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased)."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
+
+
+def loss_normaliser(completion_mask, aggregation: str) -> float:
+    """What a mini-batch's summed loss is divided by, so that averaging gradients over ranks (and adding up
+    micro-batches) gives the global value: sequences per rank (every rank holds the same number), or for
+    `token-mean` the global token count / ranks."""
+    if aggregation == "token-mean":
+        return all_reduce_sum([completion_mask.sum().item()])[0] / world_size()
+    return completion_mask.shape[0]
+
+
+def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normaliser: float) -> torch.Tensor:
+    """Token losses [N, L] -> the scalar loss of a micro-batch. Padding contributes nothing."""
+    per_token = per_token * completion_mask
+    if aggregation == "seq-mean-token-mean":  # every sequence weighs the same, whatever its length
+        return (per_token.sum(1) / completion_mask.sum(1).clamp(min=1)).sum() / normaliser
+    if aggregation == "seq-mean-token-sum-norm":  # a fixed horizon instead of the length: no length bias
+        return per_token.sum() / horizon / normaliser
+    return per_token.sum() / normaliser  # token-mean: every token weighs the same
+
+
+# ---- one rollout batch: --minibatches optimizer steps ------------------------------------------------------
+
+
+def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+    """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
+    sampled the batch, whose log-probs the sampler recorded (rollout.logprobs): with one mini-batch the ratio
+    is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
+    model.train()
+    order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
+    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss"), 0.0)
+    grad_norms = []
+    for minibatch in order.chunk(args.minibatches):
+        normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
+        optimizer.zero_grad()
+        for part_rows in minibatch.split(args.micro_batch or len(minibatch)):
+            part, A = rollout.select(part_rows), advantages[part_rows]
+            valid = part.completion_mask.float()
+            logp = token_logprobs(model, part, args.temperature)
+            per_token, clipped = clipped_surrogate(logp, part.logprobs, A, args.eps_low, args.eps_high)
+            kl = torch.zeros_like(logp)
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(ref_model, part, args.temperature)
+                kl = kl_k3(logp, ref_logp)
+            loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
+            loss.backward()
+            for key, value in (("tokens", valid), ("clipped", clipped * valid), ("kl", kl.detach() * valid)):
+                sums[key] += value.sum().item()
+            sums["loss"] += loss.item()
+        average_gradients(model)
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+        optimizer.step()
+    model.eval()
+    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
+    return {
+        "loss/policy": s["loss"] / world_size() / args.minibatches,
+        "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
+        "policy/kl_ref": s["kl"] / max(1.0, s["tokens"]),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "train/update_tokens": s["tokens"] / world_size(),
+    }
 
 
 # ---- the offline store: K responses per prompt from the initial policy, collected once --------------------
@@ -321,7 +436,7 @@ def select_prompts(model, pool_store, val_stores, pool_rewards, params, args, st
     if args.selection == "full":
         return torch.arange(N), {}
     if args.selection == "random":
-        generator = torch.Generator().manual_seed(args.seed * 9973 + stage)
+        generator = seeded_generator(args.seed, "random-selection", stage)
         return torch.randperm(N, generator=generator)[:n_select].sort().values, {}
     if args.selection == "pass-rate":
         return pass_rate_selection(pool_rewards, n_select), {}
@@ -336,15 +451,48 @@ def select_prompts(model, pool_store, val_stores, pool_rewards, params, args, st
     return selected, metrics
 
 
+def offline_store(model, tokenizer, task, val_sets, args, loop) -> tuple[list, list]:
+    """This rank's strided shard of the pool's and of every validation set's stored responses: collected once
+    per run (not counted as training time), saved in the run folder, and read back on --resume."""
+    rank, world = loop.session.rank, loop.session.world
+    store_file = os.path.join(loop.session.run_dir, f"store_rank{rank}_of_{world}.pt")
+    if os.path.exists(store_file):
+        return torch.load(store_file, weights_only=False)
+    start, generator = time.perf_counter(), loop.generator("store")
+    pool_store = collect_store(model, tokenizer, task, shard(task.train, rank, world), args.pool_responses, args,
+                               generator)  # fmt: skip
+    val_stores = [collect_store(model, tokenizer, task, shard(v, rank, world), args.val_responses, args, generator)
+                  for v in val_sets]  # fmt: skip
+    os.makedirs(loop.session.run_dir, exist_ok=True)  # every rank writes its shard; rank 0 may not have made it yet
+    torch.save((pool_store, val_stores), store_file)
+    seconds = time.perf_counter() - start
+    loop.log(0, {"time/store": seconds})
+    loop.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"
+               f" at T={args.store_temperature} in {seconds:.0f}s -> {store_file}")  # fmt: skip
+    return pool_store, val_stores
+
+
+def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict:
+    """What a stage selected: how many, how many were selected before (curriculum or repetition?), their stored
+    pass rates, and the target skills' share of the selection against their share of the pool."""
+    metrics = {"select/count": len(selected), "select/seen_before": len(seen & set(selected)) / max(1, len(selected))}
+    seen |= set(selected)
+    metrics |= {"select/distinct_so_far": len(seen), **pass_rate_histogram(pool_rewards, torch.tensor(selected))}
+    if skills:  # the target's share of the pool is the chance level
+        picked = of_skills([pool[i] for i in selected], skills)
+        metrics |= {"select/target_share": len(picked) / max(1, len(selected)),
+                    "select/target_share_pool": len(of_skills(pool, skills)) / len(pool)}  # fmt: skip
+    return metrics
+
+
 # ---- training loop ---------------------------------------------------------------------------------------
 
 
 def main(args: Args):
     session = open_session(args, "cropi", check_args)
-    rank, world, device, task = session.rank, session.world, session.device, session.task
-    run_dir, model_path, checkpoint = session.run_dir, session.model_path, session.checkpoint
-    model, tokenizer = session.model, session.tokenizer
-    pool, steps = task.train, args.stages * args.steps_per_stage
+    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
+    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
+    n, rank, world, pool = args.n, session.rank, session.world, task.train
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
     skills = target_skills(task, args)
@@ -352,124 +500,53 @@ def main(args: Args):
     if args.kernels == "triton" and not triton_usable(device):
         fail("--kernels triton: the Triton projection needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     params = matching_parameters(model, args.grad_params)
-    ref_model = load_policy(model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    state = load_trainer_state(checkpoint, optimizer) if checkpoint else {"step": 0, "train_time": 0.0}
-    start, train_time, selected = state["step"], state["train_time"], state.get("selected")
-    logger = RunLogger(run_dir, args, steps, start)
-    logger.print(
-        f"run folder {run_dir} | model {model_path} | task {task.name} (pool {len(pool)} prompts)"
-        f" | selection {args.selection}, {args.stages} stages x {args.steps_per_stage} steps"
-        f" | {len(val_sets)} validation set(s) | {world} process(es) on {device}"
-    )
-    step_gen = lambda step, stream: torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 101 + stream)
-    timer = Timer()
+    target_task = replace(task, test=of_skills(task.test, skills))
 
-    # The offline store: each rank's strided shard of the pool and of every validation set, once per run.
-    store_file = os.path.join(run_dir, f"store_rank{rank}_of_{world}.pt")
-    if os.path.exists(store_file):
-        pool_store, val_stores = torch.load(store_file, weights_only=False)
-    else:
-        with timer("store"):
-            gen = step_gen(10**6, rank)
-            pool_store = collect_store(model, tokenizer, task, shard(pool, rank, world), args.pool_responses, args, gen)
-            val_stores = [collect_store(model, tokenizer, task, shard(v, rank, world), args.val_responses, args, gen)
-                          for v in val_sets]  # fmt: skip
-        os.makedirs(run_dir, exist_ok=True)  # every rank writes its shard; rank 0 may not have made the folder yet
-        torch.save((pool_store, val_stores), store_file)
-        seconds = timer.pop()["store"]
-        logger.log(0, {"time/store": seconds})
-        logger.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"
-                     f" at T={args.store_temperature} in {seconds:.0f}s -> {store_file}")  # fmt: skip
-    local_rewards = torch.stack([g["rewards"] for g in pool_store])
-    pool_rewards = gather_strided(local_rewards.to(device), len(pool)).cpu()
-    target_task = type(task)(**{**task.__dict__, "test": of_skills(task.test, skills)})
+    def evaluate_target(step) -> dict:  # accuracy on the test prompts of the target skills
+        if not skills:
+            return {}
+        metrics = evaluate(model, tokenizer, target_task, len(target_task.test), args.max_new_tokens, args.temperature,
+                           rank, world, loop.generator("eval-target", step))  # fmt: skip
+        return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
-    def log_eval(step):
-        metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
-                           world, step_gen(step, 50 + rank))  # fmt: skip
-        if skills:  # accuracy on the test prompts of the target skills
-            target = evaluate(model, tokenizer, target_task, len(target_task.test), args.max_new_tokens,
-                              args.temperature, rank, world, step_gen(step, 60 + rank))  # fmt: skip
-            metrics |= {k.replace("eval/", "eval_target/"): v for k, v in target.items() if k.count("/") == 1}
-        logger.log(step, {**metrics, "time/train_elapsed": train_time})
-        target = " ".join(f"{k[12:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval_target/"))
-        logger.print(eval_line(step, metrics) + (f" | target {target}" if target else ""))
-
-    if start == 0:
-        log_eval(0)
-    B, n = args.batch_prompts // world, args.n
-    seen = set(state.get("seen", []))  # pool prompts selected at some stage so far
-    for step in range(start, steps):
+    loop = TrainingLoop(session, args, optimizer, args.stages * args.steps_per_stage, evaluate_more=evaluate_target,
+                        save_state=lambda: {"selected": selected, "seen": sorted(seen)})  # fmt: skip
+    loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
+               f" | selection {args.selection}, {args.stages} stages x {args.steps_per_stage} steps"
+               f" | {len(val_sets)} validation set(s)")  # fmt: skip
+    pool_store, val_stores = offline_store(model, tokenizer, task, val_sets, args, loop)
+    pool_rewards = gather_strided(torch.stack([g["rewards"] for g in pool_store]).to(device), len(pool)).cpu()
+    selected, seen = loop.state.get("selected"), set(loop.state.get("seen", []))  # seen: selected at some stage
+    for step in loop.steps():
         stage = step // args.steps_per_stage
-        # 1. At a stage start: score the whole pool with the current policy and select (the curriculum).
+        # 0. At a stage start: score the whole pool with the current policy and select (the curriculum).
         if step % args.steps_per_stage == 0 or selected is None:
-            with timer("score"):
-                selected, stage_metrics = select_prompts(model, pool_store, val_stores, pool_rewards, params, args,
-                                                         stage, rank, world)  # fmt: skip
-            seconds = timer.pop()["score"]
-            train_time += all_reduce_mean({"t": seconds})["t"]
-            seen_before = len(seen & set(selected.tolist())) / max(1, len(selected))  # curriculum or repetition?
-            seen |= set(selected.tolist())
-            stage_metrics |= {"time/score": seconds, "select/count": len(selected), "stage": stage,
-                              "select/seen_before": seen_before, "select/distinct_so_far": len(seen),
-                              **pass_rate_histogram(pool_rewards, selected)}  # fmt: skip
-            if skills:  # does the selection find the target skills? (their share of the pool is the chance level)
-                picked = of_skills([pool[i] for i in selected.tolist()], skills)
-                stage_metrics |= {"select/target_share": len(picked) / max(1, len(selected)),
-                                  "select/target_share_pool": len(of_skills(pool, skills)) / len(pool)}  # fmt: skip
-            logger.log(step, stage_metrics)
-            shown = " ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in stage_metrics.items() if "/" in k)
-            logger.print(f"stage {stage} | selected {len(selected)} prompts in {seconds:.1f}s | {shown}")
-            selected = selected.tolist() if torch.is_tensor(selected) else selected
-        # 2. A GRPO step on B prompts drawn from the selected set (the same draw on every rank).
-        draw_gen = torch.Generator().manual_seed(args.seed * 7919 + step)
-        order = torch.randperm(len(selected), generator=draw_gen)
-        picks = order[torch.arange(args.batch_prompts) % len(selected)]  # wraps when fewer than B are selected
-        examples = [pool[selected[i]] for i in picks[rank * B : (rank + 1) * B].tolist()]
-        prompts = prompt_ids(tokenizer, [e["question"] for e in examples], task.instruction)
-        with timer("generate"):
-            group_prompts = [p for p in prompts for _ in range(n)]
+            with loop.timer("score"):
+                chosen, scoring = select_prompts(model, pool_store, val_stores, pool_rewards, params, args, stage,
+                                                 rank, world)  # fmt: skip
+            selected = chosen.tolist()
+            metrics = {"stage": stage, **scoring, **stage_metrics(pool, pool_rewards, selected, seen, skills)}
+            loop.log(step, metrics)
+            loop.print(f"stage {stage} | scored in {loop.timer.totals['score']:.1f}s | "
+                       + " ".join(f"{k.split('/')[1]} {shown_value(v)}" for k, v in metrics.items() if "/" in k))
+        # 1. B prompts drawn from the selection (the same draw on every rank), n rollouts each, scored.
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world,
+                                         pool=[pool[i] for i in selected])  # fmt: skip
+        with loop.timer("generate"):
+            group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=step_gen(step, 1 + rank))  # fmt: skip
-        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        scores = [score(task.name, examples[i // n], t) for i, t in enumerate(texts)]
-        rewards = torch.tensor([s[0] for s in scores]).view(B, n)
-        with timer("update"):
-            advantages = group_advantages(rewards).flatten().to(device)
-            stats = grpo_update(model, ref_model, optimizer, rollout, advantages, args)
-        times = timer.pop()
-        train_time += sum(times.values())
-        correct, unfaithful = count_correct_unfaithful(scores)
-        metrics = all_reduce_mean({
-            "reward/mean": rewards.mean().item(),
-            "frac_zero_std": (rewards.max(1).values == rewards.min(1).values).float().mean().item(),
-            **({"train/unfaithful": unfaithful / max(1, correct)} if task.name == "chain" else {}),
-            **stats,
-            **{f"time/{k}": v for k, v in times.items()},
-        })  # fmt: skip
-        train_time = all_reduce_mean({"t": train_time})["t"]
-        metrics |= {"time/train_elapsed": train_time, "stage": stage}
-        logger.log(step + 1, metrics)
-        logger.progress(stage=stage, reward=metrics["reward/mean"])
-        if (step + 1) % args.log_every == 0:
-            logger.print(f"step {step + 1:4d} | stage {stage} | reward {metrics['reward/mean']:.3f}"
-                         f" | gen {metrics['time/generate']:.2f}s upd {metrics['time/update']:.2f}s")  # fmt: skip
-            logger.samples(step + 1, [{"question": examples[0]["question"], "completion": t, "reward": s[0]}
-                                      for t, s in zip(texts[:4], scores[:4])])  # fmt: skip
-        out_of_time = args.max_time and train_time >= args.max_time
-        last = step + 1 == steps or out_of_time
-        if (step + 1) % args.eval_every == 0 or last:
-            log_eval(step + 1)
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            trainer_state = {"train_time": train_time, "selected": selected, "seen": sorted(seen)}
-            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, trainer_state)
-        if out_of_time:
-            logger.print(f"stopping: --max-time {args.max_time:.0f}s of training reached at step {step + 1}")
-            break
-    logger.close()
-    if is_main():
-        print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, checkpoints in {run_dir}/checkpoints")
+                             tokenizer.pad_token_id, generator=loop.generator("sample", step))  # fmt: skip
+        scored = score_groups(task, tokenizer, examples, rollout, n)
+        # 2. Group-relative advantages: each completion against the other completions of its prompt.
+        advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
+        # 3. Clipped-surrogate steps on the whole batch.
+        with loop.timer("update"):
+            stats = grpo_update(model, ref_model, optimizer, rollout, advantages, args, loop.generator("shuffle", step))
+        metrics = {**rollout_metrics(task, scored, rollout), **stats, "stage": stage}
+        shown = {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"], "stage": stage}
+        loop.end_step(step, metrics, shown, scored)
 
 
 if __name__ == "__main__":

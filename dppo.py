@@ -16,7 +16,6 @@ Reinforcement Learning", arXiv 2602.04879.
 """
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,23 +23,10 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common.data import fail
-from common.reward import count_correct_unfaithful, score
+from common.model import load_policy
 from common.rollout import Rollout, sample, token_logprobs
-from common.run import (
-    RunLogger,
-    Timer,
-    all_reduce_max,
-    all_reduce_mean,
-    all_reduce_sum,
-    average_gradients,
-    check_flags,
-    is_main,
-    load_trainer_state,
-    save_checkpoint,
-    world_size,
-)
-from common.session import draw_prompts, eval_line, evaluate, open_session
+from common.run import all_reduce_max, all_reduce_sum, average_gradients, check_flags, fail, world_size
+from common.session import TrainingLoop, draw_prompts, open_session, peak_memory_gb, rollout_metrics, score_groups
 from kernels.topk_divergence import topk_divergence, triton_usable
 
 TRUST_REGIONS = ("binary-tv", "binary-kl", "topk-tv", "topk-kl", "ratio", "none")
@@ -67,7 +53,7 @@ class Args:
     output_dir: str = "runs"
     """run folders go here"""
     run_name: str | None = None
-    """run folder name (default: dppo__s<seed>__<time>)"""
+    """run folder name (default: <script>__s<seed>__<time>)"""
     resume: str | None = None
     """a run folder to continue from its latest checkpoint"""
     steps: int = 150
@@ -83,22 +69,6 @@ class Args:
     save_every: int = 0
     """steps between checkpoints; 0 saves only at the end"""
     # ---- the algorithm ----
-    trust_region: Literal["binary-tv", "binary-kl", "topk-tv", "topk-kl", "ratio", "none"] = "binary-tv"
-    """what masks an update: a divergence (tv/kl, binary/topk), PPO ratio clipping (`ratio`), or nothing (`none`)"""
-    delta_low: float | None = None
-    """divergence threshold for tokens with A < 0 (default 0.15 for TV, 0.05 for KL)"""
-    delta_high: float | None = None
-    """divergence threshold for tokens with A > 0 (default 0.15 for TV, 0.05 for KL)"""
-    eps_low: float = 0.2
-    """`ratio` only: clip when r < 1 - eps_low and A < 0"""
-    eps_high: float = 0.28
-    """`ratio` only: clip when r > 1 + eps_high and A > 0 (0.28 is DAPO's clip-higher)"""
-    top_k: int = 20
-    """K: behaviour top-K recorded at sampling time for the topk-* trust regions"""
-    is_cap: float = math.inf
-    """C: the importance weight min(pi/mu, C) in the loss; infinity (default) means no truncation"""
-    aggregation: Literal["seq-mean-token-sum-norm", "token-mean"] = "seq-mean-token-sum-norm"
-    """per sequence sum of token losses / max-new-tokens, mean over sequences (paper); or mean over all tokens"""
     batch_prompts: int = 16
     """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
     n: int = 8
@@ -109,16 +79,38 @@ class Args:
     """sequences per forward/backward inside a mini-batch (gradient accumulation); 0 = the whole mini-batch"""
     temperature: float = 1.0
     """the trainer's temperature: pi = softmax(logits / temperature); also the sampler's unless overridden"""
-    sampler_temperature: float = 0.0
-    """mismatch injection: the sampler draws (and records mu) at this temperature while the trainer keeps
-    --temperature, so pi != mu before any update, as with an inference engine whose numerics differ from the
-    trainer's; 0 (default) = --temperature, no mismatch"""
     max_new_tokens: int = 0
     """completion length limit, also the fixed horizon of the aggregation; 0 picks 48 for `chain`, 512 otherwise"""
     lr: float = 5e-5
     """AdamW learning rate (constant; tuned for `tiny`, which collapses at 2e-4); use about 1e-6 for a 0.5B model"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
+    eps_low: float = 0.2
+    """`ratio` only: clip when r < 1 - eps_low and A < 0"""
+    eps_high: float = 0.28
+    """`ratio` only: clip when r > 1 + eps_high and A > 0 (0.28 is DAPO's clip-higher)"""
+    beta: float = 0.0
+    """KL penalty coefficient (k3 estimator) against the initial policy; 0 turns it off"""
+    scale_rewards: bool = False
+    """divide each group's centred rewards by their std (GRPO); the paper's default is mean-centring only"""
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-sum-norm"
+    """loss aggregation: token-mean per sequence then mean over sequences (GRPO), mean over all tokens (DAPO),
+    or per sequence sum / max-new-tokens then mean (Dr. GRPO; the paper's)"""
+    # ---- the trust region ----
+    trust_region: Literal["binary-tv", "binary-kl", "topk-tv", "topk-kl", "ratio", "none"] = "binary-tv"
+    """what masks an update: a divergence (tv/kl, binary/topk), PPO ratio clipping (`ratio`), or nothing (`none`)"""
+    delta_low: float | None = None
+    """divergence threshold for tokens with A < 0 (default 0.15 for TV, 0.05 for KL)"""
+    delta_high: float | None = None
+    """divergence threshold for tokens with A > 0 (default 0.15 for TV, 0.05 for KL)"""
+    top_k: int = 20
+    """K: behaviour top-K recorded at sampling time for the topk-* trust regions"""
+    is_cap: float = math.inf
+    """C: the importance weight min(pi/mu, C) in the loss; infinity (default) means no truncation"""
+    sampler_temperature: float = 0.0
+    """mismatch injection: the sampler draws (and records mu) at this temperature while the trainer keeps
+    --temperature, so pi != mu before any update, as with an inference engine whose numerics differ from the
+    trainer's; 0 (default) = --temperature, no mismatch"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """Top-K divergence implementation: `auto` = the Triton kernel on CUDA and the PyTorch reference elsewhere"""
 
@@ -136,20 +128,20 @@ def thresholds(args: Args) -> tuple[float, float]:
 
 def check_args(args: Args, world: int):
     """Reject bad settings with a one-line error naming the flag."""
+    if args.n < 2:
+        fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
+    check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",
+                                "temperature", "lr", "max_grad_norm", "eps_low", "eps_high", "is_cap"),
+                non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
+                              "sampler_temperature"))  # fmt: skip
     if args.trust_region not in TRUST_REGIONS:
         fail(f"--trust-region {args.trust_region!r}: expected one of {', '.join(TRUST_REGIONS)}")
-    positive = ("temperature", "batch_prompts", "n", "minibatches", "steps", "eval_every", "log_every",
-                "eval_prompts", "lr", "max_grad_norm", "eps_low", "eps_high", "is_cap")  # fmt: skip
-    non_negative = ("max_time", "save_every", "micro_batch", "max_new_tokens", "sampler_temperature")
-    check_flags(args, positive, non_negative)
     for flag in ("delta_low", "delta_high"):
         value = getattr(args, flag)
         if value is not None and not value > 0:
             fail(f"--{flag.replace('_', '-')} {value}: must be positive")
     if args.trust_region.startswith("topk") and args.top_k < 1:
         fail(f"--top-k {args.top_k}: a top-K trust region needs K >= 1")
-    if args.n < 2:
-        fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
     if args.batch_prompts % world:
         fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
     rows = args.batch_prompts // world * args.n
@@ -157,6 +149,16 @@ def check_args(args: Args, world: int):
         fail(f"--minibatches {args.minibatches} does not divide the {rows} sequences per rank (batch-prompts x n)")
     if args.micro_batch and (rows // args.minibatches) % args.micro_batch:
         fail(f"--micro-batch {args.micro_batch} does not divide the {rows // args.minibatches}-sequence mini-batch")
+
+
+# ---- advantages: each completion against its own group ---------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group g (a row of rewards [B, n]), unbiased std;
+    without `scale`, A_i = r_i - mean_g r (Dr. GRPO)."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
 
 
 # ---- divergences between mu (sampler, recorded) and pi (current policy), per token ----------------------
@@ -196,12 +198,7 @@ def token_divergence(trust_region: str, logp, logp_mu, topk: dict | None = None)
     return topk["tv" if trust_region == "topk-tv" else "kl"]
 
 
-# ---- the mask and the loss -------------------------------------------------------------------------------
-
-
-def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """A = r - mean of the prompt's group (no division by the std: Dr. GRPO), rewards [B, n] -> [B, n]."""
-    return rewards - rewards.mean(1, keepdim=True)
+# ---- the mask and the loss: the mask replaces the clip ---------------------------------------------------------------
 
 
 def trust_region_mask(divergence, logp, logp_mu, advantages, delta_low, delta_high) -> torch.Tensor:
@@ -224,15 +221,32 @@ def dppo_token_loss(logp, logp_mu, advantages, mask, is_cap=math.inf) -> torch.T
     return -advantages[:, None] * weight * logp
 
 
+def kl_k3(logp, ref_logp) -> torch.Tensor:
+    """KL(pi || pi_ref) per token, the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased)."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
+
+
+def loss_normaliser(completion_mask, aggregation: str) -> float:
+    """What a mini-batch's summed loss is divided by, so that averaging gradients over ranks (and adding up
+    micro-batches) gives the global value: sequences per rank (every rank holds the same number), or for
+    `token-mean` the global token count / ranks."""
+    if aggregation == "token-mean":
+        return all_reduce_sum([completion_mask.sum().item()])[0] / world_size()
+    return completion_mask.shape[0]
+
+
 def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normaliser: float) -> torch.Tensor:
-    """Reduce token losses [N, L] to a scalar. `seq-mean-token-sum-norm`: each sequence's sum / horizon
-    (the fixed maximum response length), summed and divided by `normaliser` = sequences in the mini-batch;
-    `token-mean`: sum over tokens / `normaliser` = tokens in the mini-batch. Padding contributes nothing."""
-    total = (per_token * completion_mask).sum()
-    return total / horizon / normaliser if aggregation == "seq-mean-token-sum-norm" else total / normaliser
+    """Token losses [N, L] -> the scalar loss of a micro-batch. Padding contributes nothing."""
+    per_token = per_token * completion_mask
+    if aggregation == "seq-mean-token-mean":  # every sequence weighs the same, whatever its length
+        return (per_token.sum(1) / completion_mask.sum(1).clamp(min=1)).sum() / normaliser
+    if aggregation == "seq-mean-token-sum-norm":  # a fixed horizon instead of the length: no length bias
+        return per_token.sum() / horizon / normaliser
+    return per_token.sum() / normaliser  # token-mean: every token weighs the same
 
 
-# ---- one rollout batch: several optimizer steps, all measured against the recorded mu --------------------
+# ---- one rollout batch: --minibatches optimizer steps, all measured against the recorded mu -------------
 
 
 def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, dict]:
@@ -261,39 +275,42 @@ def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, d
     return logp, {k: v.view(N, L) for k, v in extra.items()}
 
 
-def dppo_update(model, optimizer, rollout: Rollout, advantages, args: Args, generator) -> dict:
-    """Shuffle the batch, split it into --minibatches, one optimizer step each. Every step measures pi
-    against the mu recorded at sampling time (rollout.logprobs / topk), never a recomputed copy."""
+
+
+def dppo_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+    """Shuffle the batch and split it into --minibatches, one optimizer step each. Every step measures pi
+    against mu, the policy that sampled the batch as the sampler recorded it (rollout.logprobs and its
+    top-K), never a recomputed copy: a token's update is masked once pi has left the trust region."""
     model.train()
     delta_low, delta_high = thresholds(args)
-    rows = rollout.input_ids.shape[0]
-    order = torch.randperm(rows, generator=generator).to(rollout.input_ids.device)
-    keys = ("tokens", "masked", "pos", "pos_masked", "neg", "neg_masked", "D", "abs_pi_mu", "entropy")
-    sums = dict.fromkeys(keys, 0.0)
+    order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
+    sums = dict.fromkeys(("tokens", "masked", "pos", "pos_masked", "neg", "neg_masked", "D", "abs_pi_mu", "entropy",
+                          "kl", "loss"), 0.0)  # fmt: skip
     max_d, grad_norms = 0.0, []
     for minibatch in order.chunk(args.minibatches):
-        mask_all = rollout.completion_mask[minibatch].float()
-        if args.aggregation == "seq-mean-token-sum-norm":
-            normaliser = len(minibatch)  # every rank holds the same number; averaging gradients = global mean
-        else:  # global token count / world size, so that averaging gradients over ranks gives the global mean
-            normaliser = all_reduce_sum([mask_all.sum().item()])[0] / world_size()
+        normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
         optimizer.zero_grad()
         for part_rows in minibatch.split(args.micro_batch or len(minibatch)):
             part, A = rollout.select(part_rows), advantages[part_rows]
             valid = part.completion_mask.float()
             logp, extra = current_policy(model, part, args)
-            logp_mu = part.logprobs
-            D = token_divergence(args.trust_region, logp, logp_mu, extra)
-            keep = trust_region_mask(D, logp, logp_mu, A, delta_low, delta_high)
-            loss = aggregate(dppo_token_loss(logp, logp_mu, A, keep, args.is_cap), valid, args.aggregation,
-                             args.max_new_tokens, normaliser)  # fmt: skip
+            D = token_divergence(args.trust_region, logp, part.logprobs, extra)
+            keep = trust_region_mask(D, logp, part.logprobs, A, delta_low, delta_high)
+            per_token = dppo_token_loss(logp, part.logprobs, A, keep, args.is_cap)
+            kl = torch.zeros_like(logp)
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(ref_model, part, args.temperature)
+                kl = kl_k3(logp, ref_logp)
+            loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
             loss.backward()
             masked, pos, neg = (1 - keep) * valid, (A > 0)[:, None] * valid, (A < 0)[:, None] * valid
             for key, value in (("tokens", valid), ("masked", masked), ("pos", pos), ("pos_masked", masked * pos),
                                ("neg", neg), ("neg_masked", masked * neg), ("D", D * valid),
-                               ("abs_pi_mu", binary_tv(logp.detach(), logp_mu) * valid),
-                               ("entropy", extra["entropy"] * valid)):  # fmt: skip
+                               ("abs_pi_mu", binary_tv(logp.detach(), part.logprobs) * valid),
+                               ("entropy", extra["entropy"] * valid), ("kl", kl.detach() * valid)):  # fmt: skip
                 sums[key] += value.sum().item()
+            sums["loss"] += loss.item()
             max_d = max(max_d, (D * valid).max().item())
         average_gradients(model)
         grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
@@ -302,6 +319,7 @@ def dppo_update(model, optimizer, rollout: Rollout, advantages, args: Args, gene
     s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
     per = lambda num, den: s[num] / max(1.0, s[den])
     return {
+        "loss/policy": s["loss"] / world_size() / args.minibatches,
         "dppo/masked_frac": per("masked", "tokens"),
         "dppo/masked_frac_pos": per("pos_masked", "pos"),
         "dppo/masked_frac_neg": per("neg_masked", "neg"),
@@ -309,19 +327,10 @@ def dppo_update(model, optimizer, rollout: Rollout, advantages, args: Args, gene
         "dppo/D_max": all_reduce_max(max_d),
         "dppo/abs_pi_mu": per("abs_pi_mu", "tokens"),
         "dppo/entropy": per("entropy", "tokens"),
+        "policy/kl_ref": per("kl", "tokens"),
         "grad_norm": sum(grad_norms) / len(grad_norms),
+        "train/update_tokens": s["tokens"] / world_size(),
     }
-
-
-def peak_memory_gb(device) -> float:
-    """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident set size on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 # ---- training loop ---------------------------------------------------------------------------------------
@@ -329,96 +338,43 @@ def peak_memory_gb(device) -> float:
 
 def main(args: Args):
     session = open_session(args, "dppo", check_args)
-    rank, world, device, task = session.rank, session.world, session.device, session.task
-    run_dir, model_path, checkpoint = session.run_dir, session.model_path, session.checkpoint
-    model, tokenizer = session.model, session.tokenizer
+    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
+    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
+    n = args.n
     sampler_temperature = args.sampler_temperature or args.temperature
     top_k = args.top_k if args.trust_region.startswith("topk") else 0  # record top-K only when it is used
     if args.kernels == "triton" and not triton_usable(device):
         fail("--kernels triton: the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     if top_k > model.config.vocab_size:
         fail(f"--top-k {top_k}: larger than the vocabulary ({model.config.vocab_size} tokens)")
+    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    state = load_trainer_state(checkpoint, optimizer) if checkpoint else {"step": 0, "train_time": 0.0}
-    start, train_time = state["step"], state["train_time"]
-    B, n = args.batch_prompts // world, args.n
-    delta_low, delta_high = thresholds(args)
-    logger = RunLogger(run_dir, args, args.steps, start)
-    logger.print(
-        f"run folder {run_dir} | model {model_path} | task {task.name} ({len(task.train)} train prompts)"
-        f" | trust region {args.trust_region} (low {delta_low}, high {delta_high}) | B={args.batch_prompts} n={n}"
-        f" x {args.minibatches} mini-batches | sampler T {sampler_temperature}, trainer T {args.temperature}"
-        f" | {world} process(es) on {device}"
-    )
-    # Per-step generators keyed by (seed, step, rank): the run is reproducible and resumes exactly.
-    step_gen = lambda step, stream: torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 101 + stream)
-    timer = Timer()
-
-    def log_eval(step):
-        metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
-                           world, step_gen(step, 50 + rank))  # fmt: skip
-        logger.log(step, {**metrics, "time/train_elapsed": train_time})
-        logger.print(eval_line(step, metrics))
-
-    if start == 0:
-        log_eval(0)
-    for step in range(start, args.steps):
-        # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each; the sampler
-        #    records log mu of every sampled token (and mu's top-K for the topk-* trust regions).
-        examples, prompt_ids = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
-        with timer("generate"):
-            group_prompts = [p for p in prompt_ids for _ in range(n)]  # each prompt's n rollouts side by side
+    loop = TrainingLoop(session, args, optimizer, args.steps)
+    loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
+               f" | trust region {args.trust_region} (low, high) = {thresholds(args)}"
+               f" | sampler T {sampler_temperature}, trainer T {args.temperature}")  # fmt: skip
+    for step in loop.steps():
+        # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored; the
+        #    sampler records log mu of every sampled token (and mu's top-K for the topk-* trust regions).
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, session.rank,
+                                         session.world)  # fmt: skip
+        with loop.timer("generate"):
+            group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, sampler_temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, top_k=top_k, generator=step_gen(step, 1 + rank))  # fmt: skip
-        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        scores = [score(task.name, examples[i // n], t) for i, t in enumerate(texts)]
-        rewards = torch.tensor([s[0] for s in scores]).view(B, n)
-        advantages = group_advantages(rewards).flatten().to(device)
-        # 2. Several optimizer steps on shuffled mini-batches, each token's update masked by the trust region.
-        with timer("update"):
-            shuffle = torch.Generator().manual_seed(args.seed * 31 + step * 7 + rank)
-            stats = dppo_update(model, optimizer, rollout, advantages, args, shuffle)
-        times = timer.pop()
-        train_time += sum(times.values())
-        correct, unfaithful = count_correct_unfaithful(scores)
-        metrics = all_reduce_mean({
-            "reward/mean": rewards.mean().item(),
-            "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
-            **({"train/unfaithful": unfaithful / max(1, correct)} if task.name == "chain" else {}),
-            **stats,
-            **{f"time/{k}": v for k, v in times.items()},
-            "throughput/gen_tokens_per_s": rollout.completion_mask.sum().item() / times["generate"],
-            "throughput/update_tokens_per_s": rollout.completion_mask.sum().item() / times["update"],
-            "memory/peak_gb": peak_memory_gb(device),
-            "memory/topk_mb": sum(t.numel() * t.element_size() for t in (rollout.topk_ids, rollout.topk_logprobs)
-                                  if t is not None) / 2**20,
-        })  # fmt: skip
-        train_time = all_reduce_mean({"t": train_time})["t"]  # every rank agrees on when to stop
-        metrics["time/train_elapsed"] = train_time
-        logger.log(step + 1, metrics)
-        logger.progress(reward=metrics["reward/mean"], masked=metrics["dppo/masked_frac"])
-        if (step + 1) % args.log_every == 0:
-            logger.print(
-                f"step {step + 1:4d} | reward {metrics['reward/mean']:.3f} | masked {metrics['dppo/masked_frac']:.4f}"
-                f" (A>0 {metrics['dppo/masked_frac_pos']:.4f}, A<0 {metrics['dppo/masked_frac_neg']:.4f})"
-                f" | D mean {metrics['dppo/D_mean']:.4f} max {metrics['dppo/D_max']:.3f}"
-                f" | |pi-mu| {metrics['dppo/abs_pi_mu']:.4f} | entropy {metrics['dppo/entropy']:.3f}"
-                f" | gen {metrics['time/generate']:.2f}s upd {metrics['time/update']:.2f}s"
-            )
-            logger.samples(step + 1, [{"question": examples[0]["question"], "completion": t, "reward": s[0]}
-                                      for t, s in zip(texts[:4], scores[:4])])  # fmt: skip
-        out_of_time = args.max_time and train_time >= args.max_time
-        last = step + 1 == args.steps or out_of_time
-        if (step + 1) % args.eval_every == 0 or last:
-            log_eval(step + 1)
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"train_time": train_time})
-        if out_of_time:
-            logger.print(f"stopping: --max-time {args.max_time:.0f}s of training reached at step {step + 1}")
-            break
-    logger.close()
-    if is_main():
-        print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, checkpoints in {run_dir}/checkpoints")
+                             tokenizer.pad_token_id, top_k=top_k, generator=loop.generator("sample", step))  # fmt: skip
+        scored = score_groups(task, tokenizer, examples, rollout, n)
+        # 2. Group-relative advantages: each completion against the other completions of its prompt.
+        advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
+        # 3. Steps on the whole batch, each token's update masked by the trust region instead of clipped.
+        with loop.timer("update"):
+            stats = dppo_update(model, ref_model, optimizer, rollout, advantages, args, loop.generator("shuffle", step))
+        metrics = {**rollout_metrics(task, scored, rollout), **stats, "memory/peak_gb": peak_memory_gb(device),
+                   "memory/topk_mb": sum(t.numel() * t.element_size() for t in (rollout.topk_ids, rollout.topk_logprobs)
+                                         if t is not None) / 2**20}  # fmt: skip
+        shown = {"reward": metrics["reward/mean"], "masked": metrics["dppo/masked_frac"],
+                 "masked A>0": metrics["dppo/masked_frac_pos"], "masked A<0": metrics["dppo/masked_frac_neg"],
+                 "|pi-mu|": metrics["dppo/abs_pi_mu"], "entropy": metrics["dppo/entropy"]}  # fmt: skip
+        loop.end_step(step, metrics, shown, scored)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""PODS: Policy Optimization with Down-Sampling, on top of GRPO.
+"""PODS: Policy Optimization with Down-Sampling, on top of GRPO (read it as `diff grpo.py pods.py`).
 
 Generate n rollouts per prompt, keep only the m (< n) whose rewards are most spread out (maximal
 variance), and run the GRPO update on those B*m sequences alone. Generation is cheap and parallel;
@@ -6,36 +6,22 @@ the update is the expensive part, so it should see only the most informative rol
 Paper: Y. E. Xu, Y. Savani, F. Fang, J. Z. Kolter, "Not All Rollouts are Useful: Down-Sampling
 Rollouts in LLM Reinforcement Learning", arXiv 2504.13818.
 
-    python pods.py                                   # built-in tiny model and chain task, CPU, minutes
-    python pods.py --n 8 --m 8                       # plain GRPO (no down-sampling)
-    python pods.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k
+    python pods.py                                    # built-in tiny model and chain task, CPU, minutes
+    python pods.py --n 8 --m 8                        # plain GRPO (no down-sampling)
+    python pods.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --lr 1e-6
     torchrun --nproc_per_node 2 -- pods.py --n 16 --m 4   # `--`: torchrun would read --n/--m as its own
 """
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import tyro
 
-from common.data import fail
 from common.model import load_policy
-from common.reward import count_correct_unfaithful, score
 from common.rollout import sample, token_logprobs
-from common.run import (
-    RunLogger,
-    Timer,
-    all_reduce_mean,
-    all_reduce_sum,
-    average_gradients,
-    check_flags,
-    is_main,
-    load_trainer_state,
-    save_checkpoint,
-    world_size,
-)
-from common.session import draw_prompts, eval_line, evaluate, open_session
+from common.run import all_reduce_sum, average_gradients, check_flags, fail, world_size
+from common.session import TrainingLoop, draw_prompts, frac_zero_std, open_session, rollout_metrics, score_groups
 
 
 @dataclass
@@ -58,11 +44,11 @@ class Args:
     output_dir: str = "runs"
     """run folders go here"""
     run_name: str | None = None
-    """run folder name (default: pods__s<seed>__<time>)"""
+    """run folder name (default: <script>__s<seed>__<time>)"""
     resume: str | None = None
     """a run folder to continue from its latest checkpoint"""
     steps: int = 200
-    """training steps (one rollout batch and one optimizer step each)"""
+    """training steps (one rollout batch and --minibatches optimizer steps each)"""
     max_time: float = 0.0
     """stop after this many seconds of training time (evaluation excluded); 0 for no limit"""
     log_every: int = 5
@@ -82,6 +68,10 @@ class Args:
     """rollouts kept per prompt for the update (m = n is plain GRPO)"""
     rule: Literal["max-variance", "random", "max-reward"] = "max-variance"
     """down-sampling rule"""
+    minibatches: int = 1
+    """optimizer steps per rollout batch: the batch is shuffled and split into this many mini-batches"""
+    micro_batch: int = 0
+    """sequences per forward/backward inside a mini-batch (gradient accumulation); 0 = the whole mini-batch"""
     temperature: float = 1.0
     """sampling temperature (training log-probs use the same temperature)"""
     max_new_tokens: int = 0
@@ -90,27 +80,37 @@ class Args:
     """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
+    eps_low: float = 0.2
+    """clip of the ratio pi/pi_old below 1 - eps_low (where A < 0)"""
+    eps_high: float = 0.2
+    """clip of the ratio above 1 + eps_high (where A > 0); 0.28 is DAPO's clip-higher"""
     beta: float = 0.0
     """KL penalty coefficient (k3 estimator) against the initial policy; 0 turns it off"""
-    aggregation: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
-    """loss aggregation: token-mean per sequence then mean over sequences (paper), or token-mean over the batch"""
-    micro_batch: int = 0
-    """sequences per forward/backward in the update (gradient accumulation); 0 = all kept sequences at once"""
+    scale_rewards: bool = True
+    """divide each group's centred rewards by their std (GRPO); --no-scale-rewards: mean-centring only"""
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """loss aggregation: token-mean per sequence then mean over sequences (GRPO), mean over all tokens (DAPO),
+    or per sequence sum / max-new-tokens then mean (Dr. GRPO)"""
 
 
 def check_args(args: Args, world: int):
     """Reject bad settings with a one-line error naming the flag."""
     if args.n < 2:
-        fail(f"--n {args.n}: need at least 2 rollouts per prompt")
+        fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
     if args.m < 2:
         fail(f"--m {args.m}: need at least 2 kept rollouts per prompt (the std of one reward is undefined)")
     if args.m > args.n:
         fail(f"--m {args.m} is larger than --n {args.n}: cannot keep more rollouts than are generated")
-    check_flags(args, positive=("temperature", "batch_prompts", "steps", "eval_every", "log_every", "eval_prompts",
-                                "lr", "max_grad_norm"),
+    check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",
+                                "temperature", "lr", "max_grad_norm", "eps_low", "eps_high"),
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens"))  # fmt: skip
     if args.batch_prompts % world:
         fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
+    rows = args.batch_prompts // world * args.m
+    if rows % args.minibatches:
+        fail(f"--minibatches {args.minibatches} does not divide the {rows} kept sequences per rank (batch-prompts x m)")
+    if args.micro_batch and (rows // args.minibatches) % args.micro_batch:
+        fail(f"--micro-batch {args.micro_batch} does not divide the {rows // args.minibatches}-sequence mini-batch")
 
 
 # ---- down-sampling rules: rewards [B, n] -> kept indices [B, m], one row per prompt ------------------------
@@ -164,65 +164,94 @@ def select(rule: str, rewards: torch.Tensor, m: int, generator=None) -> torch.Te
     fail(f"--rule {rule!r}: expected max-variance, random or max-reward")
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages within each kept group: A_i = (r_i - mean_S r) / (std_S r + eps), unbiased std."""
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+# ---- advantages: each completion against its own group ---------------------------------------------------
 
 
-def frac_zero_std(rewards: torch.Tensor) -> float:
-    """Share of groups whose rewards are all equal (zero advantage: no learning signal)."""
-    return (rewards.max(1).values == rewards.min(1).values).float().mean().item()
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group g (a row of rewards [B, n]), unbiased std;
+    without `scale`, A_i = r_i - mean_g r (Dr. GRPO)."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
 
 
-# ---- the GRPO update on the kept sequences ---------------------------------------------------------------
+# ---- the loss --------------------------------------------------------------------------------------------
 
 
-def grpo_loss(logp, advantages, mask, aggregation, normaliser, ref_logp=None, beta=0.0):
-    """GRPO loss of one micro-batch, divided by the whole batch's normaliser so micro-batches add up.
-
-    One optimizer step per rollout batch means pi_old = pi: the ratio exp(logp - sg(logp)) is 1 (no
-    clipping can trigger) and its gradient is grad log pi, so the loss is the policy gradient
-    -A * grad log pi, plus beta * KL_k3(pi || pi_ref) per token when beta > 0.
-    """
-    ratio = torch.exp(logp - logp.detach())
-    per_token = -ratio * advantages[:, None]
-    if beta > 0:
-        log_r = ref_logp - logp
-        per_token = per_token + beta * (torch.exp(log_r) - log_r - 1)
-    per_token = per_token * mask
-    if aggregation == "seq-mean-token-mean":
-        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
-    return per_token.sum() / normaliser
+def clipped_surrogate(logp, logp_old, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token, as a loss [N, L]: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
+    r = pi(y_t) / pi_old(y_t). Also where the clip binds (there the token's gradient is 0)."""
+    ratio = torch.exp(logp - logp_old)
+    A = advantages[:, None]
+    unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
+    return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
 
 
-def grpo_update(model, ref_model, optimizer, kept, advantages, args: Args) -> dict:
-    """One optimizer step on the kept rollouts (and only those): forward, backward, all-reduce, step."""
+def kl_k3(logp, ref_logp) -> torch.Tensor:
+    """KL(pi || pi_ref) per token, the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased)."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
+
+
+def loss_normaliser(completion_mask, aggregation: str) -> float:
+    """What a mini-batch's summed loss is divided by, so that averaging gradients over ranks (and adding up
+    micro-batches) gives the global value: sequences per rank (every rank holds the same number), or for
+    `token-mean` the global token count / ranks."""
+    if aggregation == "token-mean":
+        return all_reduce_sum([completion_mask.sum().item()])[0] / world_size()
+    return completion_mask.shape[0]
+
+
+def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normaliser: float) -> torch.Tensor:
+    """Token losses [N, L] -> the scalar loss of a micro-batch. Padding contributes nothing."""
+    per_token = per_token * completion_mask
+    if aggregation == "seq-mean-token-mean":  # every sequence weighs the same, whatever its length
+        return (per_token.sum(1) / completion_mask.sum(1).clamp(min=1)).sum() / normaliser
+    if aggregation == "seq-mean-token-sum-norm":  # a fixed horizon instead of the length: no length bias
+        return per_token.sum() / horizon / normaliser
+    return per_token.sum() / normaliser  # token-mean: every token weighs the same
+
+
+# ---- one rollout batch: --minibatches optimizer steps ------------------------------------------------------
+
+
+def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+    """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
+    sampled the batch, whose log-probs the sampler recorded (rollout.logprobs): with one mini-batch the ratio
+    is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
     model.train()
-    mask = kept.completion_mask.float()
-    rows = mask.shape[0]
-    if args.aggregation == "seq-mean-token-mean":
-        normaliser = rows  # every rank holds the same number of sequences
-    else:  # global token count / world size, so that averaging gradients over ranks gives the global mean
-        normaliser = all_reduce_sum([mask.sum().item()])[0] / world_size()
-    step = args.micro_batch or rows
-    optimizer.zero_grad()
-    total = 0.0
-    for s in range(0, rows, step):
-        part = kept.select(torch.arange(s, min(s + step, rows)))
-        logp = token_logprobs(model, part, args.temperature)
-        ref_logp = None
-        if ref_model is not None:
-            with torch.no_grad():
-                ref_logp = token_logprobs(ref_model, part, args.temperature)
-        loss = grpo_loss(logp, advantages[s : s + step], mask[s : s + step], args.aggregation, normaliser,
-                         ref_logp, args.beta)  # fmt: skip
-        loss.backward()
-        total += loss.item()
-    average_gradients(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    optimizer.step()
+    order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
+    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss"), 0.0)
+    grad_norms = []
+    for minibatch in order.chunk(args.minibatches):
+        normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
+        optimizer.zero_grad()
+        for part_rows in minibatch.split(args.micro_batch or len(minibatch)):
+            part, A = rollout.select(part_rows), advantages[part_rows]
+            valid = part.completion_mask.float()
+            logp = token_logprobs(model, part, args.temperature)
+            per_token, clipped = clipped_surrogate(logp, part.logprobs, A, args.eps_low, args.eps_high)
+            kl = torch.zeros_like(logp)
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(ref_model, part, args.temperature)
+                kl = kl_k3(logp, ref_logp)
+            loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
+            loss.backward()
+            for key, value in (("tokens", valid), ("clipped", clipped * valid), ("kl", kl.detach() * valid)):
+                sums[key] += value.sum().item()
+            sums["loss"] += loss.item()
+        average_gradients(model)
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+        optimizer.step()
     model.eval()
-    return {"loss": total, "grad_norm": grad_norm.item()}
+    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
+    return {
+        "loss/policy": s["loss"] / world_size() / args.minibatches,
+        "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
+        "policy/kl_ref": s["kl"] / max(1.0, s["tokens"]),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "train/update_tokens": s["tokens"] / world_size(),
+    }
 
 
 # ---- training loop ---------------------------------------------------------------------------------------
@@ -230,90 +259,37 @@ def grpo_update(model, ref_model, optimizer, kept, advantages, args: Args) -> di
 
 def main(args: Args):
     session = open_session(args, "pods", check_args)
-    rank, world, device, task = session.rank, session.world, session.device, session.task
-    run_dir, model_path, checkpoint = session.run_dir, session.model_path, session.checkpoint
-    model, tokenizer = session.model, session.tokenizer
-    ref_model = load_policy(model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
+    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
+    B, n, m = args.batch_prompts // session.world, args.n, args.m
+    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    state = load_trainer_state(checkpoint, optimizer) if checkpoint else {"step": 0, "train_time": 0.0}
-    start, train_time = state["step"], state["train_time"]
-    B, n, m = args.batch_prompts // world, args.n, args.m
-    logger = RunLogger(run_dir, args, args.steps, start)
-    logger.print(
-        f"run folder {run_dir} | model {model_path} | task {task.name} ({len(task.train)} train prompts)"
-        f" | B={args.batch_prompts} n={n} m={m} rule={args.rule} | {world} process(es) on {device}"
-    )
-    # Per-step generators keyed by (seed, step, rank): the run is reproducible and resumes exactly.
-    step_gen = lambda step, stream: torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 101 + stream)
-    timer = Timer()
-
-    def log_eval(step):
-        metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
-                           world, step_gen(step, 50 + rank))  # fmt: skip
-        logger.log(step, {**metrics, "time/train_elapsed": train_time})
-        logger.print(eval_line(step, metrics))
-
-    if start == 0:
-        log_eval(0)
-    for step in range(start, args.steps):
-        # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each.
-        examples, prompt_ids = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
-        with timer("generate"):
-            group_prompts = [p for p in prompt_ids for _ in range(n)]  # each prompt's n rollouts side by side
+    loop = TrainingLoop(session, args, optimizer, args.steps)
+    loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} m={m} rule={args.rule}"
+               f" x {args.minibatches} mini-batch(es)")  # fmt: skip
+    for step in loop.steps():
+        # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, session.rank,
+                                         session.world)  # fmt: skip
+        with loop.timer("generate"):
+            group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=step_gen(step, 1 + rank))  # fmt: skip
-        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        scores = [score(task.name, examples[i // n], t) for i, t in enumerate(texts)]
-        rewards = torch.tensor([s[0] for s in scores]).view(B, n)
-        # 2. Down-sample per prompt, then advantages over the kept subset only.
-        with timer("select"):
-            keep = select(args.rule, rewards, m, torch.Generator().manual_seed(args.seed * 31 + step * 7 + rank))
-            kept_rewards = rewards.gather(1, keep)
-            advantages = group_advantages(kept_rewards).flatten().to(device)
+                             tokenizer.pad_token_id, generator=loop.generator("sample", step))  # fmt: skip
+        scored = score_groups(task, tokenizer, examples, rollout, n)
+        # 2. Down-sample per prompt, then group-relative advantages over the kept subset only.
+        with loop.timer("select"):
+            keep = select(args.rule, scored.rewards, m, loop.generator("select", step, device="cpu"))
+            kept_rewards = scored.rewards.gather(1, keep)
+            advantages = group_advantages(kept_rewards, args.scale_rewards).flatten().to(device)
             kept = rollout.select((torch.arange(B)[:, None] * n + keep).flatten().to(device))
-        # 3. GRPO update on the B*m kept sequences; the other B*(n-m) never reach a training forward pass.
-        with timer("update"):
-            stats = grpo_update(model, ref_model, optimizer, kept, advantages, args)
-        times = timer.pop()
-        train_time += sum(times.values())
-        correct, unfaithful = count_correct_unfaithful(scores)
-        metrics = all_reduce_mean({
-            "reward/all": rewards.mean().item(),
-            "reward/kept": kept_rewards.mean().item(),
-            "frac_zero_std/before": frac_zero_std(rewards),
-            "frac_zero_std/after": frac_zero_std(kept_rewards),
-            "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
-            **({"train/unfaithful": unfaithful / max(1, correct)} if task.name == "chain" else {}),
-            **stats,
-            **{f"time/{k}": v for k, v in times.items()},
-            "throughput/gen_tokens_per_s": rollout.completion_mask.sum().item() / times["generate"],
-            "throughput/update_tokens_per_s": kept.completion_mask.sum().item() / times["update"],
-        })  # fmt: skip
-        train_time = all_reduce_mean({"t": train_time})["t"]  # every rank agrees on when to stop
-        metrics["time/train_elapsed"] = train_time
-        logger.log(step + 1, metrics)
-        logger.progress(reward=metrics["reward/all"], upd_s=metrics["time/update"])
-        if (step + 1) % args.log_every == 0:
-            logger.print(
-                f"step {step + 1:4d} | reward {metrics['reward/all']:.3f} kept {metrics['reward/kept']:.3f}"
-                f" | zero-std {metrics['frac_zero_std/before']:.2f}->{metrics['frac_zero_std/after']:.2f}"
-                f" | gen {metrics['time/generate']:.2f}s sel {metrics['time/select']:.3f}s"
-                f" upd {metrics['time/update']:.2f}s | {metrics['throughput/gen_tokens_per_s']:.0f} gen tok/s"
-            )
-            logger.samples(step + 1, [{"question": examples[0]["question"], "completion": t, "reward": s[0]}
-                                      for t, s in zip(texts[:4], scores[:4])])  # fmt: skip
-        out_of_time = args.max_time and train_time >= args.max_time
-        last = step + 1 == args.steps or out_of_time
-        if (step + 1) % args.eval_every == 0 or last:
-            log_eval(step + 1)
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"train_time": train_time})
-        if out_of_time:
-            logger.print(f"stopping: --max-time {args.max_time:.0f}s of training reached at step {step + 1}")
-            break
-    logger.close()
-    if is_main():
-        print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, checkpoints in {run_dir}/checkpoints")
+        # 3. Clipped-surrogate steps on the B*m kept sequences; the other B*(n-m) never reach a training pass.
+        with loop.timer("update"):
+            stats = grpo_update(model, ref_model, optimizer, kept, advantages, args, loop.generator("shuffle", step))
+        metrics = {**rollout_metrics(task, scored, rollout), **stats, "reward/kept_mean": kept_rewards.mean().item(),
+                   "reward/zero_std_frac_kept": frac_zero_std(kept_rewards)}  # fmt: skip
+        shown = {"reward": metrics["reward/mean"], "kept": metrics["reward/kept_mean"],
+                 "zero-std": metrics["reward/zero_std_frac"], "zero-std kept": metrics["reward/zero_std_frac_kept"]}
+        loop.end_step(step, metrics, shown, scored)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import os
 import random
 from dataclasses import dataclass
 
+from common.run import fail
+
 FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")
 SPLIT_SIZES = {"validation": 300, "test": 300}  # held-out sizes; the rest of the pool is `train`
 
@@ -38,11 +40,6 @@ TARGET_SKILL = "words"
 CHAIN_POOL = 4000
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
-
-
-def fail(message: str):
-    """Stop with a one-line error for a user mistake (no traceback, exit status 1)."""
-    raise SystemExit(f"error: {message}")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Seeding, torchrun helpers, the run folder (args, metrics.jsonl, TensorBoard, samples), progress, checkpoints."""
 
+import hashlib
 import json
 import os
 import random
@@ -10,7 +11,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.data import fail
+
+def fail(message: str):
+    """Stop with a one-line error for a user mistake (no traceback, exit status 1)."""
+    raise SystemExit(f"error: {message}")
 
 
 def check_flags(args, positive=(), non_negative=()):
@@ -25,6 +29,13 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seeded_generator(*keys, device="cpu") -> torch.Generator:
+    """A torch generator of its own for each random stream of a run, seeded by its keys, e.g.
+    (seed, "sample", step, rank): streams never share draws, and a resumed run draws what it would have."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 # ---- torchrun ---------------------------------------------------------------------------------------

@@ -1,21 +1,30 @@
-"""What every script does the same way: start-up, the step's prompt draw, held-out evaluation."""
+"""What every script does the same way: start-up, the step's prompts and their scores, held-out evaluation,
+and the bookkeeping around the algorithm's steps (timing, logging, evaluation, checkpoints, the stop rule)."""
 
 import os
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
 
-from common.data import Task, fail, load_task
+from common.data import Task, load_task
 from common.model import load_policy, prompt_text, resolve_model
 from common.reward import count_correct_unfaithful, score
 from common.rollout import sample
 from common.run import (
+    RunLogger,
+    Timer,
+    all_reduce_mean,
     all_reduce_sum,
     barrier,
+    fail,
     is_main,
     latest_checkpoint,
+    load_trainer_state,
     run_folder,
+    save_checkpoint,
     seed_everything,
+    seeded_generator,
     setup_distributed,
 )
 
@@ -32,10 +41,15 @@ class Session:
     model: torch.nn.Module
     tokenizer: object
 
+    def describe(self) -> str:
+        """The first console line of a run: where it writes, what it trains, on what."""
+        return (f"run folder {self.run_dir} | model {self.model_path} | task {self.task.name}"
+                f" ({len(self.task.train)} train prompts) | {self.world} process(es) on {self.device}")  # fmt: skip
+
 
 def open_session(args, script: str, check_args) -> Session:
     """torchrun ranks, the script's own checks, seeding, the task, the run folder, and the policy (the
-    latest checkpoint with --resume). Resolves `--max-new-tokens 0` to 48 for `chain`, 512 otherwise."""
+    latest checkpoint with --resume)."""
     rank, world, device = setup_distributed(args.device)
     check_args(args, world)
     seed_everything(args.seed)
@@ -43,7 +57,6 @@ def open_session(args, script: str, check_args) -> Session:
                      getattr(args, "solution_field", "solution"))  # fmt: skip
     if args.eval_prompts > len(task.test):
         fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
-    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)
     run_dir = args.resume or run_folder(args.output_dir, args.run_name, script, args.seed)
     if not args.resume and os.path.exists(run_dir):
         fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with --resume {run_dir}")
@@ -62,14 +75,52 @@ def prompt_ids(tokenizer, questions, instruction: str = "") -> list[list[int]]:
     return [tokenizer(prompt_text(tokenizer, q, instruction))["input_ids"] for q in questions]
 
 
-def draw_prompts(task: Task, tokenizer, seed: int, step: int, batch_prompts: int, rank: int, world: int):
-    """The step's prompts: the same draw of `batch_prompts` on every rank, each rank taking its slice.
-    Returns this rank's examples and their tokenized prompts."""
-    generator = torch.Generator().manual_seed(seed * 7919 + step)
-    draw = torch.randint(len(task.train), (batch_prompts,), generator=generator)
+def draw_prompts(task: Task, tokenizer, seed: int, step: int, batch_prompts: int, rank: int, world: int, pool=None):
+    """The step's prompts: the same draw of `batch_prompts` from `pool` (default: the train split) on every
+    rank, with replacement, each rank taking its slice. Returns this rank's examples and their token ids."""
+    pool = task.train if pool is None else pool
+    draw = torch.randint(len(pool), (batch_prompts,), generator=seeded_generator(seed, "prompts", step))
     B = batch_prompts // world
-    examples = [task.train[i] for i in draw[rank * B : (rank + 1) * B].tolist()]
+    examples = [pool[i] for i in draw[rank * B : (rank + 1) * B].tolist()]
     return examples, prompt_ids(tokenizer, [e["question"] for e in examples], task.instruction)
+
+
+Scored = namedtuple("Scored", "examples texts scores rewards")  # rewards [prompts, n], one row per prompt
+
+
+def score_groups(task: Task, tokenizer, examples, rollout, n: int) -> Scored:
+    """Decode a rollout of n completions per example (side by side) and score each with the verifier."""
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    scores = [score(task.name, examples[i // n], text) for i, text in enumerate(texts)]
+    return Scored(examples, texts, scores, torch.tensor([s.reward for s in scores]).view(len(examples), n))
+
+
+def frac_zero_std(rewards: torch.Tensor) -> float:
+    """Share of groups (rows) whose rewards are all equal: their group advantages are 0, no learning signal."""
+    return (rewards.max(1).values == rewards.min(1).values).float().mean().item()
+
+
+def rollout_metrics(task: Task, scored: Scored, rollout) -> dict:
+    """The metrics of a step's rollouts that mean the same in every script."""
+    correct, unfaithful = count_correct_unfaithful(scored.scores)
+    return {
+        "reward/mean": scored.rewards.mean().item(),
+        "reward/zero_std_frac": frac_zero_std(scored.rewards),
+        "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
+        "train/gen_tokens": rollout.completion_mask.sum().item(),
+        **({"train/unfaithful": unfaithful / max(1, correct)} if task.name == "chain" else {}),
+    }
+
+
+def peak_memory_gb(device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def rollout_texts(model, tokenizer, questions, instruction, max_new_tokens, temperature, greedy, generator,
@@ -111,7 +162,104 @@ def evaluate(model, tokenizer, task, n_prompts, max_new_tokens, temperature, ran
 
 
 def eval_line(step: int, metrics: dict) -> str:
-    """The console line of an evaluation: overall figures, then sampled accuracy per skill."""
+    """The console line of an evaluation: overall figures, sampled accuracy per skill, and a target's figures."""
     overall = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1)
     skills = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/acc_sampled/"))
-    return f"step {step:4d} | eval {overall}" + (f" | sampled by skill: {skills}" if skills else "")
+    target = " ".join(f"{k[12:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval_target/"))
+    return (f"step {step:4d} | eval {overall}" + (f" | sampled by skill: {skills}" if skills else "")
+            + (f" | target {target}" if target else ""))  # fmt: skip
+
+
+def shown_value(v) -> str:
+    """A number for the console: integers as integers, small values in scientific notation."""
+    if isinstance(v, int) or float(v).is_integer() and abs(v) >= 1:
+        return str(int(v))
+    return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}"
+
+
+class TrainingLoop:
+    """Everything around an algorithm's steps, so that a script's loop shows only the algorithm:
+
+        loop = TrainingLoop(session, args, optimizer, total_steps)
+        for step in loop.steps():                  # evaluates first (unless resuming), stops on time
+            with loop.timer("generate"): ...       # phases are timed; their sum is the training time
+            loop.end_step(step, metrics, shown)    # log, console line, evaluation, checkpoint
+
+    It restores the optimizer, step and training time from the checkpoint of --resume (`loop.state` holds
+    whatever else the script saved through `save_state`), and makes the run's seeded generators.
+    """
+
+    def __init__(self, session: Session, args, optimizer, total_steps: int, save_state=dict, evaluate_more=None):
+        self.session, self.args, self.optimizer, self.total = session, args, optimizer, total_steps
+        self.state = {"step": 0, "train_time": 0.0}
+        if session.checkpoint:
+            self.state = load_trainer_state(session.checkpoint, optimizer)
+        self.start, self.train_time = self.state["step"], self.state["train_time"]
+        self.save_state, self.evaluate_more = save_state, evaluate_more
+        self.logger = RunLogger(session.run_dir, args, total_steps, self.start)
+        self.timer = Timer()
+        self.stopping = None  # the reason to stop after this step, once there is one
+
+    def print(self, line: str):
+        self.logger.print(line)
+
+    def log(self, step: int, metrics: dict):
+        self.logger.log(step, metrics)
+
+    def generator(self, stream: str, *keys, device=None) -> torch.Generator:
+        """This rank's generator for one random stream (e.g. "sample", step), on the run's device by default."""
+        return seeded_generator(self.args.seed, stream, *keys, self.session.rank, device=device or self.session.device)
+
+    def steps(self):
+        if self.start == 0:
+            self.evaluate(0)
+        for step in range(self.start, self.total):
+            yield step
+            if self.stopping:
+                self.print(f"stopping at step {step + 1}: {self.stopping}")
+                break
+        self.logger.close()
+        if is_main():
+            print(f"done: metrics in {os.path.join(self.session.run_dir, 'metrics.jsonl')}, checkpoints in"
+                  f" {self.session.run_dir}/checkpoints")  # fmt: skip
+
+    def evaluate(self, step: int):
+        s, a = self.session, self.args
+        metrics = evaluate(s.model, s.tokenizer, s.task, a.eval_prompts, a.max_new_tokens, a.temperature, s.rank,
+                           s.world, self.generator("eval", step))  # fmt: skip
+        if self.evaluate_more:
+            metrics |= self.evaluate_more(step)
+        self.log(step, {**metrics, "time/train_elapsed": self.train_time})
+        self.print(eval_line(step, metrics))
+
+    def end_step(self, step: int, metrics: dict, shown: dict, scored: Scored | None = None, stop: str | None = None):
+        """Log the step (`metrics` are this rank's; they are averaged over ranks), print a console line every
+        --log-every steps with the `shown` figures, evaluate and save on their cadence and at the end."""
+        times = self.timer.pop()
+        self.train_time = all_reduce_mean({"t": self.train_time + sum(times.values())})["t"]  # ranks agree
+        metrics = all_reduce_mean({**metrics, **{f"time/{k}": v for k, v in times.items()}})
+        for phase, tokens in (("generate", "train/gen_tokens"), ("update", "train/update_tokens")):
+            if phase in times and tokens in metrics:
+                metrics[f"throughput/{phase}_tokens_per_s"] = metrics[tokens] / max(metrics[f"time/{phase}"], 1e-9)
+        metrics["time/train_elapsed"] = self.train_time
+        done = step + 1
+        self.log(done, metrics)
+        self.logger.progress(**dict(list(shown.items())[:2]))
+        if done % self.args.log_every == 0:
+            figures = " | ".join(f"{k} {shown_value(v)}" for k, v in shown.items())
+            phases = " ".join(f"{k[:3]} {v:.2f}s" for k, v in times.items())
+            self.print(f"step {done:4d} | {figures} | {phases}")
+            if scored is not None:  # the first prompt's first completions, to read what the policy writes
+                question = scored.examples[0]["question"]
+                self.logger.samples(done, [{"question": question, "completion": t, "reward": s.reward}
+                                           for t, s in zip(scored.texts[:4], scored.scores[:4])])  # fmt: skip
+        if self.args.max_time and self.train_time >= self.args.max_time:
+            stop = stop or f"--max-time {self.args.max_time:g}s of training reached"
+        self.stopping = stop
+        last = done == self.total or stop
+        if done % self.args.eval_every == 0 or last:
+            self.evaluate(done)
+        if (self.args.save_every and done % self.args.save_every == 0) or last:
+            s = self.session
+            save_checkpoint(s.run_dir, done, s.model, s.tokenizer, self.optimizer,
+                            {"train_time": self.train_time, **self.save_state()})  # fmt: skip

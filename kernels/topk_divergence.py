@@ -6,8 +6,12 @@ rest of the mass. Over those K+1 buckets:
 
     TV = 1/2 * sum_b |mu_b - pi_b|          KL(mu || pi) = sum_b mu_b * log(mu_b / pi_b)
 
-with bucket masses clamped to >= 1e-12 inside the logs. Per row we also return the log-normaliser
-log Z = logsumexp(logits / T), the sampled token's log pi, and the entropy of pi.
+For the K stored tokens the logs are the log-probs themselves: log mu_k as stored, log pi_k =
+logits_k / T - log Z, never log(exp(.)) and never floored, so a token that pi has nearly ruled out
+(pi_k far below 1e-12) adds its full mu_k * log(mu_k / pi_k). Only the two "other" masses, 1 - (mass of
+the set), are clamped to >= 1e-12 inside the logs: they are differences that can round to 0. A token
+with mu_k = 0 adds 0 (0 log 0 = 0). Per row we also return the log-normaliser log Z =
+logsumexp(logits / T), the sampled token's log pi, and the entropy of pi.
 
 Two implementations behind one entry point, `topk_divergence`:
 - `topk_divergence_reference`: PyTorch, an fp32 [rows, V] working copy per chunk of rows.
@@ -28,6 +32,15 @@ except ImportError:  # the reference alone is enough to run everything
 EPS = 1e-12
 
 
+def _kl_set_reference(mu_k, log_mu_k, log_pi_k):
+    """sum_k mu_k * (log mu_k - log pi_k) over the K stored tokens, from the log-probs themselves.
+
+    No floor on pi_k: clamping it at EPS would cap -log pi_k at -log EPS ~ 27.6 and under-estimate the KL
+    exactly where pi has nearly ruled out a token mu gave mass to. A term with mu_k = 0 is 0, not 0 * inf.
+    """
+    return torch.where(mu_k > 0, mu_k * (log_mu_k - log_pi_k), 0.0).sum(-1)
+
+
 def _rows_reference(logits, topk_ids, topk_logprobs, sampled_ids, temperature):
     """All outputs for one chunk of rows, in fp32 (fp64 inputs stay fp64, which the tests use to check
     the exact facts); this is where the [rows, V] working copy exists."""
@@ -41,7 +54,7 @@ def _rows_reference(logits, topk_ids, topk_logprobs, sampled_ids, temperature):
     mu_other = (-torch.expm1(log_mu_k.logsumexp(-1))).clamp(min=0)
     pi_other = (-torch.expm1(log_pi_k.logsumexp(-1))).clamp(min=0)
     tv = 0.5 * ((mu_k - pi_k).abs().sum(-1) + (mu_other - pi_other).abs())
-    kl_k = (mu_k * (mu_k.clamp(min=EPS).log() - pi_k.clamp(min=EPS).log())).sum(-1)
+    kl_k = _kl_set_reference(mu_k, log_mu_k, log_pi_k)
     kl_other = mu_other * (mu_other.clamp(min=EPS).log() - pi_other.clamp(min=EPS).log())
     sampled_logprob = log_pi.gather(-1, sampled_ids[:, None]).squeeze(-1)
     entropy = -(log_pi.exp() * log_pi).sum(-1)
@@ -136,8 +149,12 @@ if triton is not None:
         mu_other = tl.maximum(-_expm1(mu_set), 0.0)
         pi_other = tl.maximum(-_expm1(pi_set), 0.0)
         tv = 0.5 * (tl.sum(tl.abs(mu - pi), 0) + tl.abs(mu_other - pi_other))
-        # masses floored at 1e-12 inside the logs, as EPS in the reference (a jit function cannot read a global)
-        kl_k = tl.where(in_set, mu * (tl.log(tl.maximum(mu, 1e-12)) - tl.log(tl.maximum(pi, 1e-12))), 0.0)
+        # The K stored tokens use their log-probs as they are (no floor on pi: it would cap -log pi at ~27.6 and
+        # under-estimate the KL). Lanes of zero mass (past K, or mu = 0) read 0 for both logs and add 0 log 0 = 0,
+        # never forming -inf - (-inf). Only the "other" masses are floored at 1e-12 inside the logs, as EPS in
+        # the reference (a jit function cannot read a global).
+        live = in_set & (mu > 0)
+        kl_k = mu * (tl.where(live, log_mu, 0.0) - tl.where(live, log_pi, 0.0))
         kl_other = mu_other * (tl.log(tl.maximum(mu_other, 1e-12)) - tl.log(tl.maximum(pi_other, 1e-12)))
         sampled = tl.load(sampled_ptr + row)
         tl.store(tv_ptr + row, tv)

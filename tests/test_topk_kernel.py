@@ -127,3 +127,29 @@ def test_kernel_compiles_for_h100_without_a_gpu():
     out = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_kernel_kl_uses_log_pi_of_nearly_ruled_out_tokens():
+    """Rows where pi_k of stored tokens goes down to 1e-30: the kernel's KL equals the exact fp64 value
+    (so it takes log pi_k as logits_k / T - log Z, unfloored), well above the floored formula's."""
+    from test_topk_divergence import first_principles_kl, ruled_out_rows
+
+    ids, lp, logits, T = ruled_out_rows(N=6, V=64, K=8)
+    valid = torch.ones(len(ids), dtype=torch.bool, device=DEVICE)
+    got = topk_divergence_triton(logits.float().to(DEVICE), ids.to(DEVICE), lp.float().to(DEVICE),
+                                 ids[:, 0].to(DEVICE), T, valid, block_v=16)  # fmt: skip
+    want = first_principles_kl(ids, lp, logits, T)
+    torch.testing.assert_close(got["kl"].double().cpu(), want, rtol=1e-5, atol=0)
+    floored = first_principles_kl(ids, lp, logits, T, pi_floor=1e-12)
+    assert (got["kl"].double().cpu() - floored > 0.01 * 2.3).all()
+
+
+def test_kernel_stored_token_of_zero_mass_adds_nothing():
+    """A stored log-prob of -inf (mu_k = 0) adds 0 log 0 = 0 to the kernel's KL, as in the reference."""
+    logits, ids, lp, sampled, valid, _ = case(4, 300, 5, torch.float32, 1.0)
+    lp = lp.clone()
+    lp[:, 1] = float("-inf")
+    got = topk_divergence_triton(logits, ids, lp, sampled, 1.0, valid, block_v=128)
+    want = topk_divergence_reference(logits, ids, lp, sampled, 1.0, valid)
+    assert torch.isfinite(got["kl"]).all()
+    torch.testing.assert_close(got["kl"], want["kl"], rtol=1e-4, atol=1e-6)

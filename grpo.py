@@ -1,0 +1,232 @@
+"""GRPO: Group Relative Policy Optimization, the baseline that pods.py, dppo.py and cropi.py build on.
+
+For every prompt, sample a group of n completions and score each with a verifier. A completion's
+advantage is its reward's standing in its group, A_i = (r_i - mean r) / std r, given to all its
+tokens: no critic is learned. The policy takes PPO's clipped-surrogate steps on those advantages,
+optionally with a KL penalty to the initial policy.
+Paper: Z. Shao, P. Wang, Q. Zhu, et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in
+Open Language Models", arXiv 2402.03300, section 4.1.
+
+    python grpo.py                                    # built-in tiny model and chain task, CPU, minutes
+    python grpo.py --minibatches 4                    # 4 optimizer steps per rollout batch: the clip acts
+    python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --lr 1e-6
+    torchrun --nproc_per_node 2 -- grpo.py            # `--`: torchrun would read --n as its own option
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+
+from common.model import load_policy
+from common.rollout import sample, token_logprobs
+from common.run import all_reduce_sum, average_gradients, check_flags, fail, world_size
+from common.session import TrainingLoop, draw_prompts, open_session, rollout_metrics, score_groups
+
+
+@dataclass
+class Args:
+    # ---- plumbing ----
+    model: str = "tiny"
+    """hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), local folder, or `tiny` (built-in, built once and cached)"""
+    task: str = "chain"
+    """`chain` (built-in arithmetic), `gsm8k`, or a .json/.jsonl/.parquet file"""
+    question_field: str = "question"
+    """field holding the question, for a data file"""
+    answer_field: str = "answer"
+    """field holding the gold answer (a number, or text ending in `#### <answer>`), for a data file"""
+    seed: int = 1
+    """seeds python, numpy and torch; the same seed on the same machine gives the same metrics"""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu` or `cuda`"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """parameter dtype of the policy"""
+    output_dir: str = "runs"
+    """run folders go here"""
+    run_name: str | None = None
+    """run folder name (default: <script>__s<seed>__<time>)"""
+    resume: str | None = None
+    """a run folder to continue from its latest checkpoint"""
+    steps: int = 200
+    """training steps (one rollout batch and --minibatches optimizer steps each)"""
+    max_time: float = 0.0
+    """stop after this many seconds of training time (evaluation excluded); 0 for no limit"""
+    log_every: int = 5
+    """steps between console summary lines and sample dumps (metrics.jsonl gets every step)"""
+    eval_every: int = 20
+    """steps between held-out evaluations (also before the first step and after the last)"""
+    eval_prompts: int = 200
+    """held-out test prompts per evaluation"""
+    save_every: int = 0
+    """steps between checkpoints; 0 saves only at the end"""
+    # ---- the algorithm ----
+    batch_prompts: int = 16
+    """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
+    n: int = 8
+    """rollouts per prompt (a group)"""
+    minibatches: int = 1
+    """optimizer steps per rollout batch: the batch is shuffled and split into this many mini-batches"""
+    micro_batch: int = 0
+    """sequences per forward/backward inside a mini-batch (gradient accumulation); 0 = the whole mini-batch"""
+    temperature: float = 1.0
+    """sampling temperature (training log-probs use the same temperature)"""
+    max_new_tokens: int = 0
+    """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
+    lr: float = 2e-4
+    """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clipping"""
+    eps_low: float = 0.2
+    """clip of the ratio pi/pi_old below 1 - eps_low (where A < 0)"""
+    eps_high: float = 0.2
+    """clip of the ratio above 1 + eps_high (where A > 0); 0.28 is DAPO's clip-higher"""
+    beta: float = 0.0
+    """KL penalty coefficient (k3 estimator) against the initial policy; 0 turns it off"""
+    scale_rewards: bool = True
+    """divide each group's centred rewards by their std (GRPO); --no-scale-rewards: mean-centring only"""
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """loss aggregation: token-mean per sequence then mean over sequences (GRPO), mean over all tokens (DAPO),
+    or per sequence sum / max-new-tokens then mean (Dr. GRPO)"""
+
+
+def check_args(args: Args, world: int):
+    """Reject bad settings with a one-line error naming the flag."""
+    if args.n < 2:
+        fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
+    check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",
+                                "temperature", "lr", "max_grad_norm", "eps_low", "eps_high"),
+                non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens"))  # fmt: skip
+    if args.batch_prompts % world:
+        fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
+    rows = args.batch_prompts // world * args.n
+    if rows % args.minibatches:
+        fail(f"--minibatches {args.minibatches} does not divide the {rows} sequences per rank (batch-prompts x n)")
+    if args.micro_batch and (rows // args.minibatches) % args.micro_batch:
+        fail(f"--micro-batch {args.micro_batch} does not divide the {rows // args.minibatches}-sequence mini-batch")
+
+
+# ---- advantages: each completion against its own group ---------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group g (a row of rewards [B, n]), unbiased std;
+    without `scale`, A_i = r_i - mean_g r (Dr. GRPO)."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
+
+
+# ---- the loss --------------------------------------------------------------------------------------------
+
+
+def clipped_surrogate(logp, logp_old, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token, as a loss [N, L]: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
+    r = pi(y_t) / pi_old(y_t). Also where the clip binds (there the token's gradient is 0)."""
+    ratio = torch.exp(logp - logp_old)
+    A = advantages[:, None]
+    unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
+    return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
+
+
+def kl_k3(logp, ref_logp) -> torch.Tensor:
+    """KL(pi || pi_ref) per token, the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased)."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
+
+
+def loss_normaliser(completion_mask, aggregation: str) -> float:
+    """What a mini-batch's summed loss is divided by, so that averaging gradients over ranks (and adding up
+    micro-batches) gives the global value: sequences per rank (every rank holds the same number), or for
+    `token-mean` the global token count / ranks."""
+    if aggregation == "token-mean":
+        return all_reduce_sum([completion_mask.sum().item()])[0] / world_size()
+    return completion_mask.shape[0]
+
+
+def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normaliser: float) -> torch.Tensor:
+    """Token losses [N, L] -> the scalar loss of a micro-batch. Padding contributes nothing."""
+    per_token = per_token * completion_mask
+    if aggregation == "seq-mean-token-mean":  # every sequence weighs the same, whatever its length
+        return (per_token.sum(1) / completion_mask.sum(1).clamp(min=1)).sum() / normaliser
+    if aggregation == "seq-mean-token-sum-norm":  # a fixed horizon instead of the length: no length bias
+        return per_token.sum() / horizon / normaliser
+    return per_token.sum() / normaliser  # token-mean: every token weighs the same
+
+
+# ---- one rollout batch: --minibatches optimizer steps ------------------------------------------------------
+
+
+def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+    """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
+    sampled the batch, whose log-probs the sampler recorded (rollout.logprobs): with one mini-batch the ratio
+    is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
+    model.train()
+    order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
+    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss"), 0.0)
+    grad_norms = []
+    for minibatch in order.chunk(args.minibatches):
+        normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
+        optimizer.zero_grad()
+        for part_rows in minibatch.split(args.micro_batch or len(minibatch)):
+            part, A = rollout.select(part_rows), advantages[part_rows]
+            valid = part.completion_mask.float()
+            logp = token_logprobs(model, part, args.temperature)
+            per_token, clipped = clipped_surrogate(logp, part.logprobs, A, args.eps_low, args.eps_high)
+            kl = torch.zeros_like(logp)
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(ref_model, part, args.temperature)
+                kl = kl_k3(logp, ref_logp)
+            loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
+            loss.backward()
+            for key, value in (("tokens", valid), ("clipped", clipped * valid), ("kl", kl.detach() * valid)):
+                sums[key] += value.sum().item()
+            sums["loss"] += loss.item()
+        average_gradients(model)
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+        optimizer.step()
+    model.eval()
+    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
+    return {
+        "loss/policy": s["loss"] / world_size() / args.minibatches,
+        "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
+        "policy/kl_ref": s["kl"] / max(1.0, s["tokens"]),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "train/update_tokens": s["tokens"] / world_size(),
+    }
+
+
+# ---- training loop ---------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    session = open_session(args, "grpo", check_args)
+    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
+    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
+    n = args.n
+    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    loop = TrainingLoop(session, args, optimizer, args.steps)
+    loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)")
+    for step in loop.steps():
+        # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, session.rank,
+                                         session.world)  # fmt: skip
+        with loop.timer("generate"):
+            group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
+            rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id, generator=loop.generator("sample", step))  # fmt: skip
+        scored = score_groups(task, tokenizer, examples, rollout, n)
+        # 2. Group-relative advantages: each completion against the other completions of its prompt.
+        advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
+        # 3. Clipped-surrogate steps on the whole batch.
+        with loop.timer("update"):
+            stats = grpo_update(model, ref_model, optimizer, rollout, advantages, args, loop.generator("shuffle", step))
+        metrics = {**rollout_metrics(task, scored, rollout), **stats}
+        shown = {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
+                 "clipped": metrics["policy/clip_frac"]}  # fmt: skip
+        loop.end_step(step, metrics, shown, scored)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
