@@ -15,7 +15,6 @@ LLM Post-Training", arXiv 2604.01597.
 """
 
 import copy
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,24 +25,18 @@ import torch.distributed as dist
 import tyro
 from torch.func import functional_call, grad, vmap
 
-from common.data import fail
 from common.model import load_policy, matching_parameters
-from common.reward import count_correct_unfaithful, score
 from common.rollout import Rollout, left_pad, positions, sample, token_logprobs
 from common.run import (
-    RunLogger,
-    Timer,
     all_reduce_max,
-    all_reduce_mean,
     all_reduce_sum,
     average_gradients,
     check_flags,
-    is_main,
-    load_trainer_state,
-    save_checkpoint,
+    fail,
+    seeded_generator,
     world_size,
 )
-from common.session import draw_prompts, eval_line, evaluate, open_session, prompt_ids
+from common.session import TrainingLoop, draw_prompts, open_session, prompt_ids, rollout_metrics, score_groups
 from kernels.projection import project
 
 
@@ -345,8 +338,8 @@ def influence_weights(scores, reweight=True) -> tuple[torch.Tensor, torch.Tensor
 def influence_metrics(scores, influence, keep, weights, val_loss) -> dict:
     """What the filter did this iteration, over all ranks: kept share, mean positive score, and which episodes
     it dropped (correct ones; among those, faithful and unfaithful ones; wrong ones)."""
-    correct = torch.tensor([c for _, c, _ in scores], device=keep.device)
-    unfaithful = torch.tensor([c and f is False for _, c, f in scores], device=keep.device)
+    correct = torch.tensor([s.correct for s in scores], device=keep.device)
+    unfaithful = torch.tensor([s.correct and s.faithful is False for s in scores], device=keep.device)
     dropped = ~keep
     sums = all_reduce_sum([
         keep.sum().item(), len(keep), influence[keep].sum().item(),
@@ -422,8 +415,8 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
     return {
         "loss/policy": s["policy_loss"] / max(1.0, s["episodes"]),
         "loss/value": s["value_loss"] / max(1.0, s["episodes"]),
-        "ppo/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
-        "ppo/approx_kl": s["approx_kl"] / max(1.0, s["tokens"]),
+        "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
+        "policy/approx_kl": s["approx_kl"] / max(1.0, s["tokens"]),
         "grad_norm": mean(grad_norms),
         "grad_norm/critic": mean(value_grad_norms),
     }
@@ -434,16 +427,15 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
 
 def draw_validation(task, seed: int, step: int, size: int, rank: int, world: int) -> list[dict]:
     """A fresh batch of `size` gold validation examples (the same draw on every rank; each rank takes a slice)."""
-    generator = torch.Generator().manual_seed(seed * 7907 + step)
-    draw = torch.randperm(len(task.validation), generator=generator)[:size]
+    draw = torch.randperm(len(task.validation), generator=seeded_generator(seed, "validation", step))[:size]
     return [task.validation[i] for i in draw[rank::world].tolist()]
 
 
 def main(args: Args):
     session = open_session(args, "ippo", check_args)
-    rank, world, device, task = session.rank, session.world, session.device, session.task
-    run_dir, model_path, checkpoint = session.run_dir, session.model_path, session.checkpoint
-    model, tokenizer = session.model, session.tokenizer
+    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
+    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
+    n, rank, world = args.n, session.rank, session.world
     if args.influence:
         if not all(e.get("solution") for e in task.validation):
             fail(f"--task {args.task}: the validation split has no gold solutions (field {args.solution_field!r}),"
@@ -451,54 +443,31 @@ def main(args: Args):
         if args.val_size > len(task.validation):
             fail(f"--val-size {args.val_size}: the validation split of {task.name} has {len(task.validation)}")
     names = [name for name, _ in matching_parameters(model, args.grad_params)] if args.influence else []
-    ref_model = load_policy(model_path, model.dtype, device)[0].eval() if args.kl_coef > 0 else None
-    critic = Critic(load_policy(model_path, model.dtype, device)[0]).eval()  # the critic starts from the SFT model
+    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.kl_coef > 0 else None
+    critic = Critic(load_policy(session.model_path, model.dtype, device)[0]).eval()  # starts from the SFT model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
-    state = {"step": 0, "train_time": 0.0}
-    if checkpoint:
-        state = load_trainer_state(checkpoint, optimizer)
-        critic.load_state_dict(state["critic"])
-        critic_optimizer.load_state_dict(state["critic_optimizer"])
-    start, train_time = state["step"], state["train_time"]
-    logger = RunLogger(run_dir, args, args.steps, start)
+    loop = TrainingLoop(session, args, optimizer, args.steps, save_state=lambda: {  # the critic beside the actor
+        "critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()})  # fmt: skip
+    if "critic" in loop.state:
+        critic.load_state_dict(loop.state["critic"])
+        critic_optimizer.load_state_dict(loop.state["critic_optimizer"])
     mode = "plain PPO" if not args.influence else "I-PPO" + ("" if args.reweight else " (filter only)")
-    scored = sum(p.numel() for k, p in model.named_parameters() if k in names)
-    logger.print(
-        f"run folder {run_dir} | model {model_path} | task {task.name} ({len(task.train)} train prompts) | {mode}"
-        f" | B={args.batch_prompts} n={args.n} epochs={args.epochs} minibatches={args.minibatches}"
-        + (f" | scoring {scored} parameters ({len(names)} tensors)" if args.influence else "")
-        + f" | {world} process(es) on {device}"
-    )
-    step_gen = lambda step, stream: torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 101 + stream)
-    timer = Timer()
-
-    def log_eval(step):
-        metrics = evaluate(model, tokenizer, task, args.eval_prompts, args.max_new_tokens, args.temperature, rank,
-                           world, step_gen(step, 50 + rank))  # fmt: skip
-        logger.log(step, {**metrics, "time/train_elapsed": train_time})
-        logger.print(eval_line(step, metrics))
-
-    def save(step):  # the actor in save_pretrained format; the critic and both optimizers in trainer_state.pt
-        save_checkpoint(run_dir, step, model, tokenizer, optimizer, {
-            "train_time": train_time, "critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()
-        })  # fmt: skip
-
-    if start == 0:
-        log_eval(0)
-    for step in range(start, args.steps):
+    scored_params = sum(p.numel() for k, p in model.named_parameters() if k in names)
+    loop.print(f"{session.describe()} | {mode} | B={args.batch_prompts} n={n} epochs={args.epochs}"
+               f" minibatches={args.minibatches}"
+               + (f" | scoring {scored_params} parameters ({len(names)} tensors)" if args.influence else ""))
+    for step in loop.steps():
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n episodes each; outcome rewards.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
-        with timer("generate"):
-            episode_prompts = [p for p in prompts for _ in range(args.n)]  # each prompt's n episodes side by side
+        with loop.timer("generate"):
+            episode_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n episodes side by side
             rollout = sample(model, episode_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=step_gen(step, 1 + rank))  # fmt: skip
-        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        scores = [score(task.name, examples[i // args.n], t) for i, t in enumerate(texts)]
-        outcome = torch.tensor([s[0] for s in scores], device=device)
-        mask = rollout.completion_mask.float()
+                             tokenizer.pad_token_id, generator=loop.generator("sample", step))  # fmt: skip
+        scored = score_groups(task, tokenizer, examples, rollout, n)
+        outcome, mask = scored.rewards.flatten().to(device), rollout.completion_mask.float()
         # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.
-        with timer("advantage"), torch.no_grad():
+        with loop.timer("advantage"), torch.no_grad():
             logp_old = token_logprobs(model, rollout, args.temperature)
             logp_ref = token_logprobs(ref_model, rollout, args.temperature) if ref_model is not None else logp_old
             values = critic(rollout)
@@ -508,80 +477,35 @@ def main(args: Args):
         # 3. Influence at the pre-update parameters: g_val from fresh gold pairs, Score_i = <g_i, g_val>, keep > 0.
         keep, weights, info = torch.ones_like(outcome, dtype=torch.bool), torch.ones_like(outcome), {}
         if args.influence:
-            with timer("influence"):
+            with loop.timer("influence"):
                 gold = gold_rollout(tokenizer, draw_validation(task, args.seed, step, args.val_size, rank, world),
                                     task.instruction, device)  # fmt: skip
                 g_val, val_loss = validation_gradient(model, names, gold)
                 influence = influence_scores(model, names, rollout, advantages, logp_old, g_val, args)
                 keep, weights = influence_weights(influence, args.reweight)
-            info = influence_metrics(scores, influence, keep, weights, val_loss)
+            info = influence_metrics(scored.scores, influence, keep, weights, val_loss)
         kept_total, total = all_reduce_sum([keep.sum().item(), len(keep)])
-        stop = kept_total < args.min_keep
+        stop = kept_total < args.min_keep  # I-PPO's early stop: no episode left worth learning from
         # 4. PPO epochs on the kept episodes, weighted; the critic on the same episodes, unweighted.
         rows = keep.nonzero().squeeze(-1)
         batch = {"rollout": rollout.select(rows), "advantages": advantages[rows], "logp_old": logp_old[rows],
                  "values": values[rows], "returns": returns[rows], "weights": weights[rows]}  # fmt: skip
         stats = {}
         if not stop:
-            with timer("update"):
-                shuffle = torch.Generator().manual_seed(args.seed * 31 + step * 7 + rank)
-                stats = ppo_update(model, critic, optimizer, critic_optimizer, batch, args, shuffle)
-        times = timer.pop()
-        train_time += sum(times.values())
-        correct, unfaithful = count_correct_unfaithful(scores)
-        kept_tokens = batch["rollout"].completion_mask.sum().item()
-        correct, unfaithful, tokens, kept_tokens = all_reduce_sum([correct, unfaithful, mask.sum().item(), kept_tokens])
-        metrics = {
-            **all_reduce_mean({
-                "reward/mean": outcome.mean().item(),
-                "train/completion_len": mask.sum(1).mean().item(),
-                "value/mean": ((values * mask).sum() / mask.sum()).item(),
-                "kl/ref": (((logp_old - logp_ref) * mask).sum() / mask.sum()).item(),
-                **{f"time/{k}": v for k, v in times.items()},
-            }),
-            **({"train/unfaithful": unfaithful / max(1, correct)} if task.name == "chain" else {}),
-            **info, **stats,
-            "throughput/gen_tokens_per_s": tokens / world / max(times["generate"], 1e-9),
-        }  # fmt: skip
-        if "update" in times:
-            metrics["throughput/update_tokens_per_s"] = kept_tokens / world / max(times["update"], 1e-9)
-            if args.influence:
-                metrics["time/influence_over_update"] = metrics["time/influence"] / max(metrics["time/update"], 1e-9)
-        if stop:
-            metrics["influence/early_stop"] = 1.0
-        train_time = all_reduce_mean({"t": train_time})["t"]  # every rank agrees on when to stop
-        metrics["time/train_elapsed"] = train_time
-        logger.log(step + 1, metrics)
-        logger.progress(reward=metrics["reward/mean"], kept=kept_total / total)
-        if (step + 1) % args.log_every == 0:
-            shown = (f" | kept {metrics['influence/kept_frac']:.2f} dropped-correct"
-                     f" {metrics['influence/dropped_correct']:.2f} | infl {metrics['time/influence']:.2f}s"
-                     if args.influence else "")  # fmt: skip
-            logger.print(
-                f"step {step + 1:4d} | reward {metrics['reward/mean']:.3f} | V {metrics['value/mean']:.3f}{shown}"
-                f" | gen {metrics['time/generate']:.2f}s adv {metrics['time/advantage']:.2f}s"
-                f" upd {metrics.get('time/update', 0.0):.2f}s"
-            )
-            logger.samples(step + 1, [{"question": examples[0]["question"], "completion": t, "reward": s[0]}
-                                      for t, s in zip(texts[:4], scores[:4])])  # fmt: skip
-        if stop:
-            logger.print(
-                f"stopping at iteration {step + 1}: {int(kept_total)} of {int(total)} episodes scored"
-                f" positive, fewer than --min-keep {args.min_keep}; no update taken (I-PPO's early stop)"
-            )
-        out_of_time = args.max_time and train_time >= args.max_time
-        last = step + 1 == args.steps or out_of_time or stop
-        if (step + 1) % args.eval_every == 0 or last:
-            log_eval(step + 1)
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            save(step + 1)
-        if out_of_time and not stop:
-            logger.print(f"stopping: --max-time {args.max_time:.0f}s of training reached at step {step + 1}")
-        if last:
-            break
-    logger.close()
-    if is_main():
-        print(f"done: metrics in {os.path.join(run_dir, 'metrics.jsonl')}, checkpoints in {run_dir}/checkpoints")
+            with loop.timer("update"):
+                stats = ppo_update(model, critic, optimizer, critic_optimizer, batch, args,
+                                   loop.generator("shuffle", step, device="cpu"))  # fmt: skip
+        metrics = {**rollout_metrics(task, scored, rollout), **info, **stats,
+                   "train/update_tokens": batch["rollout"].completion_mask.sum().item(),
+                   "value/mean": ((values * mask).sum() / mask.sum()).item(),
+                   "policy/kl_ref": (((logp_old - logp_ref) * mask).sum() / mask.sum()).item(),
+                   **({"influence/early_stop": 1.0} if stop else {})}  # fmt: skip
+        shown = {"reward": metrics["reward/mean"], "kept": kept_total / total, "V": metrics["value/mean"]}
+        if args.influence:
+            shown["dropped-correct"] = metrics["influence/dropped_correct"]
+        early_stop = (f"{int(kept_total)} of {int(total)} episodes scored positive, fewer than --min-keep"
+                      f" {args.min_keep}; no update taken (I-PPO's early stop)")  # fmt: skip
+        loop.end_step(step, metrics, shown, scored, stop=early_stop if stop else None)
 
 
 if __name__ == "__main__":
