@@ -170,8 +170,6 @@ def check_args(args: Args, world: int):
     rows = args.batch_prompts // world * args.n
     if rows % args.minibatches:
         fail(f"--minibatches {args.minibatches} does not divide the {rows} sequences per rank (batch-prompts x n)")
-    if args.micro_batch and (rows // args.minibatches) % args.micro_batch:
-        fail(f"--micro-batch {args.micro_batch} does not divide the {rows // args.minibatches}-sequence mini-batch")
     try:
         re.compile(args.grad_params)
     except re.error as e:

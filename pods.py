@@ -109,8 +109,6 @@ def check_args(args: Args, world: int):
     rows = args.batch_prompts // world * args.m
     if rows % args.minibatches:
         fail(f"--minibatches {args.minibatches} does not divide the {rows} kept sequences per rank (batch-prompts x m)")
-    if args.micro_batch and (rows // args.minibatches) % args.micro_batch:
-        fail(f"--micro-batch {args.micro_batch} does not divide the {rows // args.minibatches}-sequence mini-batch")
 
 
 # ---- down-sampling rules: rewards [B, n] -> kept indices [B, m], one row per prompt ------------------------

@@ -303,7 +303,7 @@ def test_gsm8k_offline_gives_a_clear_error():
 
 
 def test_count_correct_unfaithful():
-    from common.reward import count_correct_unfaithful
+    from common.reward import Score, count_correct_unfaithful
 
-    scores = [(1.0, True, True), (1.0, True, False), (0.0, False, False), (1.0, True, None)]
+    scores = [Score(1.0, True, True), Score(1.0, True, False), Score(0.0, False, False), Score(1.0, True, None)]
     assert count_correct_unfaithful(scores) == (3, 1)  # None (steps not checkable) is not unfaithful

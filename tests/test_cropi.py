@@ -195,7 +195,8 @@ def test_smoke_run_each_selection(selection, warm_model_dir, easy_file, tmp_path
 def test_torchrun_two_processes(warm_model_dir, easy_file, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--", "cropi.py"]
     out = run_command([*torchrun, "--model", warm_model_dir, "--task", easy_file, "--output-dir", str(tmp_path),
-                       "--run-name", "ddp", "--store-temperature", "1.5", *SMALL], timeout=600)  # fmt: skip
+                       "--run-name", "ddp", "--store-temperature", "1.5", *SMALL, "--val-responses", "16"],
+                      timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert [r["step"] for r in train_rows(tmp_path / "ddp")] == [1, 2]
 

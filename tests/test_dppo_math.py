@@ -167,8 +167,10 @@ def test_aggregations_on_a_ragged_batch():
 
 
 def test_group_advantages_subtract_the_mean_without_std():
+    """DPPO's default advantages are mean-centred only (no division by the group's std)."""
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
-    torch.testing.assert_close(group_advantages(rewards), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.25] * 3 + [-0.75]]))
+    assert not Args().scale_rewards
+    torch.testing.assert_close(group_advantages(rewards, Args().scale_rewards), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.25] * 3 + [-0.75]]))
 
 
 def test_is_cap_truncates_the_weight():
@@ -196,7 +198,7 @@ def test_thresholds_defaults():
         (dict(trust_region="topk-tv", top_k=0), "--top-k"),
         (dict(trust_region="clip"), "--trust-region"),
         (dict(minibatches=3), "--minibatches"),
-        (dict(minibatches=2, micro_batch=3), "--micro-batch"),
+        (dict(micro_batch=-1), "--micro-batch"),
         (dict(is_cap=0.0), "--is-cap"),
         (dict(batch_prompts=3), "--batch-prompts"),
     ],

@@ -80,7 +80,7 @@ def test_every_minibatch_is_measured_against_the_recorded_mu(random_model_dir, m
     before = {k: v.clone() for k, v in model.state_dict().items()}
     advantages = torch.tensor([1.0, -1.0] * 4)
     order = torch.randperm(8, generator=torch.Generator().manual_seed(5))
-    stats = dppo.dppo_update(model, optimizer, rollout, advantages, args, torch.Generator().manual_seed(5))
+    stats = dppo.dppo_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(5))
     assert len(seen) == 4
     for rows, logp_mu in zip(order.chunk(4), seen):
         assert torch.equal(logp_mu, rollout.logprobs[rows])  # the sampler's record, not a recomputed copy
@@ -92,7 +92,7 @@ def test_no_mismatch_means_pi_equals_mu_before_the_first_step(random_model_dir):
     model, rollout = _rollout(random_model_dir, sampler_temperature=1.0)
     args = dppo.Args(minibatches=1, max_new_tokens=8, lr=1e-9)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    stats = dppo.dppo_update(model, optimizer, rollout, torch.zeros(8), args, torch.Generator().manual_seed(0))
+    stats = dppo.dppo_update(model, None, optimizer, rollout, torch.zeros(8), args, torch.Generator().manual_seed(0))
     assert stats["dppo/abs_pi_mu"] < 1e-5 and stats["dppo/masked_frac"] == 0
 
 

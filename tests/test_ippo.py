@@ -8,8 +8,10 @@ import pytest
 import torch
 from conftest import ROOT, check_per_skill_eval, metric_rows, run_command
 
+import common.session
 import ippo
 from common.model import load_policy, matching_parameters
+from common.reward import Score
 from common.rollout import Rollout, token_logprobs
 
 # Gold pairs of different question and solution lengths: laid out as a buffer they need left padding
@@ -244,7 +246,7 @@ def _args(model_dir, tmp_path, **kw):
 
 def varying_reward(task, example, text):
     """A random model rarely answers right; a reward that varies within a group guarantees a nonzero signal."""
-    return float(len(text) % 2), len(text) % 2 == 1, None
+    return Score(float(len(text) % 2), len(text) % 2 == 1, None)
 
 
 def same_parameters(folder, reference) -> bool:
@@ -253,7 +255,7 @@ def same_parameters(folder, reference) -> bool:
 
 
 def test_all_negative_buffer_takes_no_step_and_stops(random_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ippo, "score", varying_reward)
+    monkeypatch.setattr(common.session, "score", varying_reward)
     monkeypatch.setattr(ippo, "influence_scores", lambda model, names, rollout, adv, *a: -torch.ones(len(adv)))
     ippo.main(_args(random_model_dir, tmp_path, run_name="neg", steps=5))
     train = metric_rows(tmp_path / "neg", "reward/mean")
@@ -266,7 +268,7 @@ def test_all_negative_buffer_takes_no_step_and_stops(random_model_dir, tmp_path,
 
 
 def test_update_changes_parameters_and_resumes(random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(ippo, "score", varying_reward)
+    monkeypatch.setattr(common.session, "score", varying_reward)
     ippo.main(_args(random_model_dir, tmp_path, run_name="r", steps=1))
     initial = load_policy(random_model_dir)[0].state_dict()
     assert not same_parameters(tmp_path / "r" / "checkpoints" / "step_000001", initial)
@@ -275,7 +277,7 @@ def test_update_changes_parameters_and_resumes(random_model_dir, tmp_path, monke
 
 
 def test_same_seed_same_metrics(random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(ippo, "score", varying_reward)
+    monkeypatch.setattr(common.session, "score", varying_reward)
     runs = []
     for name in ("a", "b"):
         ippo.main(_args(random_model_dir, tmp_path, run_name=name, steps=2))
@@ -390,7 +392,9 @@ SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--epochs", "1", "-
 # ippo.py with a reward that varies within each group, so that a random model gets advantages of both
 # signs, episodes are both kept and dropped, and the update runs (the script itself is unchanged).
 WRAPPER = """import tyro, ippo
-ippo.score = lambda task, example, text: (float(len(text) % 2), len(text) % 2 == 1, None)
+import common.session
+from common.reward import Score
+common.session.score = lambda task, example, text: Score(float(len(text) % 2), len(text) % 2 == 1, None)
 ippo.main(tyro.cli(ippo.Args))
 """
 
@@ -415,11 +419,11 @@ def test_smoke_run(mode, random_model_dir, tmp_path):
     assert [r["step"] for r in train] == [1, 2]
     assert {"eval/acc_sampled", "eval/unfaithful_sampled", "eval/acc_greedy"} <= set(rows[0])
     check_per_skill_eval(rows[0], 4)
-    expected = {"train/unfaithful", "loss/policy", "loss/value", "ppo/clip_frac", "value/mean", "kl/ref",
-                "time/generate", "time/advantage", "time/update", "throughput/gen_tokens_per_s",
+    expected = {"train/unfaithful", "loss/policy", "loss/value", "policy/clip_frac", "value/mean", "policy/kl_ref",
+                "time/generate", "time/advantage", "time/update", "throughput/generate_tokens_per_s",
                 "throughput/update_tokens_per_s"}  # fmt: skip
     influence = {"influence/kept_frac", "influence/dropped_correct", "influence/mean_pos_score",
-                 "influence/dropped_correct_unfaithful", "time/influence", "time/influence_over_update"}  # fmt: skip
+                 "influence/dropped_correct_unfaithful", "time/influence", "reward/zero_std_frac"}  # fmt: skip
     assert expected <= set(train[0])
     if mode == "influence":
         assert influence <= set(train[0]) and 0 < train[0]["influence/kept_frac"] < 1

@@ -5,10 +5,9 @@ import itertools
 import pytest
 import torch
 
+from common.session import frac_zero_std
 from pods import (
-    frac_zero_std,
     group_advantages,
-    grpo_loss,
     select,
     select_max_reward,
     select_max_variance,
@@ -160,26 +159,3 @@ def test_rules_shapes_and_distinct_indices():
         assert idx.shape == (5, 3)
         assert all(len(set(row.tolist())) == 3 for row in idx)
     assert torch.equal(r.gather(1, select_max_reward(r, 3)), r.sort(1, descending=True).values[:, :3])
-
-
-def test_grpo_loss_aggregations_by_hand():
-    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    adv = torch.tensor([2.0, -1.0])
-    # the value is -sum A (the ratio is 1); the gradient w.r.t. logp is -A * weight on real tokens
-    seq = grpo_loss(logp, adv, mask, "seq-mean-token-mean", normaliser=2)
-    assert seq.item() == pytest.approx((-2.0 + 1.0) / 2)
-    seq.backward()
-    assert torch.allclose(logp.grad, torch.tensor([[-0.5, -0.5, 0.0], [0.5, 0.0, 0.0]]))
-    logp.grad = None
-    tok = grpo_loss(logp, adv, mask, "token-mean", normaliser=3)
-    tok.backward()
-    assert torch.allclose(logp.grad, torch.tensor([[-2 / 3, -2 / 3, 0.0], [1 / 3, 0.0, 0.0]]))
-
-
-def test_grpo_kl_term_is_zero_at_reference_and_positive_elsewhere():
-    logp = torch.tensor([[-1.0, -2.0]])
-    mask = torch.ones(1, 2)
-    zero_adv = torch.zeros(1)
-    assert grpo_loss(logp, zero_adv, mask, "token-mean", 2, ref_logp=logp.clone(), beta=0.1).item() == 0.0
-    assert grpo_loss(logp, zero_adv, mask, "token-mean", 2, ref_logp=logp - 0.3, beta=0.1).item() > 0

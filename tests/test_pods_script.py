@@ -8,8 +8,10 @@ import pytest
 import torch
 from conftest import check_per_skill_eval, metric_rows, run_command
 
+import common.session
 import pods
 from common.model import load_policy
+from common.reward import Score
 
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--m", "2", "--eval-prompts", "6",
          "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "12"]  # fmt: skip
@@ -34,10 +36,11 @@ def test_smoke_run_checkpoint_and_resume(random_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     run_dir = tmp_path / "smoke"
     rows = read_metrics(run_dir)
-    train = [r for r in rows if "reward/all" in r]
+    train = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in train] == [1, 2]
-    for key in ("reward/kept", "frac_zero_std/before", "frac_zero_std/after", "time/generate", "time/select",
-                "time/update", "throughput/gen_tokens_per_s", "throughput/update_tokens_per_s"):  # fmt: skip
+    for key in ("reward/kept_mean", "reward/zero_std_frac", "reward/zero_std_frac_kept", "time/generate", "time/select",
+                "time/update", "throughput/generate_tokens_per_s", "throughput/update_tokens_per_s",
+                "loss/policy"):  # fmt: skip
         assert key in train[0]
     assert {"eval/acc_greedy", "eval/acc_sampled", "eval/unfaithful_greedy"} <= set(rows[0])
     check_per_skill_eval(rows[0], 6)
@@ -47,7 +50,7 @@ def test_smoke_run_checkpoint_and_resume(random_model_dir, tmp_path):
     # resume continues at step 3 in the same folder
     out = run(["--resume", str(run_dir), "--model", random_model_dir, *SMALL[:-12], "--steps", "3", *SMALL[2:]])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert [r["step"] for r in read_metrics(run_dir) if "reward/all" in r] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(run_dir) if "reward/mean" in r] == [1, 2, 3]
 
 
 def test_torchrun_two_processes(random_model_dir, tmp_path):
@@ -56,7 +59,7 @@ def test_torchrun_two_processes(random_model_dir, tmp_path):
     out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "ddp", *SMALL], torchrun)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_metrics(tmp_path / "ddp")  # rank 0 alone writes
-    assert [r["step"] for r in rows if "reward/all" in r] == [1, 2]
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
 
 
 def _args(model_dir, tmp_path, **kw):
@@ -76,7 +79,7 @@ def test_only_kept_sequences_are_trained_and_parameters_change(random_model_dir,
     monkeypatch.setattr(pods, "token_logprobs", counting)
     before = {k: v.clone() for k, v in load_policy(random_model_dir)[0].state_dict().items()}
     # a random model rarely answers right; a reward that varies within each group guarantees a nonzero gradient
-    monkeypatch.setattr(pods, "score", lambda task, ex, text: (float(len(text) % 2), False, None))
+    monkeypatch.setattr(common.session, "score", lambda task, ex, text: Score(float(len(text) % 2), False, None))
     pods.main(_args(random_model_dir, tmp_path, run_name="count", micro_batch=4, steps=2))
     assert rows_trained == [4, 2, 4, 2], "B*m = 6 sequences per step, in micro-batches of 4, never B*n = 12"
     after, _ = load_policy(str(tmp_path / "count" / "checkpoints" / "step_000002"))
@@ -151,7 +154,7 @@ def test_instruct_model_on_a_data_file(random_model_dir, tiny_tokenizer, tmp_pat
     pods.main(args)
     rows = read_metrics(tmp_path / "instruct_run")
     assert "eval/acc_greedy" in rows[0] and "eval/unfaithful_greedy" not in rows[0]  # steps checkable on chain only
-    assert any("reward/all" in r for r in rows)
+    assert any("reward/mean" in r for r in rows)
 
 
 def test_existing_run_folder_is_refused(random_model_dir, tmp_path):
