@@ -38,7 +38,8 @@ def run(script: str) -> float:
 
 
 def main(scripts):
-    print("| script | wall clock | sampled acc | greedy acc | unfaithful among correct (sampled) | per skill, sampled |")
+    print("| script | wall clock | sampled acc | greedy acc | unfaithful among correct (sampled) | per skill, sampled |"
+          )  # fmt: skip
     print("|---|---|---|---|---|---|")
     for script in scripts:
         seconds = run(script)
@@ -48,9 +49,9 @@ def main(scripts):
         skills = sorted(k.split("/")[-1] for k in first if k.startswith("eval/acc_sampled/"))
         per_skill = ", ".join(f"{s} {first[f'eval/acc_sampled/{s}']:.2f}->{last[f'eval/acc_sampled/{s}']:.2f}"
                               for s in skills)  # fmt: skip
-        span = lambda key: f"{first[key]:.3f} -> {last[key]:.3f}"  # noqa: E731
-        print(f"| `{script}.py` | {seconds:.0f} s | {span('eval/acc_sampled')} | {span('eval/acc_greedy')}"
-              f" | {span('eval/unfaithful_sampled')} | {per_skill} |")
+        spans = [f"{first[k]:.3f} -> {last[k]:.3f}" for k in ("eval/acc_sampled", "eval/acc_greedy",
+                                                                   "eval/unfaithful_sampled")]  # fmt: skip
+        print(f"| `{script}.py` | {seconds:.0f} s | {' | '.join(spans)} | {per_skill} |")
 
 
 if __name__ == "__main__":

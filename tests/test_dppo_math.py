@@ -170,7 +170,8 @@ def test_group_advantages_subtract_the_mean_without_std():
     """DPPO's default advantages are mean-centred only (no division by the group's std)."""
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
     assert not Args().scale_rewards
-    torch.testing.assert_close(group_advantages(rewards, Args().scale_rewards), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.25] * 3 + [-0.75]]))
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.25] * 3 + [-0.75]])
+    torch.testing.assert_close(group_advantages(rewards, Args().scale_rewards), expected)
 
 
 def test_is_cap_truncates_the_weight():
