@@ -28,10 +28,10 @@ from common.reward import score
 from common.rollout import Rollout, sample, token_logprobs
 from common.run import (
     all_reduce_sum,
-    average_gradients,
     check_flags,
     fail,
     gather_strided,
+    optimizer_step,
     seeded_generator,
     world_size,
 )
@@ -252,16 +252,16 @@ def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, ge
             for key, value in (("tokens", valid), ("clipped", clipped * valid), ("kl", kl.detach() * valid)):
                 sums[key] += value.sum().item()
             sums["loss"] += loss.item()
-        average_gradients(model)
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
-        optimizer.step()
+        grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
     s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
+    finite = [g for g in grad_norms if g == g]  # NaN marks a skipped step
     return {
         "loss/policy": s["loss"] / world_size() / args.minibatches,
         "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
-        "policy/kl_ref": s["kl"] / max(1.0, s["tokens"]),
-        "grad_norm": sum(grad_norms) / len(grad_norms),
+        **({"policy/kl_ref": s["kl"] / max(1.0, s["tokens"])} if ref_model is not None else {}),
+        "grad_norm": sum(finite) / max(1, len(finite)),
+        "train/skipped_steps": len(grad_norms) - len(finite),
         "train/update_tokens": s["tokens"] / world_size(),
     }
 
@@ -456,7 +456,7 @@ def offline_store(model, tokenizer, task, val_sets, args, loop) -> tuple[list, l
     store_file = os.path.join(loop.session.run_dir, f"store_rank{rank}_of_{world}.pt")
     if os.path.exists(store_file):
         return torch.load(store_file, weights_only=False)
-    start, generator = time.perf_counter(), loop.generator("store")
+    start, generator = time.perf_counter(), loop.generator("store", device=model.device)
     pool_store = collect_store(model, tokenizer, task, shard(task.train, rank, world), args.pool_responses, args,
                                generator)  # fmt: skip
     val_stores = [collect_store(model, tokenizer, task, shard(v, rank, world), args.val_responses, args, generator)
@@ -506,7 +506,7 @@ def main(args: Args):
         if not skills:
             return {}
         metrics = evaluate(model, tokenizer, target_task, len(target_task.test), args.max_new_tokens, args.temperature,
-                           rank, world, loop.generator("eval-target", step))  # fmt: skip
+                           rank, world, loop.generator("eval-target", step, device=device))  # fmt: skip
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
     loop = TrainingLoop(session, args, optimizer, args.stages * args.steps_per_stage, evaluate_more=evaluate_target,
@@ -517,6 +517,7 @@ def main(args: Args):
     pool_store, val_stores = offline_store(model, tokenizer, task, val_sets, args, loop)
     pool_rewards = gather_strided(torch.stack([g["rewards"] for g in pool_store]).to(device), len(pool)).cpu()
     selected, seen = loop.state.get("selected"), set(loop.state.get("seen", []))  # seen: selected at some stage
+    stage_info = {}  # a stage's selection figures, logged with its first step
     for step in loop.steps():
         stage = step // args.steps_per_stage
         # 0. At a stage start: score the whole pool with the current policy and select (the curriculum).
@@ -525,24 +526,24 @@ def main(args: Args):
                 chosen, scoring = select_prompts(model, pool_store, val_stores, pool_rewards, params, args, stage,
                                                  rank, world)  # fmt: skip
             selected = chosen.tolist()
-            metrics = {"stage": stage, **scoring, **stage_metrics(pool, pool_rewards, selected, seen, skills)}
-            loop.log(step, metrics)
+            stage_info = {**scoring, **stage_metrics(pool, pool_rewards, selected, seen, skills)}  # logged below
             loop.print(f"stage {stage} | scored in {loop.timer.totals['score']:.1f}s | "
-                       + " ".join(f"{k.split('/')[1]} {shown_value(v)}" for k, v in metrics.items() if "/" in k))
+                       + " | ".join(f"{k.split('/')[1]} {shown_value(v)}" for k, v in stage_info.items()))
         # 1. B prompts drawn from the selection (the same draw on every rank), n rollouts each, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world,
                                          pool=[pool[i] for i in selected])  # fmt: skip
         with loop.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=loop.generator("sample", step))  # fmt: skip
+                             tokenizer.pad_token_id, generator=loop.generator("sample", step, device=device))
         scored = score_groups(task, tokenizer, examples, rollout, n)
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
         # 3. Clipped-surrogate steps on the whole batch.
         with loop.timer("update"):
             stats = grpo_update(model, ref_model, optimizer, rollout, advantages, args, loop.generator("shuffle", step))
-        metrics = {**rollout_metrics(task, scored, rollout), **stats, "stage": stage}
+        metrics = {**rollout_metrics(task, scored, rollout), **stats, "stage": stage, **stage_info}
+        stage_info = {}
         shown = {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"], "stage": stage}
         loop.end_step(step, metrics, shown, scored)
 

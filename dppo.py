@@ -25,7 +25,7 @@ import tyro
 
 from common.model import load_policy
 from common.rollout import Rollout, sample, token_logprobs
-from common.run import all_reduce_max, all_reduce_sum, average_gradients, check_flags, fail, world_size
+from common.run import all_reduce_max, all_reduce_sum, check_flags, fail, optimizer_step, world_size
 from common.session import TrainingLoop, draw_prompts, open_session, peak_memory_gb, rollout_metrics, score_groups
 from kernels.topk_divergence import topk_divergence, triton_usable
 
@@ -132,6 +132,7 @@ def check_args(args: Args, world: int):
         fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
     check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",
                                 "temperature", "lr", "max_grad_norm", "eps_low", "eps_high", "is_cap"),
+                may_be_infinite=("is_cap",),
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
                               "sampler_temperature"))  # fmt: skip
     if args.trust_region not in TRUST_REGIONS:
@@ -310,11 +311,10 @@ def dppo_update(model, ref_model, optimizer, rollout, advantages, args: Args, ge
                 sums[key] += value.sum().item()
             sums["loss"] += loss.item()
             max_d = max(max_d, (D * valid).max().item())
-        average_gradients(model)
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
-        optimizer.step()
+        grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
     s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
+    finite = [g for g in grad_norms if g == g]  # NaN marks a skipped step
     per = lambda num, den: s[num] / max(1.0, s[den])
     return {
         "loss/policy": s["loss"] / world_size() / args.minibatches,
@@ -325,8 +325,9 @@ def dppo_update(model, ref_model, optimizer, rollout, advantages, args: Args, ge
         "dppo/D_max": all_reduce_max(max_d),
         "dppo/abs_pi_mu": per("abs_pi_mu", "tokens"),
         "dppo/entropy": per("entropy", "tokens"),
-        "policy/kl_ref": per("kl", "tokens"),
-        "grad_norm": sum(grad_norms) / len(grad_norms),
+        **({"policy/kl_ref": per("kl", "tokens")} if ref_model is not None else {}),
+        "grad_norm": sum(finite) / max(1, len(finite)),
+        "train/skipped_steps": len(grad_norms) - len(finite),
         "train/update_tokens": s["tokens"] / world_size(),
     }
 
@@ -359,7 +360,8 @@ def main(args: Args):
         with loop.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, sampler_temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, top_k=top_k, generator=loop.generator("sample", step))  # fmt: skip
+                             tokenizer.pad_token_id, top_k=top_k,
+                             generator=loop.generator("sample", step, device=device))  # fmt: skip
         scored = score_groups(task, tokenizer, examples, rollout, n)
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)

@@ -30,9 +30,9 @@ from common.rollout import Rollout, left_pad, positions, sample, token_logprobs
 from common.run import (
     all_reduce_max,
     all_reduce_sum,
-    average_gradients,
     check_flags,
     fail,
+    optimizer_step,
     seeded_generator,
     world_size,
 )
@@ -402,16 +402,13 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
                 sums["policy_loss"] += policy.sum().item()
                 sums["value_loss"] += value.sum().item()
                 sums["episodes"] += len(part)
-            average_gradients(model)  # a rank whose share of the mini-batch is empty contributes zeros
-            average_gradients(critic)
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
-            value_grad_norms.append(torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm).item())
-            optimizer.step()
-            critic_optimizer.step()
+            # a rank whose share of the mini-batch is empty joins the all-reduce with zeros; not finite: skipped
+            grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))
+            value_grad_norms.append(optimizer_step(critic, critic_optimizer, args.max_grad_norm))
     model.eval()
     critic.eval()
     s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
-    mean = lambda xs: sum(xs) / max(1, len(xs))
+    mean = lambda xs: sum(x for x in xs if x == x) / max(1, sum(x == x for x in xs))  # NaN: a skipped step
     return {
         "loss/policy": s["policy_loss"] / max(1.0, s["episodes"]),
         "loss/value": s["value_loss"] / max(1.0, s["episodes"]),
@@ -419,6 +416,7 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
         "policy/approx_kl": s["approx_kl"] / max(1.0, s["tokens"]),
         "grad_norm": mean(grad_norms),
         "grad_norm/critic": mean(value_grad_norms),
+        "train/skipped_steps": sum(g != g for g in grad_norms) + sum(g != g for g in value_grad_norms),
     }
 
 
@@ -463,7 +461,7 @@ def main(args: Args):
         with loop.timer("generate"):
             episode_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n episodes side by side
             rollout = sample(model, episode_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=loop.generator("sample", step))  # fmt: skip
+                             tokenizer.pad_token_id, generator=loop.generator("sample", step, device=device))
         scored = score_groups(task, tokenizer, examples, rollout, n)
         outcome, mask = scored.rewards.flatten().to(device), rollout.completion_mask.float()
         # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.
@@ -494,7 +492,7 @@ def main(args: Args):
         if not stop:
             with loop.timer("update"):
                 stats = ppo_update(model, critic, optimizer, critic_optimizer, batch, args,
-                                   loop.generator("shuffle", step, device="cpu"))  # fmt: skip
+                                   loop.generator("shuffle", step))  # fmt: skip
         metrics = {**rollout_metrics(task, scored, rollout), **info, **stats,
                    "train/update_tokens": batch["rollout"].completion_mask.sum().item(),
                    "value/mean": ((values * mask).sum() / mask.sum()).item(),

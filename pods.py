@@ -20,7 +20,7 @@ import tyro
 
 from common.model import load_policy
 from common.rollout import sample, token_logprobs
-from common.run import all_reduce_sum, average_gradients, check_flags, fail, world_size
+from common.run import all_reduce_sum, check_flags, fail, optimizer_step, world_size
 from common.session import TrainingLoop, draw_prompts, frac_zero_std, open_session, rollout_metrics, score_groups
 
 
@@ -238,16 +238,16 @@ def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, ge
             for key, value in (("tokens", valid), ("clipped", clipped * valid), ("kl", kl.detach() * valid)):
                 sums[key] += value.sum().item()
             sums["loss"] += loss.item()
-        average_gradients(model)
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
-        optimizer.step()
+        grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
     s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
+    finite = [g for g in grad_norms if g == g]  # NaN marks a skipped step
     return {
         "loss/policy": s["loss"] / world_size() / args.minibatches,
         "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
-        "policy/kl_ref": s["kl"] / max(1.0, s["tokens"]),
-        "grad_norm": sum(grad_norms) / len(grad_norms),
+        **({"policy/kl_ref": s["kl"] / max(1.0, s["tokens"])} if ref_model is not None else {}),
+        "grad_norm": sum(finite) / max(1, len(finite)),
+        "train/skipped_steps": len(grad_norms) - len(finite),
         "train/update_tokens": s["tokens"] / world_size(),
     }
 
@@ -272,11 +272,11 @@ def main(args: Args):
         with loop.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=loop.generator("sample", step))  # fmt: skip
+                             tokenizer.pad_token_id, generator=loop.generator("sample", step, device=device))
         scored = score_groups(task, tokenizer, examples, rollout, n)
         # 2. Down-sample per prompt, then group-relative advantages over the kept subset only.
         with loop.timer("select"):
-            keep = select(args.rule, scored.rewards, m, loop.generator("select", step, device="cpu"))
+            keep = select(args.rule, scored.rewards, m, loop.generator("select", step))
             kept_rewards = scored.rewards.gather(1, keep)
             advantages = group_advantages(kept_rewards, args.scale_rewards).flatten().to(device)
             kept = rollout.select((torch.arange(B)[:, None] * n + keep).flatten().to(device))

@@ -234,18 +234,46 @@ def make_gsm8k(seed: int = 0) -> Task:
     return Task("gsm8k", train[n_val:], train[:n_val], rows(ds["test"]), instruction)
 
 
+def check_jsonl(path: str):
+    """One-line errors for a .jsonl file that is empty or has a line that is not a JSON object."""
+    import json
+
+    rows = 0
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"--task {path}: line {number} is not valid JSON ({e.msg}, column {e.colno})")
+            if not isinstance(row, dict):
+                fail(f"--task {path}: line {number} is not a JSON object with fields")
+            rows += 1
+    if rows == 0:
+        fail(f"--task {path}: the file has no rows")
+
+
 def make_file_task(path: str, question_field: str, answer_field: str, solution_field: str, seed: int) -> Task:
     """A local json/jsonl/parquet file; 10% validation and 10% test (at most 200 each), split by seed."""
     import datasets
 
+    datasets.disable_progress_bars()
     kind = "parquet" if path.endswith(".parquet") else "json"
+    if path.endswith(".jsonl"):
+        check_jsonl(path)
     try:
         ds = datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as e:
-        fail(f"--task {path}: could not read the file ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        fail(f"--task {path}: could not read the file ({type(e).__name__}{': ' + reason if reason else ''})")
     for flag, field in (("--question-field", question_field), ("--answer-field", answer_field)):
         if field not in ds.column_names:
             fail(f"{flag} {field!r}: {path} has no such field (fields: {', '.join(ds.column_names)})")
+    missing = [i for i, r in enumerate(ds) if r[question_field] is None or r[answer_field] is None]
+    if missing:
+        fail(f"--task {path}: {len(missing)} rows have no {question_field!r} or no {answer_field!r}"
+             f" (the first: row {missing[0] + 1}, {dict(ds[missing[0]])})"[:300])  # fmt: skip
     has_solution = solution_field in ds.column_names
     has_skill = "skill" in ds.column_names  # optional: lets --target-skills and per-skill metrics use it
     examples = [

@@ -18,21 +18,26 @@ import math
 import os
 import random
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
 from common.data import (
     SKILLS,
     carried_solution,
-    fail,
     make_chain,
     misread_solution,
     plus_for_times_solution,
     slipped_solution,
 )
+from common.run import fail
+
+transformers.utils.logging.disable_progress_bar()  # no loading and saving bars between the run's own lines
+transformers.utils.logging.set_verbosity_error()  # nor notices about deprecated arguments; errors still show
 
 EOS = "<|endoftext|>"
 
@@ -184,7 +189,12 @@ def resolve_model(name: str, log=print) -> str:
         return name
     folder = tiny_folder()
     if not os.path.isdir(folder):
-        os.makedirs(cache_root(), exist_ok=True)
+        try:
+            os.makedirs(cache_root(), exist_ok=True)
+            os.rmdir(tempfile.mkdtemp(dir=cache_root()))
+        except OSError as e:
+            fail(f"TINYRLVR_CACHE {cache_root()}: cannot build the tiny model there ({e.strerror}); set it to a"
+                 " writable folder")  # fmt: skip
         build_tiny(folder, log=log)
     return folder
 

@@ -1,5 +1,6 @@
 """Batched sampling with a KV cache, recording the behaviour log-probs at sampling time; token log-probs."""
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, 
     ids, mask = ids.to(device), mask.to(device)
     prompt_mask = mask
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     tokens, logps, alive, top_ids, top_lps = [], [], [], [], []
@@ -88,7 +90,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, 
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(
             input_ids=token[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:],
-            past_key_values=out.past_key_values, use_cache=True,
+            use_cache=True, **{cache: out[cache]},
         )  # fmt: skip
     completion = torch.stack(tokens, 1)
     completion_mask = torch.stack(alive, 1).long()

@@ -2,10 +2,12 @@
 
 import hashlib
 import json
+import math
 import os
 import random
+import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -17,12 +19,21 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-def check_flags(args, positive=(), non_negative=()):
-    """One-line error for a flag that must be > 0 (or >= 0): `--lr -1: must be positive`."""
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args, positive=(), non_negative=(), may_be_infinite=()):
+    """One-line errors for a flag that must be > 0 (or >= 0), and for any float flag that is not finite (NaN,
+    or infinite unless listed in `may_be_infinite`): `--lr -1.0: must be positive`, `--lr inf: must be finite`."""
+    for field in fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value) and field.name not in may_be_infinite):
+            fail(f"{flag(field.name)} {value}: must be finite")
     for names, ok, word in ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative")):
         for name in names:
             if not ok(getattr(args, name)):
-                fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {word}")
+                fail(f"{flag(name)} {getattr(args, name)}: must be {word}")
 
 
 def seed_everything(seed: int):
@@ -47,6 +58,10 @@ def setup_distributed(device: str = "auto"):
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        fail(f"--device {device}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: this machine has no CUDA device (PyTorch sees none); use --device cpu")
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -108,6 +123,18 @@ def all_reduce_mean(metrics: dict) -> dict:
     return {k: v / world_size() for k, v in zip(keys, means)}
 
 
+def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
+    """Average gradients over ranks, clip their norm, and step; returns the norm before clipping. A gradient
+    that is not finite (NaN or inf) is dropped instead of stepped on: the parameters stay the last good ones,
+    and the NaN norm returned lets the caller count the skip. Every rank sees the same norm, so all agree."""
+    average_gradients(model)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad()
+    return norm if math.isfinite(norm) else math.nan
+
+
 def average_gradients(model):
     """Average gradients over ranks: the same result as one process holding every rank's batch. A parameter
     with no gradient on this rank (its share of the batch was empty) joins as zeros: every rank must take
@@ -138,11 +165,20 @@ class RunLogger:
         from tqdm import tqdm
 
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
+        record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "args": asdict(args)}
+        if start_step == 0:
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=1)
+            with open(os.path.join(run_dir, "versions.json"), "w") as f:
+                json.dump(record["versions"], f, indent=1)
+        else:  # a resume: the run's own args.json stays; the resume is recorded beside it
+            with open(os.path.join(run_dir, "resumes.jsonl"), "a") as f:
+                f.write(json.dumps({"from_step": start_step, **record}) + "\n")
+            for name in ("metrics.jsonl", "samples.jsonl"):  # rows logged after the checkpoint are logged again
+                keep_rows_up_to(os.path.join(run_dir, name), start_step)
         self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.samples_file = open(os.path.join(run_dir, "samples.jsonl"), "a")
-        self.tb = SummaryWriter(run_dir)
+        self.tb = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=os.path.basename(run_dir), dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict):
@@ -176,29 +212,67 @@ class RunLogger:
             self.samples_file.close()
 
 
+def versions() -> dict:
+    """The versions a run was made with, written into its folder."""
+    import platform
+
+    import datasets
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__}  # fmt: skip
+
+
+def keep_rows_up_to(path: str, step: int):
+    """Drop the rows of a .jsonl log whose step is past `step` (rewritten atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
 def run_folder(output_dir: str, run_name: str | None, script: str, seed: int) -> str:
     return os.path.join(output_dir, run_name or f"{script}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict):
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict) -> str:
     """`checkpoints/step_<N>/`: the model in save_pretrained format (loadable with transformers) plus
-    `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes."""
-    if not is_main():
-        return
+    `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes, into a temporary folder
+    renamed when complete, so a kill during a save never leaves a checkpoint that looks complete."""
     folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if not is_main():
+        return folder
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **state}, f"{folder}/trainer_state.pt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **state}, f"{partial}/trainer_state.pt")
+    shutil.rmtree(folder, ignore_errors=True)  # the same step saved by an earlier attempt of this run
+    os.replace(partial, folder)
+    return folder
 
 
-def latest_checkpoint(run_dir: str) -> str:
-    """The newest checkpoint folder of a run, for --resume; a clear error when there is none."""
+def is_complete(checkpoint: str) -> bool:
+    return all(os.path.exists(os.path.join(checkpoint, f)) for f in ("config.json", "trainer_state.pt"))
+
+
+def latest_checkpoint(run_dir: str, warn=print) -> str:
+    """The newest complete checkpoint of a run, for --resume; incomplete ones (a save that was cut off) are
+    skipped with a warning. A clear error when there is none."""
     folder = os.path.join(run_dir, "checkpoints")
-    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_")) if os.path.isdir(folder) else []
-    if not steps:
-        fail(f"--resume {run_dir}: no checkpoint found under {folder}")
-    return os.path.join(folder, steps[-1])
+    names = sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []
+    for name in names:
+        if not name.startswith("step_"):
+            continue
+        if name.endswith(".partial") or not is_complete(os.path.join(folder, name)):
+            warn(f"warning: skipping the incomplete checkpoint {os.path.join(folder, name)}")
+            continue
+        return os.path.join(folder, name)
+    fail(f"--resume {run_dir}: no complete checkpoint under {folder}")
 
 
 def load_trainer_state(checkpoint: str, optimizer) -> dict:

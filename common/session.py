@@ -1,9 +1,12 @@
 """What every script does the same way: start-up, the step's prompts and their scores, held-out evaluation,
 and the bookkeeping around the algorithm's steps (timing, logging, evaluation, checkpoints, the stop rule)."""
 
+import json
 import os
+import signal
+import tempfile
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -14,10 +17,12 @@ from common.rollout import sample
 from common.run import (
     RunLogger,
     Timer,
+    all_reduce_max,
     all_reduce_mean,
     all_reduce_sum,
     barrier,
     fail,
+    flag,
     is_main,
     latest_checkpoint,
     load_trainer_state,
@@ -40,6 +45,7 @@ class Session:
     checkpoint: str | None  # the checkpoint resumed from, if any
     model: torch.nn.Module
     tokenizer: object
+    script: str  # e.g. "pods", for the command that resumes the run
 
     def describe(self) -> str:
         """The first console line of a run: where it writes, what it trains, on what."""
@@ -47,9 +53,53 @@ class Session:
                 f" ({len(self.task.train)} train prompts) | {self.world} process(es) on {self.device}")  # fmt: skip
 
 
+# Flags a resumed run may change: they set how long it runs and what it logs, never what it computes.
+CHANGEABLE_ON_RESUME = ("resume", "steps", "max_time", "log_every", "eval_every", "eval_prompts", "save_every",
+                        "device")  # fmt: skip
+
+
+def restore_args(args, run_dir: str):
+    """--resume continues the run as it was: every flag takes the run's saved value (args.json), except those
+    of CHANGEABLE_ON_RESUME given anew. Another flag given with a different value is an error. A flag counts as
+    given when it differs from its default (so one given at its default value is taken as not given)."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.exists(path):
+        fail(f"--resume {run_dir}: no args.json there; is it a run folder?")
+    with open(path) as f:
+        saved = json.load(f)
+    defaults = type(args)()
+    for field in fields(args):
+        name, value, default = field.name, getattr(args, field.name), getattr(defaults, field.name)
+        if name not in saved:  # a flag newer than the run keeps the value it has
+            continue
+        given = value != default
+        if given and name in CHANGEABLE_ON_RESUME:
+            continue
+        if given and json.loads(json.dumps(value)) != saved[name]:
+            changeable = ", ".join(flag(f) for f in CHANGEABLE_ON_RESUME[1:])
+            fail(f"{flag(name)} {value}: the resumed run has {saved[name]}; on --resume only {changeable} may change")
+        setattr(args, name, tuple(saved[name]) if isinstance(default, tuple) else saved[name])
+
+
+def check_writable(run_dir: str, flag_name: str):
+    """The run folder can be created: a probe folder is made (and removed) in its nearest existing parent, so
+    nothing is left behind when the run stops at a later error."""
+    parent = os.path.abspath(run_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"{flag_name}: cannot create {run_dir}: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as e:
+        fail(f"{flag_name}: cannot create {run_dir} ({e.strerror})")
+
+
 def open_session(args, script: str, check_args) -> Session:
     """torchrun ranks, the script's own checks, seeding, the task, the run folder, and the policy (the
-    latest checkpoint with --resume)."""
+    latest complete checkpoint with --resume, whose saved arguments the run takes back)."""
+    if args.resume:
+        restore_args(args, args.resume)
     rank, world, device = setup_distributed(args.device)
     check_args(args, world)
     seed_everything(args.seed)
@@ -60,14 +110,18 @@ def open_session(args, script: str, check_args) -> Session:
     run_dir = args.resume or run_folder(args.output_dir, args.run_name, script, args.seed)
     if not args.resume and os.path.exists(run_dir):
         fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with --resume {run_dir}")
+    check_writable(run_dir, "--resume" if args.resume else "--output-dir")
     if is_main():
         resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
     barrier()
     model_path = resolve_model(args.model)
-    checkpoint = latest_checkpoint(args.resume) if args.resume else None
+    warn = print if is_main() else (lambda line: None)
+    checkpoint = latest_checkpoint(args.resume, warn) if args.resume else None
+    if checkpoint:
+        warn(f"resuming {run_dir} from {os.path.basename(checkpoint)}, with the run's own settings")
     model, tokenizer = load_policy(checkpoint or model_path, getattr(torch, args.dtype), device)
     model.eval()
-    return Session(rank, world, device, task, run_dir, model_path, checkpoint, model, tokenizer)
+    return Session(rank, world, device, task, run_dir, model_path, checkpoint, model, tokenizer, script)
 
 
 def prompt_ids(tokenizer, questions, instruction: str = "") -> list[list[int]]:
@@ -177,6 +231,21 @@ def shown_value(v) -> str:
     return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}"
 
 
+def fit(line: str, width: int = 120) -> str:
+    """Break a console line at its ` | ` separators so that no line is wider than `width`."""
+    parts, lines = line.split(" | "), []
+    for part in parts:
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " | " + part
+        else:
+            lines.append(part if not lines else "    " + part)
+    return "\n".join(lines)
+
+
+NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the run stops
+NO_SIGNAL_WARN = 10  # steps in a row where every group had equal rewards before a warning
+
+
 class TrainingLoop:
     """Everything around an algorithm's steps, so that a script's loop shows only the algorithm:
 
@@ -186,11 +255,17 @@ class TrainingLoop:
             loop.end_step(step, metrics, shown)    # log, console line, evaluation, checkpoint
 
     It restores the optimizer, step and training time from the checkpoint of --resume (`loop.state` holds
-    whatever else the script saved through `save_state`), and makes the run's seeded generators.
+    whatever else the script saved through `save_state`), and makes the run's seeded generators. It also
+    guards the run: a first Ctrl-C finishes the step, saves and exits; steps whose gradient is not finite
+    are skipped (by `common.run.optimizer_step`) and several in a row stop the run; a run whose groups all
+    have equal rewards gets a warning.
     """
 
     def __init__(self, session: Session, args, optimizer, total_steps: int, save_state=dict, evaluate_more=None):
         self.session, self.args, self.optimizer, self.total = session, args, optimizer, total_steps
+        limit = getattr(session.model.config, "max_position_embeddings", None)
+        if limit and args.max_new_tokens >= limit:
+            fail(f"--max-new-tokens {args.max_new_tokens}: the model's positions end at {limit} (prompt included)")
         self.state = {"step": 0, "train_time": 0.0}
         if session.checkpoint:
             self.state = load_trainer_state(session.checkpoint, optimizer)
@@ -199,16 +274,25 @@ class TrainingLoop:
         self.logger = RunLogger(session.run_dir, args, total_steps, self.start)
         self.timer = Timer()
         self.stopping = None  # the reason to stop after this step, once there is one
+        self.interrupted, self.non_finite_run, self.no_signal_run = False, 0, 0
+        self.checkpoint = session.checkpoint
+        self.previous_handler = signal.signal(signal.SIGINT, self.on_interrupt)
+
+    def on_interrupt(self, signum, frame):
+        if self.interrupted:  # the second Ctrl-C
+            raise SystemExit("error: stopped at once by a second Ctrl-C; nothing saved since the last checkpoint")
+        self.interrupted = True
+        self.print("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to stop at once)")
 
     def print(self, line: str):
-        self.logger.print(line)
+        self.logger.print(fit(line))
 
     def log(self, step: int, metrics: dict):
         self.logger.log(step, metrics)
 
-    def generator(self, stream: str, *keys, device=None) -> torch.Generator:
-        """This rank's generator for one random stream (e.g. "sample", step), on the run's device by default."""
-        return seeded_generator(self.args.seed, stream, *keys, self.session.rank, device=device or self.session.device)
+    def generator(self, stream: str, *keys, device="cpu") -> torch.Generator:
+        """This rank's generator for one random stream (e.g. "sample", step); sampling needs it on the device."""
+        return seeded_generator(self.args.seed, stream, *keys, self.session.rank, device=device)
 
     def steps(self):
         if self.start == 0:
@@ -219,18 +303,43 @@ class TrainingLoop:
                 self.print(f"stopping at step {step + 1}: {self.stopping}")
                 break
         self.logger.close()
+        signal.signal(signal.SIGINT, self.previous_handler)
+        run_dir = self.session.run_dir
+        if self.interrupted:
+            self.print(f"saved {self.checkpoint}; continue with: python {self.session.script}.py --resume {run_dir}")
+            raise SystemExit(130)
         if is_main():
-            print(f"done: metrics in {os.path.join(self.session.run_dir, 'metrics.jsonl')}, checkpoints in"
-                  f" {self.session.run_dir}/checkpoints")  # fmt: skip
+            print(f"done: {run_dir} (metrics.jsonl, checkpoints/)")
 
     def evaluate(self, step: int):
         s, a = self.session, self.args
         metrics = evaluate(s.model, s.tokenizer, s.task, a.eval_prompts, a.max_new_tokens, a.temperature, s.rank,
-                           s.world, self.generator("eval", step))  # fmt: skip
+                           s.world, self.generator("eval", step, device=s.device))  # fmt: skip
         if self.evaluate_more:
             metrics |= self.evaluate_more(step)
         self.log(step, {**metrics, "time/train_elapsed": self.train_time})
         self.print(eval_line(step, metrics))
+
+    def guard(self, done: int, metrics: dict) -> str | None:
+        """Count steps with a skipped (non-finite) optimizer step and steps without any learning signal; the
+        reason to stop the run, if there is one."""
+        skipped = metrics.get("train/skipped_steps", 0)
+        self.non_finite_run = self.non_finite_run + 1 if skipped else 0
+        if skipped:
+            self.print(f"step {done}: {shown_value(skipped)} optimizer step(s) skipped: the gradient was not finite")
+        if self.non_finite_run >= NON_FINITE_STOP:
+            return (f"{NON_FINITE_STOP} steps in a row had a non-finite gradient; the checkpoint holds the last good"
+                    " parameters (lower --lr, or look at the data)")  # fmt: skip
+        self.no_signal_run = self.no_signal_run + 1 if metrics.get("reward/zero_std_frac") == 1 else 0
+        if self.no_signal_run == NO_SIGNAL_WARN:
+            self.print(f"warning: for {NO_SIGNAL_WARN} steps every group's rewards were equal (mean reward"
+                       f" {metrics['reward/mean']:.2f}), so every advantage is 0 and nothing is learned; usually the"
+                       " task is too hard or too easy for the model, or the policy collapsed (--lr too high)"
+                       )  # fmt: skip
+        if all_reduce_max(float(self.interrupted)):  # every rank stops at the same step
+            self.interrupted = True
+            return "interrupted (Ctrl-C)"
+        return None
 
     def end_step(self, step: int, metrics: dict, shown: dict, scored: Scored | None = None, stop: str | None = None):
         """Log the step (`metrics` are this rank's; they are averaged over ranks), print a console line every
@@ -255,11 +364,12 @@ class TrainingLoop:
                                            for t, s in zip(scored.texts[:4], scored.scores[:4])])  # fmt: skip
         if self.args.max_time and self.train_time >= self.args.max_time:
             stop = stop or f"--max-time {self.args.max_time:g}s of training reached"
+        stop = self.guard(done, metrics) or stop
         self.stopping = stop
         last = done == self.total or stop
-        if done % self.args.eval_every == 0 or last:
+        if (done % self.args.eval_every == 0 or last) and not self.interrupted:
             self.evaluate(done)
         if (self.args.save_every and done % self.args.save_every == 0) or last:
             s = self.session
-            save_checkpoint(s.run_dir, done, s.model, s.tokenizer, self.optimizer,
-                            {"train_time": self.train_time, **self.save_state()})  # fmt: skip
+            self.checkpoint = save_checkpoint(s.run_dir, done, s.model, s.tokenizer, self.optimizer,
+                                              {"train_time": self.train_time, **self.save_state()})  # fmt: skip

@@ -51,7 +51,7 @@ def test_resume_equals_uninterrupted(script, random_model_dir, tmp_path, monkeyp
         base |= dict(epochs=2, minibatches=2, val_size=8)
     script.main(script.Args(**base, steps=4, run_name="straight"))
     script.main(script.Args(**base, steps=2, run_name="stopped"))  # ends with a checkpoint at step 2
-    script.main(script.Args(**base, steps=4, run_name="ignored", resume=str(tmp_path / "stopped")))
+    script.main(script.Args(**base, steps=4, run_name="stopped", resume=str(tmp_path / "stopped")))
     straight, resumed = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "stopped")
     assert [r["step"] for r in resumed] == [0, 1, 2, 2, 3, 4, 4]  # eval, steps, eval, ...: each once
     assert without_times(resumed) == without_times(straight)

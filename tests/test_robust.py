@@ -1,0 +1,173 @@
+"""Runs survive crashes, interrupts and mistakes: kill -9 then --resume alone continues the run exactly, an
+incomplete checkpoint is skipped, Ctrl-C saves, non-finite steps are skipped, a run without learning signal
+is warned about, every bad input is a one-line error written before anything else, and the console is clean."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, metric_rows, run_command
+
+import common.session
+import grpo
+from common.model import load_policy
+from common.reward import Score
+from common.run import latest_checkpoint
+
+SMALL = ["--batch-prompts", "2", "--n", "4", "--eval-prompts", "4", "--eval-every", "3", "--log-every", "1",
+         "--max-new-tokens", "10"]  # fmt: skip
+TRACKED = ("reward/mean", "loss/policy", "grad_norm", "eval/acc_sampled", "eval/acc_greedy")
+
+
+def start(args, script="grpo.py"):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the moment the test waits for"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def comparable(rows):
+    """The rows with the figures that must repeat exactly (time keys aside)."""
+    return [(r["step"], tuple(r.get(k) for k in TRACKED)) for r in rows]
+
+
+def test_kill_then_resume_alone_continues_the_run(random_model_dir, tmp_path):
+    base = ["--model", random_model_dir, "--output-dir", str(tmp_path), "--steps", "12", "--save-every", "3", *SMALL]
+    straight = run_command([sys.executable, "grpo.py", *base, "--run-name", "straight"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    process = start([*base, "--run-name", "killed"])
+    wait_for(lambda: (run_dir / "checkpoints" / "step_000003").exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = metric_rows(run_dir)
+    assert max(r["step"] for r in before) < 12, "the kill came after the run had finished"
+    resumed = run_command([sys.executable, "grpo.py", "--resume", str(run_dir)])  # no other flag
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = metric_rows(run_dir)
+    assert comparable(rows) == comparable(metric_rows(tmp_path / "straight"))  # every step once, same figures
+    assert json.loads((run_dir / "args.json").read_text())["steps"] == 12  # the run's own arguments, kept
+    assert json.loads((run_dir / "resumes.jsonl").read_text().splitlines()[0])["from_step"] in (3, 6, 9)
+    assert {"torch", "transformers", "datasets"} <= set(json.loads((run_dir / "versions.json").read_text()))
+
+
+def test_resume_refuses_a_changed_algorithm_flag_and_takes_new_cadence(random_model_dir, tmp_path):
+    base = dict(model=random_model_dir, output_dir=str(tmp_path), batch_prompts=2, n=4, eval_prompts=4, steps=2,
+                max_new_tokens=10, lr=1e-3)  # fmt: skip
+    grpo.main(grpo.Args(**base, run_name="r"))
+    resume = str(tmp_path / "r")
+    with pytest.raises(SystemExit, match="--lr 0.01: the resumed run has 0.001; on --resume only --steps"):
+        grpo.main(grpo.Args(resume=resume, lr=1e-2))
+    grpo.main(grpo.Args(resume=resume, steps=3, eval_every=1))  # more steps, another eval cadence: allowed
+    assert [r["step"] for r in metric_rows(resume, "reward/mean")] == [1, 2, 3]
+
+
+def test_incomplete_newest_checkpoint_is_skipped(random_model_dir, tmp_path):
+    grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", batch_prompts=2, n=4,
+                        eval_prompts=4, steps=2, max_new_tokens=10))  # fmt: skip
+    checkpoints = tmp_path / "r" / "checkpoints"
+    (checkpoints / "step_000003").mkdir()  # cut off before anything was written
+    (checkpoints / "step_000004.partial").mkdir()  # a save in progress
+    warnings = []
+    assert latest_checkpoint(str(tmp_path / "r"), warnings.append).endswith("step_000002")
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping the incomplete checkpoint") for w in warnings)
+    out = run_command([sys.executable, "grpo.py", "--resume", str(tmp_path / "r"), "--steps", "3"])
+    assert out.returncode == 0 and "skipping the incomplete checkpoint" in out.stdout + out.stderr
+    assert "resuming" in out.stdout + out.stderr and "from step_000002" in out.stdout + out.stderr
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_without_traceback(random_model_dir, tmp_path):
+    run_dir = tmp_path / "r"
+    process = start(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "r", "--steps", "200",
+                     *SMALL])  # fmt: skip
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metric_rows(run_dir, "reward/mean")) >= 2, process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    last = max(r["step"] for r in metric_rows(run_dir, "reward/mean"))
+    assert 2 <= last < 200 and (run_dir / "checkpoints" / f"step_{last:06d}" / "trainer_state.pt").exists()
+    assert f"continue with: python grpo.py --resume {run_dir}" in stdout + stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(random_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grpo, "aggregate", lambda *a: torch.tensor(float("nan"), requires_grad=True) * a[0].sum())
+    before = load_policy(random_model_dir)[0].state_dict()
+    grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", batch_prompts=2, n=4,
+                        eval_prompts=4, steps=10, max_new_tokens=10))  # fmt: skip
+    train = metric_rows(tmp_path / "r", "reward/mean")
+    assert [r["step"] for r in train] == [1, 2, 3] and all(r["train/skipped_steps"] == 1 for r in train)
+    after = load_policy(str(tmp_path / "r" / "checkpoints" / "step_000003"))[0].state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before), "a skipped step changes no parameter"
+    out = capsys.readouterr()
+    assert "3 steps in a row had a non-finite gradient" in out.out + out.err
+
+
+def test_no_learning_signal_is_warned_about(random_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common.session, "score", lambda task, example, text: Score(0.0, False, None))
+    grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", batch_prompts=2, n=4,
+                        eval_prompts=4, steps=10, eval_every=10, max_new_tokens=6))  # fmt: skip
+    out = capsys.readouterr()
+    assert "warning: for 10 steps every group's rewards were equal (mean reward 0.00)" in out.out + out.err
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d: dict(lr=float("inf")), "--lr inf: must be finite"),
+        (lambda d: dict(max_grad_norm=float("nan")), "--max-grad-norm nan: must be finite"),
+        (lambda d: dict(device="tpu"), "--device tpu: expected auto, cpu or cuda"),
+        (lambda d: dict(device="cuda"), "--device cuda: this machine has no CUDA device"),
+        (lambda d: dict(output_dir="/proc/tinyrlvr"), "--output-dir: cannot create /proc/tinyrlvr/r"),
+        (lambda d: dict(output_dir=jsonl(d / "a_file", [{}]) + "/runs"), "--output-dir: cannot create .* is a file"),
+        (lambda d: dict(task=jsonl(d / "empty.jsonl", [])), "the file has no rows"),
+        (lambda d: dict(task=str(d / "bad.jsonl")), "line 2 is not valid JSON"),
+        (lambda d: dict(task=jsonl(d / "null.jsonl", [{"question": "1+1?", "answer": None}] * 3
+                                   + [{"question": "2+2?", "answer": "4"}] * 30)),
+         "3 rows have no 'question' or no 'answer' \\(the first: row 1"),
+        (lambda d: dict(max_new_tokens=300), "--max-new-tokens 300: the model's positions end at 256"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_before_anything_is_written(make_args, message, random_model_dir, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": \n')
+    args = {"model": random_model_dir, "output_dir": str(tmp_path / "runs"), "run_name": "r", "steps": 1,
+            **make_args(tmp_path)}  # fmt: skip
+    with pytest.raises(SystemExit, match=message):
+        grpo.main(grpo.Args(**args))
+    assert not (tmp_path / "runs" / "r").exists(), "nothing is written before the error"
+
+
+def test_unwritable_model_cache_is_a_one_line_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TINYRLVR_CACHE": "/proc/tinyrlvr-cache"}
+    out = run_command([sys.executable, "grpo.py", "--output-dir", str(tmp_path)], env=env)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: TINYRLVR_CACHE /proc/tinyrlvr-cache: cannot build")
+
+
+def test_console_is_clean(random_model_dir, tmp_path):
+    out = run_command([sys.executable, "grpo.py", "--model", random_model_dir, "--output-dir", str(tmp_path),
+                       "--steps", "2", "--save-every", "1", *SMALL])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    for noise in ("Loading weights", "Writing model shards", "Warning", "deprecated"):
+        assert noise not in text, noise
+    lines = [line.replace(str(tmp_path), "RUNS") for line in text.replace("\r", "\n").splitlines()  # a path is
+             if line.strip() and "it/s" not in line and "?it" not in line and "s/it" not in line]  # as long as it is
+    assert lines and all(len(line) <= 120 for line in lines), max(lines, key=len)
+    assert not text.replace("\r", "\n").lstrip(" ").startswith("\n"), "no blank lines at the start"
