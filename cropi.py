@@ -117,8 +117,8 @@ class Args:
     stages: int = 6
     """curriculum stages; every stage re-scores the whole pool with the current policy"""
     steps_per_stage: int = 16
-    """GRPO steps per stage (one rollout batch and --minibatches optimizer steps each); 16 x 16 prompts is
-    about one pass over 10% of the chain pool"""
+    """GRPO steps per stage (one rollout batch and --minibatches optimizer steps each); 16 x 16 prompts are
+    drawn, with replacement, from the stage's selection (340 prompts: 10% of the chain pool)"""
     select_ratio: float = 0.1
     """rho: share of the pool selected per stage"""
     pool_responses: int = 8

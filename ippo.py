@@ -396,7 +396,9 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
                 weighted_mean(value, torch.ones_like(value), size).backward()
                 with torch.no_grad():
                     log_ratio = (logp - batch["logp_old"][part]) * mask
-                    sums["clipped"] += (((log_ratio.exp() - 1).abs() > args.clip) * mask).sum().item()
+                    ratio, A = log_ratio.exp(), batch["advantages"][part]
+                    binds = ((ratio > 1 + args.clip) & (A > 0)) | ((ratio < 1 - args.clip) & (A < 0))  # grad 0 there
+                    sums["clipped"] += (binds * mask).sum().item()
                     sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * mask).sum().item()
                 sums["tokens"] += mask.sum().item()
                 sums["policy_loss"] += policy.sum().item()
@@ -496,7 +498,8 @@ def main(args: Args):
         metrics = {**rollout_metrics(task, scored, rollout), **info, **stats,
                    "train/update_tokens": batch["rollout"].completion_mask.sum().item(),
                    "value/mean": ((values * mask).sum() / mask.sum()).item(),
-                   "policy/kl_ref": (((logp_old - logp_ref) * mask).sum() / mask.sum()).item(),
+                   **({"policy/kl_ref": (((logp_old - logp_ref) * mask).sum() / mask.sum()).item()}
+                      if ref_model is not None else {}),
                    **({"influence/early_stop": 1.0} if stop else {})}  # fmt: skip
         shown = {"reward": metrics["reward/mean"], "kept": kept_total / total, "V": metrics["value/mean"]}
         if args.influence:

@@ -333,8 +333,9 @@ class TrainingLoop:
         self.no_signal_run = self.no_signal_run + 1 if metrics.get("reward/zero_std_frac") == 1 else 0
         if self.no_signal_run == NO_SIGNAL_WARN:
             self.print(f"warning: for {NO_SIGNAL_WARN} steps every group's rewards were equal (mean reward"
-                       f" {metrics['reward/mean']:.2f}), so every advantage is 0 and nothing is learned; usually the"
-                       " task is too hard or too easy for the model, or the policy collapsed (--lr too high)"
+                       f" {metrics['reward/mean']:.2f}): no completion beat another of its prompt, so the reward"
+                       " teaches nothing; usually the task is too hard or too easy for the model, or the policy"
+                       " collapsed (--lr too high)"
                        )  # fmt: skip
         if all_reduce_max(float(self.interrupted)):  # every rank stops at the same step
             self.interrupted = True

@@ -9,8 +9,11 @@ by exact cosine with the target (what CROPI's first stage would select without p
 """
 
 import collections
+import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch
 
@@ -20,7 +23,9 @@ from common.model import load_policy, matching_parameters, resolve_model
 
 
 def main(run_dir: str):
-    task, args = load_task("chain"), cropi.Args(max_new_tokens=48)
+    with open(os.path.join(run_dir, "args.json")) as f:  # the behaviour temperature the store was made at
+        store_temperature = json.load(f)["store_temperature"]
+    task, args = load_task("chain"), cropi.Args(max_new_tokens=48, store_temperature=store_temperature)
     model, _ = load_policy(resolve_model("tiny"))
     pool_store, (target_store, *_) = torch.load(os.path.join(run_dir, "store_rank0_of_1.pt"), weights_only=False)
     usable = [i for i, g in enumerate(pool_store) if g["rewards"].max() > g["rewards"].min()]
