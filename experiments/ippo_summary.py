@@ -20,6 +20,11 @@ def run_summary(run_dir):
     return {
         "iterations": len(train),
         "final": evals[-1]["eval/acc_sampled"],
+        "greedy_start": evals[0]["eval/acc_greedy"],
+        "greedy": evals[-1]["eval/acc_greedy"],
+        "max_weight": max((r["influence/max_weight"] for r in train if "influence/max_weight" in r), default=1.0),
+        "median_weight": float(np.median([r["influence/max_weight"] for r in train if "influence/max_weight" in r]
+                                         or [1.0])),
         "best": max(e["eval/acc_sampled"] for e in evals),
         "eval_unf_start": evals[0]["eval/unfaithful_sampled"],
         "eval_unf_final": evals[-1]["eval/unfaithful_sampled"],
@@ -65,6 +70,11 @@ def main(argv):
               f" ({finals}) | {m(rs, 'best'):.3f} | {m(rs, 'eval_unf_start'):.3f} -> {m(rs, 'eval_unf_final'):.3f}"
               f" ({m(rs, 'eval_unf_mean'):.3f}) | {m(rs, 'train_unf_first'):.3f} -> {m(rs, 'train_unf_last'):.3f}"
               f" | {m(rs, 'kept_first'):.3f} -> {m(rs, 'kept_last'):.3f} | {stops} |")  # fmt: skip
+    print()
+    print("| run | greedy acc: start -> final | largest weight per iteration: median, largest |\n|---|---|---|")
+    for label, rs in groups:
+        print(f"| {label} | {m(rs, 'greedy_start'):.3f} -> {m(rs, 'greedy'):.3f} | {m(rs, 'median_weight'):.1f},"
+              f" {max(r['max_weight'] for r in rs):.1f} |")
     print()
     print(
         "| run | s/iteration: generate / advantage / influence / update | update s: first 20% -> last 20%"
