@@ -1,48 +1,23 @@
 """PODS against GRPO on the built-in world: GRPO n = m = 8 (grpo.py), PODS n = 32, m = 8 max-variance, and
 n = 32, m = 8 random (pods.py), 5 seeds each, 100 steps, held-out evaluation every 10 steps.
 
-    python experiments/pods_compare.py            # about 25 minutes on 2 CPU cores: two runs at a time, one core each
+    python experiments/pods_compare.py            # about 23 minutes on 2 CPU cores: two runs at a time, one core each
     python experiments/pods_summary.py            # the table
     python experiments/pods_plot.py               # docs/pods_compare_steps.png, docs/pods_compare_seconds.png
 
-Runs go to runs/pods_compare/<arm>_s<seed>; a finished run (its final checkpoint exists) is not run again.
+Runs go to runs/pods_compare/<arm>_s<seed>; a finished run is not run again.
 """
 
 import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "runs", "pods_compare")
-SEEDS = (1, 2, 3, 4, 5)
-STEPS = 100
-COMMON = ["--steps", str(STEPS), "--eval-every", "10", "--log-every", "50"]
+from seed_runs import ROOT, run_all
+
 ARMS = {
     "grpo": ["grpo.py", "--n", "8"],
     "pods": ["pods.py", "--n", "32", "--m", "8", "--rule", "max-variance"],
     "random": ["pods.py", "--n", "32", "--m", "8", "--rule", "random"],
 }
 
-
-def run(arm: str, seed: int) -> str:
-    name = f"{arm}_s{seed}"
-    if os.path.exists(os.path.join(OUT, name, "checkpoints", f"step_{STEPS:06d}")):
-        return f"{name}: already done"
-    subprocess.run(["rm", "-rf", os.path.join(OUT, name)], check=True)  # an unfinished run starts over
-    script, *flags = ARMS[arm]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs at a time share the 2 cores evenly
-    result = subprocess.run([sys.executable, script, *flags, *COMMON, "--seed", str(seed), "--output-dir", OUT,
-                             "--run-name", name], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
-    return f"{name}: " + ("done" if result.returncode == 0 else f"failed\n{result.stderr[-2000:]}")
-
-
-def main():
-    jobs = [(arm, seed) for seed in SEEDS for arm in ARMS]  # seed by seed, so the arms run interleaved
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for line in pool.map(lambda job: run(*job), jobs):
-            print(line, flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    run_all(os.path.join(ROOT, "runs", "pods_compare"), ARMS, seeds=range(1, 6), steps=100,
+            flags=["--eval-every", "10", "--log-every", "50"])  # fmt: skip
