@@ -18,7 +18,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -34,7 +33,7 @@ from common.data import (
     plus_for_times_solution,
     slipped_solution,
 )
-from common.run import fail
+from common.run import creation_problem, fail
 
 transformers.utils.logging.disable_progress_bar()  # no loading and saving bars between the run's own lines
 transformers.utils.logging.set_verbosity_error()  # nor notices about deprecated arguments; errors still show
@@ -189,12 +188,11 @@ def resolve_model(name: str, log=print) -> str:
         return name
     folder = tiny_folder()
     if not os.path.isdir(folder):
-        try:
-            os.makedirs(cache_root(), exist_ok=True)
-            os.rmdir(tempfile.mkdtemp(dir=cache_root()))
-        except OSError as e:
-            fail(f"TINYRLVR_CACHE {cache_root()}: cannot build the tiny model there ({e.strerror}); set it to a"
+        problem = creation_problem(folder)
+        if problem:
+            fail(f"TINYRLVR_CACHE {cache_root()}: cannot build the tiny model there ({problem}); set it to a"
                  " writable folder")  # fmt: skip
+        os.makedirs(cache_root(), exist_ok=True)
         build_tiny(folder, log=log)
     return folder
 

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, fields
 
@@ -21,6 +22,21 @@ def fail(message: str):
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def creation_problem(folder: str) -> str | None:
+    """Why `folder` could not be created, or None: a probe folder is made (and removed) in its nearest existing
+    parent, so nothing is left behind when a run stops at a later error."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as e:
+        return e.strerror
+    return None
 
 
 def check_flags(args, positive=(), non_negative=(), may_be_infinite=()):
@@ -215,12 +231,10 @@ class RunLogger:
 def versions() -> dict:
     """The versions a run was made with, written into its folder."""
     import platform
+    from importlib.metadata import version  # reads the installed versions without importing the packages
 
-    import datasets
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "datasets": datasets.__version__}  # fmt: skip
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+            "datasets": version("datasets")}  # fmt: skip
 
 
 def keep_rows_up_to(path: str, step: int):

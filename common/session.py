@@ -4,7 +4,6 @@ and the bookkeeping around the algorithm's steps (timing, logging, evaluation, c
 import json
 import os
 import signal
-import tempfile
 from collections import namedtuple
 from dataclasses import dataclass, fields
 
@@ -21,6 +20,7 @@ from common.run import (
     all_reduce_mean,
     all_reduce_sum,
     barrier,
+    creation_problem,
     fail,
     flag,
     is_main,
@@ -81,20 +81,6 @@ def restore_args(args, run_dir: str):
         setattr(args, name, tuple(saved[name]) if isinstance(default, tuple) else saved[name])
 
 
-def check_writable(run_dir: str, flag_name: str):
-    """The run folder can be created: a probe folder is made (and removed) in its nearest existing parent, so
-    nothing is left behind when the run stops at a later error."""
-    parent = os.path.abspath(run_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        fail(f"{flag_name}: cannot create {run_dir}: {parent} is a file, not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=parent))
-    except OSError as e:
-        fail(f"{flag_name}: cannot create {run_dir} ({e.strerror})")
-
-
 def open_session(args, script: str, check_args) -> Session:
     """torchrun ranks, the script's own checks, seeding, the task, the run folder, and the policy (the
     latest complete checkpoint with --resume, whose saved arguments the run takes back)."""
@@ -110,7 +96,9 @@ def open_session(args, script: str, check_args) -> Session:
     run_dir = args.resume or run_folder(args.output_dir, args.run_name, script, args.seed)
     if not args.resume and os.path.exists(run_dir):
         fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with --resume {run_dir}")
-    check_writable(run_dir, "--resume" if args.resume else "--output-dir")
+    problem = creation_problem(run_dir)
+    if problem:
+        fail(f"{'--resume' if args.resume else '--output-dir'}: cannot create {run_dir} ({problem})")
     if is_main():
         resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
     barrier()
