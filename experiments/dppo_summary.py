@@ -1,55 +1,75 @@
-"""Summarise DPPO comparison runs as a markdown table, one row per group of seeds.
+"""The tables of experiments/dppo_compare.py from its run folders (runs/dppo_mismatch, runs/dppo_topk).
 
-    python experiments/dppo_summary.py 'none=runs/dppo_none_s*' 'binary-tv=runs/dppo_tv_s*' ...
+    python experiments/dppo_summary.py
 
-Every value is the mean over the group's runs (seeds); final accuracy also lists each seed.
+A run counts as collapsed when its final held-out sampled accuracy is below 0.4 (every run starts at 0.560):
+it ends far below where it started. Every other value is a mean over seeds; |pi - mu| and the masked shares are
+means over all training steps, the masked share of A > 0 (A < 0) tokens among the A > 0 (A < 0) tokens.
 """
 
-import glob
-import sys
+import os
 
 import numpy as np
-from run_metrics import load, window_mean
+from run_metrics import finished_runs, load, window_mean
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLLAPSE_BELOW = 0.4
+MISMATCH = ("none", "ratio", "binary-tv", "binary-kl")
+TOPK = ("binary-tv", "topk-tv")
 
 
-def summarise(runs):
-    per_run = []
-    for d in runs:
-        train, evals = load(d)
-        per_run.append({
-            "final": evals[-1]["eval/acc_sampled"],
-            "best": max(e["eval/acc_sampled"] for e in evals),
-            "pi_mu_first": window_mean(train, "dppo/abs_pi_mu", "first"),
-            "pi_mu_last": window_mean(train, "dppo/abs_pi_mu", "last"),
-            "pi_mu_all": np.mean([r["dppo/abs_pi_mu"] for r in train]),
-            "masked": np.mean([r["dppo/masked_frac"] for r in train]),
-            "masked_pos": np.mean([r["dppo/masked_frac_pos"] for r in train]),
-            "masked_neg": np.mean([r["dppo/masked_frac_neg"] for r in train]),
-            "reward_last": window_mean(train, "reward/mean", "last"),
-            "reward_min": min(r["reward/mean"] for r in train),
-            "update_s": np.mean([r["time/update"] for r in train]),
-            "peak_gb": max(r["memory/peak_gb"] for r in train),
-            "topk_mb": np.mean([r["memory/topk_mb"] for r in train]),
-        })  # fmt: skip
-    return {k: np.mean([r[k] for r in per_run]) for k in per_run[0]}, [r["final"] for r in per_run]
+def per_run(run_dir):
+    train, evals = load(run_dir)
+    mean = lambda key: float(np.mean([r[key] for r in train]))  # noqa: E731
+    return {
+        "start": evals[0]["eval/acc_sampled"], "final": evals[-1]["eval/acc_sampled"],
+        "best": max(e["eval/acc_sampled"] for e in evals), "greedy": evals[-1]["eval/acc_greedy"],
+        "unfaithful": evals[-1]["eval/unfaithful_sampled"],
+        "pi_mu": mean("dppo/abs_pi_mu"), "pi_mu_first": window_mean(train, "dppo/abs_pi_mu", "first"),
+        "pi_mu_last": window_mean(train, "dppo/abs_pi_mu", "last"),
+        "masked": mean("dppo/masked_frac"), "masked_pos": mean("dppo/masked_frac_pos"),
+        "masked_neg": mean("dppo/masked_frac_neg"), "reward_last": window_mean(train, "reward/mean", "last"),
+        "update_s": mean("time/update"), "peak_gb": max(r["memory/peak_gb"] for r in train),
+        "topk_mb": mean("memory/topk_mb"),
+    }  # fmt: skip
 
 
-def main(argv):
-    print(
-        "| run | seeds | final acc (per seed) | best acc | mean abs(pi-mu): all (first 20% -> last 20%) "
-        "| masked: all / A>0 / A<0 | reward last 20% (min) | update s/step | peak GB | top-K MB |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for group in argv:
-        label, pattern = group.split("=", 1)
-        runs = sorted(glob.glob(pattern))
-        m, finals = summarise(runs)
-        print(f"| {label} | {len(runs)} | {m['final']:.3f} ({', '.join(f'{f:.3f}' for f in finals)}) | {m['best']:.3f}"
-              f" | {m['pi_mu_all']:.4f} ({m['pi_mu_first']:.4f} -> {m['pi_mu_last']:.4f})"
-              f" | {m['masked']:.4f} / {m['masked_pos']:.4f} / {m['masked_neg']:.4f}"
-              f" | {m['reward_last']:.3f} ({m['reward_min']:.3f}) | {m['update_s']:.3f} | {m['peak_gb']:.2f}"
-              f" | {m['topk_mb']:.2f} |")  # fmt: skip
+def table(folder, arms):
+    print("| trust region | seeds | collapsed (final < 0.4) | final acc, sampled (per seed) | best acc | final greedy"
+          " | unfaithful among correct | mean abs(pi-mu): all (first 20% -> last 20%) | masked: all / A>0 / A<0"
+          " | reward, last 20% | update s/step | top-K MB/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for arm in arms:
+        runs = [per_run(d) for d in finished_runs(folder, arm)]
+        if not runs:
+            print(f"| {arm} | 0 | | | | | | | | | | |")
+            continue
+        m = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
+        collapsed = sum(r["final"] < COLLAPSE_BELOW for r in runs)
+        finals = ", ".join(f"{r['final']:.2f}" for r in runs)
+        print(f"| {arm} | {len(runs)} | {collapsed} of {len(runs)} | {m['final']:.3f} ({finals}) | {m['best']:.3f}"
+              f" | {m['greedy']:.3f} | {m['unfaithful']:.3f} | {m['pi_mu']:.4f} ({m['pi_mu_first']:.4f} ->"
+              f" {m['pi_mu_last']:.4f}) | {m['masked']:.4f} / {m['masked_pos']:.4f} / {m['masked_neg']:.4f}"
+              f" | {m['reward_last']:.3f} | {m['update_s']:.3f} | {m['topk_mb']:.2f} |")  # fmt: skip
+
+
+def mean_curves(folder, arms):
+    print("\nmean held-out sampled accuracy over seeds, by evaluation step:\n")
+    steps = [r["step"] for r in load(finished_runs(folder, arms[0])[0])[1]]
+    print("| trust region | " + " | ".join(str(s) for s in steps) + " |\n|---|" + "---|" * len(steps))
+    for arm in arms:
+        values = np.array([[r["eval/acc_sampled"] for r in load(d)[1]] for d in finished_runs(folder, arm)])
+        if len(values):
+            print(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in values.mean(0)) + " |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    for name, arms in (("dppo_mismatch", MISMATCH), ("dppo_topk", TOPK)):
+        folder = os.path.join(ROOT, "runs", name)
+        if not any(finished_runs(folder, arm) for arm in arms):
+            print(f"{name}: no finished runs yet\n")
+            continue
+        print(f"## {name}\n")
+        table(folder, arms)
+        mean_curves(folder, arms)
+        print()

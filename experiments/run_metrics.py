@@ -1,6 +1,8 @@
 """Reading a run's metrics.jsonl, shared by the summary scripts."""
 
+import glob
 import json
+import os
 
 import numpy as np
 
@@ -18,3 +20,11 @@ def window_mean(rows, key, part):
         return float("nan")
     k = max(1, len(values) // 5)
     return float(np.mean(values[:k] if part == "first" else values[-k:]))
+
+
+def finished_runs(folder, arm):
+    """The run folders <folder>/<arm>_s<seed> that reached their end (a complete checkpoint), in seed order."""
+    runs = glob.glob(os.path.join(folder, f"{arm}_s*"))
+    complete = lambda d: any(not c.endswith(".partial") for c in glob.glob(os.path.join(d, "checkpoints", "step_*")))  # noqa: E731
+    done = [d for d in runs if complete(d)]
+    return sorted(done, key=lambda d: int(d.rsplit("_s", 1)[1]))

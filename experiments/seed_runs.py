@@ -21,9 +21,11 @@ def run(out: str, name: str, command: list[str], steps: int) -> str:
     return f"{name}: " + ("done" if result.returncode == 0 else f"failed\n{result.stderr[-2000:]}")
 
 
-def run_all(out: str, arms: dict, seeds, steps: int, flags: list[str]):
-    """`arms` maps a name to its command (script and flags); `flags` are added to every run."""
-    jobs = [(f"{arm}_s{seed}", [*command, *flags, "--steps", str(steps), "--seed", str(seed)])
+def run_all(out: str, arms: dict, seeds, steps: int, flags: list[str], pass_steps: bool = True):
+    """`arms` maps a name to its command (script and flags); `flags` are added to every run. `steps` is the last
+    step of a finished run, passed as --steps unless `pass_steps` is False (cropi.py counts stages instead)."""
+    steps_flag = ["--steps", str(steps)] if pass_steps else []
+    jobs = [(f"{arm}_s{seed}", [*command, *flags, *steps_flag, "--seed", str(seed)])
             for seed in seeds for arm, command in arms.items()]  # seed by seed, so the arms run interleaved
     with ThreadPoolExecutor(max_workers=2) as pool:
         for line in pool.map(lambda job: run(out, job[0], job[1], steps), jobs):

@@ -1,0 +1,48 @@
+"""Mean over seeds, with a band of one standard deviation, per selection of experiments/cropi_compare.py: the
+target skill's held-out accuracy, the overall held-out accuracy, and the target skill's share of each stage's
+selection.
+
+    python experiments/cropi_plot.py     # docs/cropi_compare.png
+"""
+
+import os
+
+import matplotlib
+import numpy as np
+from cropi_summary import ROOT, SELECTIONS, curves, rows_of
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main():
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("eval_target/acc_sampled", "target skill `words`: held-out accuracy, sampled"),
+              ("eval/acc_sampled", "all skills: held-out accuracy, sampled"))  # fmt: skip
+    for ax, (key, label) in zip(axes, panels):
+        for selection in SELECTIONS:
+            steps, values, _ = curves(selection, key)
+            mean, sd = values.mean(0), values.std(0)
+            ax.plot(steps, mean, lw=2, label=f"{selection} ({len(values)} seeds)")
+            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+        ax.set(xlabel="GRPO step (6 stages x 16)", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left")
+    for selection in SELECTIONS:
+        shares = np.array([[r["select/target_share"] for r in rows if "select/target_share" in r]
+                           for rows in rows_of(selection)])  # fmt: skip
+        axes[2].plot(range(shares.shape[1]), shares.mean(0), "o-", lw=2, label=selection)
+    pool = np.mean([r["select/target_share_pool"] for rows in rows_of("cropi") for r in rows
+                    if "select/target_share_pool" in r])  # fmt: skip
+    axes[2].axhline(pool, color="gray", ls="--", label="share of the pool")
+    axes[2].set(xlabel="stage", ylabel="target skill's share of the stage's selection", ylim=(0, None))
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    out = os.path.join(ROOT, "docs", "cropi_compare.png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""DPPO's two comparisons on the built-in world, each into its own folder of runs:
+
+- mismatch (runs/dppo_mismatch): the sampler draws at temperature 0.6 and records that distribution as mu, the
+  trainer's pi is at temperature 1, and each rollout batch gets 8 optimizer steps at lr 1e-4, so pi can move far
+  from mu. `none` (PG-IS), `ratio` (clip-higher 0.2 / 0.28), `binary-tv` and `binary-kl`, 10 seeds, 120 steps.
+- topk (runs/dppo_topk): no mismatch, the defaults (4 mini-batches, lr 5e-5, 150 steps); `binary-tv` against
+  `topk-tv` with K = 20, 5 seeds.
+
+    python experiments/dppo_compare.py            # about 75 minutes on 2 CPU cores: two runs at a time, one core each
+    python experiments/dppo_compare.py mismatch   # one of the two
+    python experiments/dppo_summary.py            # the tables
+    python experiments/dppo_plot.py               # docs/dppo_mismatch.png, docs/dppo_topk.png
+
+A finished run is not run again.
+"""
+
+import os
+import sys
+
+from seed_runs import ROOT, run_all
+
+MISMATCH = {tr: ["dppo.py", "--trust-region", tr] for tr in ("none", "ratio", "binary-tv", "binary-kl")}
+MISMATCH_FLAGS = ["--sampler-temperature", "0.6", "--lr", "1e-4", "--minibatches", "8", "--eval-every", "15",
+                  "--log-every", "40"]  # fmt: skip
+TOPK = {tr: ["dppo.py", "--trust-region", tr, "--top-k", "20"] for tr in ("binary-tv", "topk-tv")}
+
+if __name__ == "__main__":
+    parts = sys.argv[1:] or ["mismatch", "topk"]
+    if "mismatch" in parts:
+        run_all(os.path.join(ROOT, "runs", "dppo_mismatch"), MISMATCH, range(1, 11), 120, MISMATCH_FLAGS)
+    if "topk" in parts:
+        run_all(os.path.join(ROOT, "runs", "dppo_topk"), TOPK, range(1, 6), 150, ["--log-every", "50"])

@@ -1,0 +1,60 @@
+"""Mean over seeds, with a band of one standard deviation, per trust region of experiments/dppo_compare.py.
+
+    python experiments/dppo_plot.py     # docs/dppo_mismatch.png (accuracy and |pi - mu|), docs/dppo_topk.png
+"""
+
+import os
+
+import matplotlib
+import numpy as np
+from dppo_summary import MISMATCH, ROOT, TOPK
+from run_metrics import finished_runs, load
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def band(ax, x, values, label):
+    mean, sd = values.mean(0), values.std(0)
+    ax.plot(x, mean, lw=2, label=f"{label} ({len(values)} seeds)")
+    ax.fill_between(x, mean - sd, mean + sd, alpha=0.15)
+
+
+def accuracy(ax, folder, arms):
+    for arm in arms:
+        evals = [load(d)[1] for d in finished_runs(folder, arm)]
+        band(ax, [r["step"] for r in evals[0]], np.array([[r["eval/acc_sampled"] for r in e] for e in evals]), arm)
+    ax.set(xlabel="training step (one rollout batch each)", ylabel="held-out accuracy, sampled", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+
+
+def drift(ax, folder, arms, smooth=10):
+    for arm in arms:
+        train = [load(d)[0] for d in finished_runs(folder, arm)]
+        values = np.array([[r["dppo/abs_pi_mu"] for r in t] for t in train])
+        kernel = np.ones(smooth) / smooth  # a running mean over `smooth` steps, per seed
+        values = np.array([np.convolve(v, kernel, mode="valid") for v in values])
+        band(ax, np.arange(values.shape[1]) + smooth, values, arm)
+    ax.set(xlabel="training step", ylabel=f"mean |pi - mu| per token ({smooth}-step running mean)")
+    ax.grid(alpha=0.3)
+
+
+def main():
+    folder = os.path.join(ROOT, "runs", "dppo_mismatch")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    accuracy(axes[0], folder, MISMATCH)
+    drift(axes[1], folder, MISMATCH)
+    fig.suptitle("sampler T = 0.6, trainer T = 1, 8 optimizer steps per rollout batch, lr 1e-4", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", "dppo_mismatch.png"), dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    accuracy(ax, os.path.join(ROOT, "runs", "dppo_topk"), TOPK)
+    ax.set_title("no mismatch, the defaults (4 optimizer steps per batch, lr 5e-5)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", "dppo_topk.png"), dpi=110)
+    print("wrote docs/dppo_mismatch.png, docs/dppo_topk.png")
+
+
+if __name__ == "__main__":
+    main()
