@@ -1,13 +1,15 @@
-"""DPPO's two comparisons on the built-in world, each into its own folder of runs:
+"""DPPO's comparisons on the built-in world, each into its own folder of runs:
 
 - mismatch (runs/dppo_mismatch): the sampler draws at temperature 0.6 and records that distribution as mu, the
   trainer's pi is at temperature 1, and each rollout batch gets 8 optimizer steps at lr 1e-4, so pi can move far
   from mu. `none` (PG-IS), `ratio` (clip-higher 0.2 / 0.28), `binary-tv` and `binary-kl`, 10 seeds, 120 steps.
+- mismatch-fast (runs/dppo_mismatch_fast): the same at lr 1.5e-4, 5 seeds, where the policy drifts from step to
+  step as well as within a batch.
 - topk (runs/dppo_topk): no mismatch, the defaults (4 mini-batches, lr 5e-5, 150 steps); `binary-tv` against
   `topk-tv` with K = 20, 5 seeds.
 
-    python experiments/dppo_compare.py            # about 75 minutes on 2 CPU cores: two runs at a time, one core each
-    python experiments/dppo_compare.py mismatch   # one of the two
+    python experiments/dppo_compare.py            # about 95 minutes on 2 CPU cores: two runs at a time, one core each
+    python experiments/dppo_compare.py mismatch   # one part: mismatch, mismatch-fast or topk
     python experiments/dppo_summary.py            # the tables
     python experiments/dppo_plot.py               # docs/dppo_mismatch.png, docs/dppo_topk.png
 
@@ -25,8 +27,11 @@ MISMATCH_FLAGS = ["--sampler-temperature", "0.6", "--lr", "1e-4", "--minibatches
 TOPK = {tr: ["dppo.py", "--trust-region", tr, "--top-k", "20"] for tr in ("binary-tv", "topk-tv")}
 
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["mismatch", "topk"]
+    parts = sys.argv[1:] or ["mismatch", "topk", "mismatch-fast"]
     if "mismatch" in parts:
         run_all(os.path.join(ROOT, "runs", "dppo_mismatch"), MISMATCH, range(1, 11), 120, MISMATCH_FLAGS)
+    if "mismatch-fast" in parts:
+        fast = [*MISMATCH_FLAGS[:2], "--lr", "1.5e-4", *MISMATCH_FLAGS[4:]]
+        run_all(os.path.join(ROOT, "runs", "dppo_mismatch_fast"), MISMATCH, range(1, 6), 120, fast)
     if "topk" in parts:
         run_all(os.path.join(ROOT, "runs", "dppo_topk"), TOPK, range(1, 6), 150, ["--log-every", "50"])
