@@ -1,6 +1,6 @@
 """Mean over seeds, with a band of one standard deviation, per trust region of experiments/dppo_compare.py.
 
-    python experiments/dppo_plot.py     # docs/dppo_mismatch.png (accuracy and |pi - mu|), docs/dppo_topk.png
+    python experiments/dppo_plot.py     # docs/dppo_mismatch.png (accuracy, |pi - mu|; two lr), docs/dppo_topk.png
 """
 
 import os
@@ -41,11 +41,13 @@ def drift(ax, folder, arms, smooth=10):
 
 
 def main():
-    folder = os.path.join(ROOT, "runs", "dppo_mismatch")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    accuracy(axes[0], folder, MISMATCH)
-    drift(axes[1], folder, MISMATCH)
-    fig.suptitle("sampler T = 0.6, trainer T = 1, 8 optimizer steps per rollout batch, lr 1e-4", fontsize=10)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for row, (name, lr) in enumerate((("dppo_mismatch", "1e-4"), ("dppo_mismatch_fast", "1.5e-4"))):
+        folder = os.path.join(ROOT, "runs", name)
+        accuracy(axes[row, 0], folder, MISMATCH)
+        drift(axes[row, 1], folder, MISMATCH)
+        axes[row, 0].set_title(f"lr {lr}", fontsize=10)
+    fig.suptitle("sampler T = 0.6, trainer T = 1, 8 optimizer steps per rollout batch", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(ROOT, "docs", "dppo_mismatch.png"), dpi=110)
     fig, ax = plt.subplots(figsize=(6, 4))
