@@ -27,6 +27,7 @@ def per_run(run_dir):
         "start": evals[0]["eval/acc_sampled"], "final": evals[-1]["eval/acc_sampled"],
         "best": max(e["eval/acc_sampled"] for e in evals), "greedy": evals[-1]["eval/acc_greedy"],
         "unfaithful": evals[-1]["eval/unfaithful_sampled"],
+        "first_below": next((e["step"] for e in evals if e["eval/acc_sampled"] < COLLAPSE_BELOW), None),
         "pi_mu": mean("dppo/abs_pi_mu"), "pi_mu_first": window_mean(train, "dppo/abs_pi_mu", "first"),
         "pi_mu_last": window_mean(train, "dppo/abs_pi_mu", "last"),
         "masked": mean("dppo/masked_frac"), "masked_pos": mean("dppo/masked_frac_pos"),
@@ -37,23 +38,24 @@ def per_run(run_dir):
 
 
 def table(folder, arms):
-    print("| trust region | seeds | collapsed (final < 0.4) | ended below its start"
+    print("| trust region | seeds | collapsed (final < 0.4) | first step below 0.4 (per seed) | ended below its start"
           " | final acc, sampled, mean +- sd (per seed) | best acc | final greedy"
           " | unfaithful among correct | mean abs(pi-mu): all (first 20% -> last 20%) | masked: all / A>0 / A<0"
           " | reward, last 20% | update s/step | top-K MB/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arm in arms:
         runs = [per_run(d) for d in finished_runs(folder, arm)]
         if not runs:
-            print(f"| {arm} | 0 |" + " |" * 11)
+            print(f"| {arm} | 0 |" + " |" * 12)
             continue
-        m = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
+        m = {k: np.mean([r[k] for r in runs]) for k in runs[0] if k != "first_below"}
+        first_below = ", ".join(str(r["first_below"]) if r["first_below"] is not None else "-" for r in runs)
         collapsed = sum(r["final"] < COLLAPSE_BELOW for r in runs)
         sd = np.std([r["final"] for r in runs])
         finals = ", ".join(f"{r['final']:.2f}" for r in runs)
         below = sum(r["final"] < r["start"] for r in runs)
-        print(f"| {arm} | {len(runs)} | {collapsed} of {len(runs)} | {below} | {m['final']:.3f} +- {sd:.3f} ({finals})"
-              f" | {m['best']:.3f}"
+        print(f"| {arm} | {len(runs)} | {collapsed} of {len(runs)} | {first_below} | {below}"
+              f" | {m['final']:.3f} +- {sd:.3f} ({finals}) | {m['best']:.3f}"
               f" | {m['greedy']:.3f} | {m['unfaithful']:.3f} | {m['pi_mu']:.4f} ({m['pi_mu_first']:.4f} ->"
               f" {m['pi_mu_last']:.4f}) | {m['masked']:.4f} / {m['masked_pos']:.4f} / {m['masked_neg']:.4f}"
               f" | {m['reward_last']:.3f} | {m['update_s']:.3f} | {m['topk_mb']:.2f} |")  # fmt: skip
