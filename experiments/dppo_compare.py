@@ -8,7 +8,7 @@
 - topk (runs/dppo_topk): no mismatch, the defaults (4 mini-batches, lr 5e-5, 150 steps); `binary-tv` against
   `topk-tv` with K = 20, 5 seeds.
 
-    python experiments/dppo_compare.py            # about 95 minutes on 2 CPU cores: two runs at a time, one core each
+    python experiments/dppo_compare.py            # about 75 minutes on 2 CPU cores: two runs at a time, one core each
     python experiments/dppo_compare.py mismatch   # one part: mismatch, mismatch-fast or topk
     python experiments/dppo_summary.py            # the tables
     python experiments/dppo_plot.py               # docs/dppo_mismatch.png, docs/dppo_topk.png
