@@ -3,7 +3,7 @@ whole pool (`full`), on a random 10% per stage (`random`), on the 10% with the h
 (`pass-rate`), and on the 10% CROPI's influence scores pick for the weak target skill `words` (`cropi`),
 5 seeds each, held-out evaluation every 8 steps.
 
-    python experiments/cropi_compare.py           # about 45 minutes on 2 CPU cores: two runs at a time, one core each
+    python experiments/cropi_compare.py           # about 40 minutes on 2 CPU cores: two runs at a time, one core each
     python experiments/cropi_summary.py           # the tables
     python experiments/cropi_plot.py              # docs/cropi_compare.png
 
