@@ -1,13 +1,13 @@
 """Mean held-out accuracy over seeds, with a band of one standard deviation, per arm of
 experiments/pods_compare.py: against optimizer steps and against training seconds.
 
-    python experiments/pods_plot.py     # docs/pods_compare_steps.png and docs/pods_compare_seconds.png
+    python experiments/pods_plot.py     # docs/pods_compare_steps.png, _seconds.png and _skills.png (per skill)
 """
 
 import os
 
 import matplotlib
-from pods_summary import ARMS, ROOT, curves
+from pods_summary import ARMS, ROOT, SKILLS, curves
 
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,7 +31,25 @@ def plot(x_of, xlabel, out):
     print(f"wrote {out}")
 
 
+def plot_skills(out):
+    fig, axes = plt.subplots(1, len(SKILLS), figsize=(16, 3.6), sharey=True)
+    for ax, skill in zip(axes, SKILLS):
+        for arm in ARMS:
+            steps, acc, _ = curves(arm, f"eval/acc_sampled/{skill}")
+            mean, sd = acc.mean(0), acc.std(0)
+            ax.plot(steps, mean, lw=2, label=LABELS[arm])
+            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
+        ax.set(title=f"skill `{skill}`", xlabel="optimizer step", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy, sampled")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
     plot("steps", "optimizer step (one rollout batch each)", os.path.join(ROOT, "docs", "pods_compare_steps.png"))
     plot("seconds", "training seconds (2 CPU cores, two runs at a time)",
          os.path.join(ROOT, "docs", "pods_compare_seconds.png"))
+    plot_skills(os.path.join(ROOT, "docs", "pods_compare_skills.png"))
