@@ -5,14 +5,9 @@ selection.
     python experiments/cropi_plot.py     # docs/cropi_compare.png
 """
 
-import os
-
-import matplotlib
 import numpy as np
-from cropi_summary import ROOT, SELECTIONS, curves, rows_of
-
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
+from cropi_summary import SELECTIONS, curves, rows_of
+from plots import band, plt, save
 
 
 def main():
@@ -22,9 +17,7 @@ def main():
     for ax, (key, label) in zip(axes, panels):
         for selection in SELECTIONS:
             steps, values, _ = curves(selection, key)
-            mean, sd = values.mean(0), values.std(0)
-            ax.plot(steps, mean, lw=2, label=f"{selection} ({len(values)} seeds)")
-            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+            band(ax, steps, values, selection, alpha=0.15)
         ax.set(xlabel="GRPO step (6 stages x 16)", ylabel=label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper left")
@@ -38,10 +31,7 @@ def main():
     axes[2].set(xlabel="stage", ylabel="target skill's share of the stage's selection", ylim=(0, None))
     axes[2].grid(alpha=0.3)
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    out = os.path.join(ROOT, "docs", "cropi_compare.png")
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, "cropi_compare.png")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ mean final value of the metric (the target skill's held-out accuracy), and the t
 the mean curve as measured and on its trailing mean over 3 evaluations (the target skill has 42 test prompts).
 """
 
-import json
 import os
 import sys
 
 import numpy as np
-from run_metrics import finished_runs, load
+from run_metrics import finished_runs, load, mean_sd, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDER = os.path.join(ROOT, "runs", "cropi_compare")
@@ -31,17 +30,12 @@ def curves(selection, key):
 
 def rows_of(selection):
     """Every metrics.jsonl row (training, evaluation and store rows) of each finished run of a selection."""
-    runs = finished_runs(FOLDER, selection)
-    return [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] for d in runs]
+    return [rows(d) for d in finished_runs(FOLDER, selection)]
 
 
 def total(selection, key):
     """Mean over seeds of the sum of `key` over a run's rows (e.g. seconds of scoring)."""
     return float(np.mean([sum(r.get(key, 0) for r in rows) for rows in rows_of(selection)]))
-
-
-def mean_sd(x):
-    return f"{np.mean(x):.3f} +- {np.std(x):.3f}"
 
 
 def trailing_mean(values, window):

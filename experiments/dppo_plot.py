@@ -5,25 +5,17 @@
 
 import os
 
-import matplotlib
 import numpy as np
 from dppo_summary import MISMATCH, ROOT, TOPK
+from plots import band, plt, save
 from run_metrics import finished_runs, load
-
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def band(ax, x, values, label):
-    mean, sd = values.mean(0), values.std(0)
-    ax.plot(x, mean, lw=2, label=f"{label} ({len(values)} seeds)")
-    ax.fill_between(x, mean - sd, mean + sd, alpha=0.15)
 
 
 def accuracy(ax, folder, arms):
     for arm in arms:
         evals = [load(d)[1] for d in finished_runs(folder, arm)]
-        band(ax, [r["step"] for r in evals[0]], np.array([[r["eval/acc_sampled"] for r in e] for e in evals]), arm)
+        band(ax, [r["step"] for r in evals[0]], np.array([[r["eval/acc_sampled"] for r in e] for e in evals]), arm,
+             alpha=0.15)
     ax.set(xlabel="training step (one rollout batch each)", ylabel="held-out accuracy, sampled", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
@@ -35,7 +27,7 @@ def drift(ax, folder, arms, smooth=10):
         values = np.array([[r["dppo/abs_pi_mu"] for r in t] for t in train])
         kernel = np.ones(smooth) / smooth  # a running mean over `smooth` steps, per seed
         values = np.array([np.convolve(v, kernel, mode="valid") for v in values])
-        band(ax, np.arange(values.shape[1]) + smooth, values, arm)
+        band(ax, np.arange(values.shape[1]) + smooth, values, arm, alpha=0.15)
     ax.set(xlabel="training step", ylabel=f"mean |pi - mu| per token ({smooth}-step running mean)")
     ax.grid(alpha=0.3)
 
@@ -48,14 +40,11 @@ def main():
         drift(axes[row, 1], folder, MISMATCH)
         axes[row, 0].set_title(f"lr {lr}", fontsize=10)
     fig.suptitle("sampler T = 0.6, trainer T = 1, 8 optimizer steps per rollout batch", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "docs", "dppo_mismatch.png"), dpi=110)
+    save(fig, "dppo_mismatch.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     accuracy(ax, os.path.join(ROOT, "runs", "dppo_topk"), TOPK)
     ax.set_title("no mismatch, the defaults (4 optimizer steps per batch, lr 5e-5)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "docs", "dppo_topk.png"), dpi=110)
-    print("wrote docs/dppo_mismatch.png, docs/dppo_topk.png")
+    save(fig, "dppo_topk.png")
 
 
 if __name__ == "__main__":

@@ -4,22 +4,17 @@ unfaithful share among correct held-out answers, per arm of experiments/ippo_com
     python experiments/ippo_plot.py     # docs/ippo_compare.png
 """
 
-import glob
 import os
 
-import matplotlib
 import numpy as np
-from run_metrics import load
+from plots import ROOT, band, plt, save
+from run_metrics import finished_runs, load
 
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {"ppo": "PPO (--no-influence)", "ippo": "I-PPO", "filter": "I-PPO filter-only (--no-reweight)"}
 
 
 def curves(arm, key):
-    runs = [load(d)[1] for d in sorted(glob.glob(os.path.join(ROOT, "runs", "ippo_compare", f"{arm}_s*")))]
+    runs = [load(d)[1] for d in finished_runs(os.path.join(ROOT, "runs", "ippo_compare"), arm)]
     return np.array([r["step"] for r in runs[0]]), np.array([[r[key] for r in evals] for evals in runs])
 
 
@@ -28,17 +23,11 @@ def main():
     for ax, key, label in zip(axes, ("eval/acc_sampled", "eval/unfaithful_sampled"),
                               ("held-out accuracy, sampled", "unfaithful share among correct answers")):  # fmt: skip
         for arm, name in ARMS.items():
-            steps, values = curves(arm, key)
-            mean, sd = values.mean(0), values.std(0)
-            ax.plot(steps, mean, lw=2, label=f"{name} ({len(values)} seeds)")
-            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
+            band(ax, *curves(arm, key), name)
         ax.set(xlabel="PPO iteration (one rollout buffer, 4 epochs x 4 mini-batches)", ylabel=label, ylim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    out = os.path.join(ROOT, "docs", "ippo_compare.png")
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, "ippo_compare.png")
 
 
 if __name__ == "__main__":

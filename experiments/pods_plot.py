@@ -4,52 +4,37 @@ experiments/pods_compare.py: against optimizer steps and against training second
     python experiments/pods_plot.py     # docs/pods_compare_steps.png, _seconds.png and _skills.png (per skill)
 """
 
-import os
-
-import matplotlib
-from pods_summary import ARMS, ROOT, SKILLS, curves
-
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
+from plots import band, plt, save
+from pods_summary import ARMS, SKILLS, curves
 
 LABELS = {"grpo": "GRPO, n = m = 8", "pods": "PODS, n = 32, m = 8, max-variance", "random": "n = 32, m = 8, random"}
 
 
-def plot(x_of, xlabel, out):
+def plot(x_of, xlabel, name):
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm in ARMS:
         steps, acc, seconds = curves(arm)
-        x = steps if x_of == "steps" else seconds.mean(0)
-        mean, sd = acc.mean(0), acc.std(0)
-        ax.plot(x, mean, lw=2, label=f"{LABELS[arm]} ({len(acc)} seeds)")
-        ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
+        band(ax, steps if x_of == "steps" else seconds.mean(0), acc, LABELS[arm])
     ax.set(xlabel=xlabel, ylabel="held-out accuracy, sampled", ylim=(0.4, 0.85))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, name)
 
 
-def plot_skills(out):
+def plot_skills(name):
     fig, axes = plt.subplots(1, len(SKILLS), figsize=(16, 3.6), sharey=True)
     for ax, skill in zip(axes, SKILLS):
         for arm in ARMS:
             steps, acc, _ = curves(arm, f"eval/acc_sampled/{skill}")
-            mean, sd = acc.mean(0), acc.std(0)
-            ax.plot(steps, mean, lw=2, label=LABELS[arm])
-            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
+            band(ax, steps, acc, LABELS[arm], seeds=False)
         ax.set(title=f"skill `{skill}`", xlabel="optimizer step", ylim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy, sampled")
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, name)
 
 
 if __name__ == "__main__":
-    plot("steps", "optimizer step (one rollout batch each)", os.path.join(ROOT, "docs", "pods_compare_steps.png"))
-    plot("seconds", "training seconds (2 CPU cores, two runs at a time)",
-         os.path.join(ROOT, "docs", "pods_compare_seconds.png"))
-    plot_skills(os.path.join(ROOT, "docs", "pods_compare_skills.png"))
+    plot("steps", "optimizer step (one rollout batch each)", "pods_compare_steps.png")
+    plot("seconds", "training seconds (2 CPU cores, two runs at a time)", "pods_compare_seconds.png")
+    plot_skills("pods_compare_skills.png")

@@ -7,11 +7,10 @@ the paper's metric is the first step (and the mean training seconds at that step
 reaches 99% of GRPO's peak mean accuracy.
 """
 
-import glob
 import os
 
 import numpy as np
-from run_metrics import load
+from run_metrics import finished_runs, load, mean_sd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = ("grpo", "pods", "random")
@@ -19,7 +18,7 @@ SKILLS = ("short", "long", "times", "words")
 
 
 def arm_runs(arm):
-    return sorted(glob.glob(os.path.join(ROOT, "runs", "pods_compare", f"{arm}_s*")))
+    return finished_runs(os.path.join(ROOT, "runs", "pods_compare"), arm)
 
 
 def curves(arm, key="eval/acc_sampled"):
@@ -29,10 +28,6 @@ def curves(arm, key="eval/acc_sampled"):
     values = np.array([[r[key] for r in evals] for _, evals in runs])
     seconds = np.array([[r["time/train_elapsed"] for r in evals] for _, evals in runs])
     return np.array(steps), values, seconds
-
-
-def mean_sd(x):
-    return f"{np.mean(x):.3f} +- {np.std(x):.3f}"
 
 
 def main():

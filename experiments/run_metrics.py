@@ -1,5 +1,6 @@
 """Reading a run's metrics.jsonl, shared by the summary scripts."""
 
+import functools
 import glob
 import json
 import os
@@ -7,10 +8,21 @@ import os
 import numpy as np
 
 
+@functools.cache  # a summary reads each run many times, once per figure
+def rows(run_dir):
+    """Every row of a run's metrics.jsonl (training, evaluation and other rows), in the order written."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return tuple(json.loads(line) for line in f)
+
+
 def load(run_dir):
     """(training rows, evaluation rows) of one run, in step order."""
-    rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
-    return [r for r in rows if "reward/mean" in r], [r for r in rows if "eval/acc_sampled" in r]
+    every = rows(run_dir)
+    return [r for r in every if "reward/mean" in r], [r for r in every if "eval/acc_sampled" in r]
+
+
+def mean_sd(x):
+    return f"{np.mean(x):.3f} +- {np.std(x):.3f}"
 
 
 def window_mean(rows, key, part):
