@@ -6,11 +6,8 @@
 import os
 import sys
 
-import matplotlib
+from plots import plt
 from run_metrics import load
-
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(run_dir: str, out: str, title: str = ""):
