@@ -399,7 +399,7 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
                     ratio, A = log_ratio.exp(), batch["advantages"][part]
                     binds = ((ratio > 1 + args.clip) & (A > 0)) | ((ratio < 1 - args.clip) & (A < 0))  # grad 0 there
                     sums["clipped"] += (binds * mask).sum().item()
-                    sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * mask).sum().item()
+                    sums["approx_kl"] += ((ratio - 1 - log_ratio) * mask).sum().item()
                 sums["tokens"] += mask.sum().item()
                 sums["policy_loss"] += policy.sum().item()
                 sums["value_loss"] += value.sum().item()
