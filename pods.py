@@ -153,13 +153,13 @@ def select_max_reward(rewards: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def select(rule: str, rewards: torch.Tensor, m: int, generator=None) -> torch.Tensor:
-    if rule == "max-variance":
-        return select_max_variance(rewards, m)
+    """The m indices per row that --rule keeps (the CLI accepts only these three names)."""
     if rule == "random":
         return select_random(rewards, m, generator)
     if rule == "max-reward":
         return select_max_reward(rewards, m)
-    fail(f"--rule {rule!r}: expected max-variance, random or max-reward")
+    assert rule == "max-variance", rule
+    return select_max_variance(rewards, m)
 
 
 # ---- advantages: each completion against its own group ---------------------------------------------------

@@ -53,10 +53,6 @@ def is_correct(response: str, gold: str) -> bool:
     return pred != "" and pred == normalize(gold)
 
 
-def correctness_reward(response: str, gold: str) -> float:
-    return 1.0 if is_correct(response, gold) else 0.0
-
-
 def chain_faithful(question: str, response: str) -> bool:
     """True iff the response's steps are exactly the question's chain, each arithmetically valid, each
     starting from the previous result, and the final answer is the last step's result."""

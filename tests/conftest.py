@@ -12,6 +12,7 @@ if not os.path.exists("/dev/nvidia0"):  # no GPU: Triton kernels run in the inte
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before a kernel module is imported
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -71,3 +72,77 @@ def check_per_skill_eval(row, n_prompts):
         assert set(per_skill) == set(counts), (mode, per_skill, counts)
         weighted = sum(per_skill[s] * c for s, c in counts.items()) / n_prompts
         assert abs(weighted - row[f"eval/acc_{mode}"]) < 1e-9
+
+
+def help_entries(script) -> dict[str, str]:
+    """`python <script> --help`, as {flag: its help text} (the flag's first name; the text joined into one line)."""
+    out = run_command([sys.executable, script, "--help"], env={**os.environ, "PYTHONPATH": ROOT, "COLUMNS": "400"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    entries, flag = {}, None
+    for line in out.stdout.splitlines():
+        starts_a_flag = line.lstrip("│").startswith(" --")  # a continuation line is indented to the text column
+        line = line.strip(" │╭╮╰╯─")
+        if starts_a_flag:
+            head, _, text = line.partition("  ")  # the flag and its metavar, then (after 2+ spaces) the text
+            flag = head.split(",")[0].split()[0]
+            entries[flag] = text.strip()
+        elif flag and line:
+            entries[flag] = f"{entries[flag]} {line.strip()}".strip()
+    return entries
+
+
+def shown_default(value) -> str:
+    """A default as tyro prints it in --help."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return "''" if value == "" else str(value)
+
+
+def check_help(script, args_class):
+    """Every field of Args is a flag in --help, with a sentence of help and the default Args really has."""
+    import dataclasses
+
+    entries = help_entries(script)
+    for field in dataclasses.fields(args_class):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in entries, f"{script} --help does not list {flag}"
+        text = entries[flag]
+        default = f"(default: {shown_default(field.default)})"
+        assert default in text, f"{script} --help: {flag} shows {text!r}, but Args has {default}"
+        assert text.replace(default, "").strip(), f"{script} --help: {flag} has no help line: {text!r}"
+
+
+COIN_LOGIT = 40.0  # the two coin tokens' logit; every other token's is 1, so each has probability < e^-26 at T <= 1.5
+
+
+@pytest.fixture(scope="session")
+def coin_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A model that flips the same fair coin at every position, whatever the input: the next token is `1` or
+    EOS, each with probability 1/2 at any temperature. So a completion is exactly `1` with probability 1/4,
+    on every processor (the draws come from the seeded generator; no rounding decides them), and tests can
+    rely on mixed rewards with a bound computed from that 1/4 instead of on a lucky draw.
+
+    How: every layer's output projections are zero, so the residual stream is the last token's embedding;
+    every embedding row is a positive multiple s_v of the all-ones vector, so the final RMSNorm maps it to
+    the same h = ones for every token; with tied embeddings the logits are <s_v ones, h> = s_v x hidden: 40
+    for the two coin tokens and 1 for every other."""
+    from common.model import random_model
+
+    model = random_model(tiny_tokenizer, RANDOM_SPEC)
+    hidden = model.config.hidden_size
+    coin = [tiny_tokenizer.convert_tokens_to_ids("1"), tiny_tokenizer.eos_token_id]
+    scale = torch.full((model.config.vocab_size,), 1.0 / hidden)  # >> sqrt(RMSNorm eps): the norm is exact
+    scale[coin] = COIN_LOGIT / hidden
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p is model.get_input_embeddings().weight:
+                p.copy_(scale[:, None].expand_as(p))
+            else:
+                p.zero_()
+    assert model.config.tie_word_embeddings
+    folder = str(tmp_path_factory.mktemp("coin_model"))
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

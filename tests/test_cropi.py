@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import RANDOM_SPEC, metric_rows, run_command
+from conftest import RANDOM_SPEC, check_help, metric_rows, run_command
 
 import cropi
 from common.data import make_chain, of_skills
@@ -143,6 +143,11 @@ def test_target_defaults_to_the_weak_skill_and_bad_targets_are_refused():
 
 # ---- end to end -----------------------------------------------------------------------------------------
 
+
+def test_help_documents_every_flag():
+    check_help("cropi.py", cropi.Args)
+
+
 SMALL = ["--stages", "2", "--steps-per-stage", "1", "--batch-prompts", "2", "--n", "2", "--pool-responses", "2",
          "--val-responses", "4", "--eval-prompts", "4", "--eval-every", "1", "--max-new-tokens", "16",
          "--proj-dim", "32", "--score-batch", "8"]  # fmt: skip
@@ -161,12 +166,13 @@ def warm_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def easy_file(tmp_path_factory):
-    """60 one-operation questions (30 distinct) as a local data file (10% validation, 10% test): short enough
-    to be answered within the smoke runs' 16 new tokens."""
-    rows = [{"question": f"What is {a}+{b}?", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 6)]
-    path = tmp_path_factory.mktemp("data") / "easy.jsonl"
-    path.write_text("".join(json.dumps({"question": e["question"], "answer": e["answer"]}) + "\n" for e in rows * 2))
+def coin_file(tmp_path_factory):
+    """100 questions whose answer is 1 (10 held out for validation, 10 for test), for `coin_model_dir`: each
+    stored response is right (exactly `1`) with probability 1/4, so a validation group of 8 has equal
+    rewards with probability (3/4)^8 + (1/4)^8 < 0.101, and all 10 groups with probability < 1e-9."""
+    rows = [{"question": f"What is {a}-{a - 1}?", "answer": "1"} for a in range(1, 101)]
+    path = tmp_path_factory.mktemp("data") / "coin.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
 
 
@@ -179,9 +185,9 @@ def train_rows(run_dir):
 
 
 @pytest.mark.parametrize("selection", ["cropi", "full", "random", "pass-rate"])
-def test_smoke_run_each_selection(selection, warm_model_dir, easy_file, tmp_path):
-    out = run(["--model", warm_model_dir, "--task", easy_file, "--output-dir", str(tmp_path), "--run-name", "r",
-               "--selection", selection, "--store-temperature", "1.5", *SMALL])  # fmt: skip
+def test_smoke_run_each_selection(selection, coin_model_dir, coin_file, tmp_path):
+    out = run(["--model", coin_model_dir, "--task", coin_file, "--output-dir", str(tmp_path), "--run-name", "r",
+               "--selection", selection, *SMALL, "--val-responses", "8"])  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
@@ -192,10 +198,11 @@ def test_smoke_run_each_selection(selection, warm_model_dir, easy_file, tmp_path
         assert "score/zero_gradient_prompts" in stage_rows[0] and stage_rows[0]["score/abs_log_ratio"] < 1e-4
 
 
-def test_torchrun_two_processes(warm_model_dir, easy_file, tmp_path):
+@pytest.mark.slow
+def test_torchrun_two_processes(coin_model_dir, coin_file, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--", "cropi.py"]
-    out = run_command([*torchrun, "--model", warm_model_dir, "--task", easy_file, "--output-dir", str(tmp_path),
-                       "--run-name", "ddp", "--store-temperature", "1.5", *SMALL, "--val-responses", "16"],
+    out = run_command([*torchrun, "--model", coin_model_dir, "--task", coin_file, "--output-dir", str(tmp_path),
+                       "--run-name", "ddp", *SMALL, "--val-responses", "8"],
                       timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert [r["step"] for r in train_rows(tmp_path / "ddp")] == [1, 2]
@@ -239,21 +246,34 @@ def pool_and_target_gradients(warm_model_dir):
 
 @pytest.mark.parametrize("mode", ["sjlt", "rademacher"])
 def test_ranking_fidelity_on_a_tiny_model(pool_and_target_gradients, mode):
-    """Spec test 4: projected cosines find at least 80% of the exact top 10% once the spread of the true
-    cosines times sqrt(k) is at least 4 (the projection's cosine error is about 1/sqrt(k)). All coordinates
-    kept (p = 1): a coordinate subset adds an error that depends on how the gradient's energy is spread
-    over coordinates, not only on k; experiments/projection_fidelity.py measures it."""
+    """Spec test 4: projected cosines find the exact top 10% about as well as the projection's error allows.
+
+    A k-dimensional random projection estimates a cosine with an error of sd at most 1/sqrt(k) (exactly
+    (1 - cos^2)/sqrt(k) for a Gaussian map). How much precision@10% such an error costs depends on how the
+    exact cosines crowd around the top-10% threshold, which differs from one pool of gradients to another
+    (and so from one processor's samples to another's). So the bar is computed from this pool: the precision
+    the exact cosines keep under independent N(0, 1/k) errors (400 simulated draws; an upper bound on the
+    error, so a conservative bar), less 0.1 (the mean over 10 maps of a precision measured in tenths has an
+    sd of about 0.03). k is the smallest power of 2 with spread x sqrt(k) >= 8, where the expected loss is
+    about 0.7 / 8 ~ 0.1 (expected misses N f(t) sd / sqrt(2 pi) for normal cosines; 0.4 at 1 / sqrt(k) = sd).
+    All coordinates kept (p = 1): a coordinate subset adds an error that depends on how the gradient's energy
+    is spread over coordinates, not only on k; experiments/projection_fidelity.py measures it."""
     from kernels.projection import project
 
     pool, target = pool_and_target_gradients
     exact = torch.nn.functional.cosine_similarity(pool, target[None], dim=1)
-    k = 2 ** int(torch.log2((4 / exact.std()) ** 2).ceil())  # the smallest power of 2 that qualifies
+    k = 2 ** int(torch.log2((8 / exact.std()) ** 2).ceil())
     assert k <= 4096, f"spread {exact.std():.3g} would need k = {k}: the case is too flat to test cheaply"
+    noise = torch.Generator().manual_seed(0)
+    simulated = sum(precision_at(exact + torch.randn(exact.shape, generator=noise) / k**0.5, exact)
+                    for _ in range(400)) / 400  # fmt: skip
     precisions = []
-    for seed in range(5):  # the claim is about a typical projection, so average over a few maps
+    for seed in range(10):  # the claim is about a typical projection, so average over maps
         projected = project(torch.cat([pool, target[None]]), 0, k, 1.0, seed=seed, mode=mode)
         precisions.append(precision_at(cropi.cosine_scores(projected[:-1], projected[-1]), exact))
-    assert sum(precisions) / 5 >= 0.8, f"k {k}, spread {exact.std():.3g}: precision@10% {precisions}"
+    measured = sum(precisions) / 10
+
+    assert measured >= simulated - 0.1, f"k {k}: precision@10% {measured:.2f} against {simulated:.2f} {precisions}"
 
 
 @pytest.mark.parametrize("mode", ["sjlt", "gaussian"])

@@ -23,6 +23,7 @@ def parameter_change(mode, model_dir, out, world, aggregation):
     return torch.load(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, aggregation", [("grpo", "seq-mean-token-mean"), ("grpo", "token-mean"),
                                                ("pods", "seq-mean-token-mean"), ("ippo", "")])  # fmt: skip
 def test_two_ranks_take_the_same_step_as_one(mode, aggregation, random_model_dir, tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import check_per_skill_eval, metric_rows, run_command
+from conftest import check_help, check_per_skill_eval, metric_rows, run_command
 
 import grpo
 from common.model import load_policy
@@ -100,20 +100,48 @@ def test_several_minibatches_move_the_ratio_and_clip(random_model_dir):
     assert stats["policy/clip_frac"] > 0
 
 
-def test_kl_penalty_reports_zero_at_the_start(random_model_dir):
+def test_kl_penalty_adds_the_k3_gradient(random_model_dir):
+    """With a reference that differs from the policy, --beta changes the update by exactly beta times the
+    gradient of the k3 KL (aggregated like the loss), written here from the logits by hand. One mini-batch,
+    plain SGD at lr 1 and no norm clipping, so the parameter change is minus the gradient."""
     model, rollout, advantages = batch(random_model_dir)
     reference = load_policy(random_model_dir)[0].eval()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    args = grpo.Args(beta=0.1, max_new_tokens=8)
-    stats = grpo.grpo_update(model, reference, optimizer, rollout, advantages, args, torch.Generator().manual_seed(0))
-    assert stats["policy/kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in reference.parameters():  # a reference away from the policy: the k3 gradient is 0 where they agree
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    beta, start = 0.5, {k: v.clone() for k, v in model.state_dict().items()}
+
+    def change(beta_):
+        model.load_state_dict(start)
+        args = grpo.Args(beta=beta_, max_new_tokens=8, max_grad_norm=1e9)
+        grpo.grpo_update(model, reference, torch.optim.SGD(model.parameters(), lr=1.0), rollout, advantages, args,
+                         torch.Generator().manual_seed(0))  # fmt: skip
+        return {n: p.detach() - start[n] for n, p in model.named_parameters()}
+
+    with_kl, without = change(beta), change(0.0)
+
+    def completion_logprobs(m):  # log pi(y_t | y_<t) at temperature 1, from the full logits
+        out = m(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0))  # fmt: skip
+        logits = out.logits[:, rollout.prompt_len - 1 : -1].float()
+        return logits.log_softmax(-1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+
+    model.load_state_dict(start)
+    with torch.no_grad():
+        ref_logp = completion_logprobs(reference)
+    log_r = ref_logp - completion_logprobs(model)
+    k3 = log_r.exp() - log_r - 1  # per token
+    mask = rollout.completion_mask.float()
+    kl = ((k3 * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()  # token mean per sequence, mean over sequences
+    assert kl.item() > 1e-3
+    names, params = zip(*model.named_parameters())
+    grads = dict(zip(names, torch.autograd.grad(beta * kl, params)))
+    for name in names:
+        torch.testing.assert_close(with_kl[name] - without[name], -grads[name], rtol=1e-3, atol=1e-6)
 
 
-def test_help():
-    out = run_command([sys.executable, "grpo.py", "--help"])
-    assert out.returncode == 0
-    for flag in ("--n", "--minibatches", "--eps-low", "--eps-high", "--beta", "--no-scale-rewards", "--aggregation"):
-        assert flag in out.stdout
+def test_help_documents_every_flag():
+    check_help("grpo.py", grpo.Args)
 
 
 def test_smoke_run(random_model_dir, tmp_path):

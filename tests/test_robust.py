@@ -43,6 +43,7 @@ def comparable(rows):
     return [(r["step"], tuple(r.get(k) for k in TRACKED)) for r in rows]
 
 
+@pytest.mark.slow
 def test_kill_then_resume_alone_continues_the_run(random_model_dir, tmp_path):
     base = ["--model", random_model_dir, "--output-dir", str(tmp_path), "--steps", "12", "--save-every", "3", *SMALL]
     straight = run_command([sys.executable, "grpo.py", *base, "--run-name", "straight"])
@@ -88,6 +89,7 @@ def test_incomplete_newest_checkpoint_is_skipped(random_model_dir, tmp_path):
     assert "resuming" in out.stdout + out.stderr and "from step_000002" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_exits_without_traceback(random_model_dir, tmp_path):
     run_dir = tmp_path / "r"
     process = start(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "r", "--steps", "200",
@@ -160,6 +162,7 @@ def test_unwritable_model_cache_is_a_one_line_error(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("error: TINYRLVR_CACHE /proc/tinyrlvr-cache: cannot build")
 
 
+@pytest.mark.slow
 def test_console_is_clean(random_model_dir, tmp_path):
     out = run_command([sys.executable, "grpo.py", "--model", random_model_dir, "--output-dir", str(tmp_path),
                        "--steps", "2", "--save-every", "1", *SMALL])  # fmt: skip
