@@ -197,7 +197,6 @@ def test_thresholds_defaults():
         (dict(delta_high=-0.1), "--delta-high"),
         (dict(eps_high=0.0), "--eps-high"),
         (dict(trust_region="topk-tv", top_k=0), "--top-k"),
-        (dict(trust_region="clip"), "--trust-region"),
         (dict(minibatches=3), "--minibatches"),
         (dict(micro_batch=-1), "--micro-batch"),
         (dict(is_cap=0.0), "--is-cap"),

@@ -45,16 +45,21 @@ def case(N, V, K, dtype, temperature, kind="smooth", seed=0):
     return to(pi_logits.to(dtype)), to(ids), to(lp), to(sampled), to(valid), missing
 
 
-def check(N, V, K, dtype, temperature, kind="smooth", block_v=128):
-    logits, ids, lp, sampled, valid, missing = case(N, V, K, dtype, temperature, kind)
+def check(N, V, K, dtype, temperature, kind="smooth", block_v=128, seed=0):
+    """The kernel against the reference in fp64 on the same input values, within what fp32 arithmetic allows:
+    rounding x / T to fp32 moves a log-probability by up to one ulp of the row's largest |x| / T, and the
+    shifted sums add a few more, so each output may differ by 8 such ulps (measured: at most 2, for the kernel
+    and for the fp32 reference alike, over 8 seeds of every kind of row) plus 1e-4 relative. A tolerance
+    fixed in absolute terms would pass or fail with the draw on rows of logits in the hundreds."""
+    logits, ids, lp, sampled, valid, missing = case(N, V, K, dtype, temperature, kind, seed)
     got = topk_divergence_triton(logits, ids, lp, sampled, temperature, valid, block_v=block_v)
-    # The reference in fp64 on the same input values: the fp32 reference itself is off by ~1e-3 relative on
-    # the entropy of large-magnitude rows, where the kernel's shifted online sums are closer to the truth.
     want = topk_divergence_reference(logits.double(), ids, lp, sampled, temperature, valid)
+    ulp = torch.finfo(torch.float32).eps * (logits.double().abs().amax(-1) / temperature).clamp(min=1.0)
     for name in OUTPUTS:
         assert got[name].dtype == torch.float32
-        scale = want[name].abs().max().item()
-        torch.testing.assert_close(got[name], want[name].float(), rtol=1e-4, atol=2e-6 * max(1.0, scale), msg=name)
+        error = (got[name].double() - want[name]).abs()
+        bound = 1e-4 * want[name].abs() + 8 * ulp
+        assert (error <= bound).all(), f"{name}: error {(error / bound).max():.2f} x the bound"
         assert (got[name][~valid] == 0).all(), f"{name}: padded rows must be 0"
     return missing
 
@@ -73,7 +78,8 @@ def test_kernel_matches_reference(V, K, dtype):
 @pytest.mark.parametrize("kind", ["one-hot", "large"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_on_extreme_rows(kind, dtype):
-    check(8, 777, 20, dtype, 0.7, kind)
+    for seed in range(4):  # several draws: on rows this extreme the rounding differs from draw to draw
+        check(8, 777, 20, dtype, 0.7, kind, seed=seed)
 
 
 def test_kernel_reads_strided_rows():
