@@ -253,9 +253,11 @@ def test_ranking_fidelity_on_a_tiny_model(pool_and_target_gradients, mode):
     exact cosines crowd around the top-10% threshold, which differs from one pool of gradients to another
     (and so from one processor's samples to another's). So the bar is computed from this pool: the precision
     the exact cosines keep under independent N(0, 1/k) errors (400 simulated draws; an upper bound on the
-    error, so a conservative bar), less 0.1 (the mean over 10 maps of a precision measured in tenths has an
-    sd of about 0.03). k is the smallest power of 2 with spread x sqrt(k) >= 8, where the expected loss is
-    about 0.7 / 8 ~ 0.1 (expected misses N f(t) sd / sqrt(2 pi) for normal cosines; 0.4 at 1 / sqrt(k) = sd).
+    error, so a conservative bar), less 0.15 (a map's precision, counted in tenths, has an sd of about 0.07,
+    so the mean over 5 maps has one of about 0.03: the margin is 4-5 sd). k is the smallest power of 2 with
+    spread x sqrt(k) >= 8, where the expected loss is about 0.7 / 8 ~ 0.1 (for normal cosines the expected
+    misses are N f(t) sd / sqrt(2 pi) = 100 x 0.175 x 0.4 / 8 ~ 0.9 of the 10). Measured over 9 pools x 2
+    modes with 10 maps each, the mean precision was within -0.02 and +0.07 of the bar before the margin.
     All coordinates kept (p = 1): a coordinate subset adds an error that depends on how the gradient's energy
     is spread over coordinates, not only on k; experiments/projection_fidelity.py measures it."""
     from kernels.projection import project
@@ -268,12 +270,11 @@ def test_ranking_fidelity_on_a_tiny_model(pool_and_target_gradients, mode):
     simulated = sum(precision_at(exact + torch.randn(exact.shape, generator=noise) / k**0.5, exact)
                     for _ in range(400)) / 400  # fmt: skip
     precisions = []
-    for seed in range(10):  # the claim is about a typical projection, so average over maps
+    for seed in range(5):  # the claim is about a typical projection, so average over maps
         projected = project(torch.cat([pool, target[None]]), 0, k, 1.0, seed=seed, mode=mode)
         precisions.append(precision_at(cropi.cosine_scores(projected[:-1], projected[-1]), exact))
-    measured = sum(precisions) / 10
-
-    assert measured >= simulated - 0.1, f"k {k}: precision@10% {measured:.2f} against {simulated:.2f} {precisions}"
+    measured = sum(precisions) / 5
+    assert measured >= simulated - 0.15, f"k {k}: precision@10% {measured:.2f} against {simulated:.2f} {precisions}"
 
 
 @pytest.mark.parametrize("mode", ["sjlt", "gaussian"])
