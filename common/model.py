@@ -318,14 +318,20 @@ def load_policy(name: str, dtype=torch.float32, device="cpu"):
     except (OSError, ValueError) as e:
         fail(f"--model {name}: could not load a model ({str(e).splitlines()[0][:160]})")
     tokenizer.padding_side = "left"
-    end = chat_end_token(tokenizer) if tokenizer.chat_template else None
-    if end:  # generation stops where the assistant's turn ends, whatever the tokenizer calls its EOS
-        tokenizer.eos_token = end
-    if tokenizer.eos_token is None:
-        fail(f"--model {name}: the tokenizer has no chat template and no EOS token, so generation could not stop")
+    set_stop_token(tokenizer, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def set_stop_token(tokenizer, name: str):
+    """Make the tokenizer's EOS the token where a completion ends: for a chat model the one that closes the
+    assistant's turn (whatever the tokenizer calls its EOS). A model with neither cannot stop: an error."""
+    end = chat_end_token(tokenizer) if tokenizer.chat_template else None
+    if end:
+        tokenizer.eos_token = end
+    if tokenizer.eos_token is None:
+        fail(f"--model {name}: the tokenizer has no chat template and no EOS token, so generation could not stop")
 
 
 def matching_parameters(model, pattern: str) -> list[tuple[str, torch.nn.Parameter]]:
