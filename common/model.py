@@ -334,13 +334,27 @@ def set_stop_token(tokenizer, name: str):
         fail(f"--model {name}: the tokenizer has no chat template and no EOS token, so generation could not stop")
 
 
-def matching_parameters(model, pattern: str) -> list[tuple[str, torch.nn.Parameter]]:
+def matching_parameters(model, pattern: str, flag: str = "--grad-params") -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) for the parameters whose name matches the regular expression (`--grad-params`);
     tied weights appear once, under their first name. None matching is a user error."""
-    chosen = [(name, p) for name, p in model.named_parameters() if re.search(pattern, name)]
+    try:
+        chosen = [(name, p) for name, p in model.named_parameters() if re.search(pattern, name)]
+    except re.error as e:
+        fail(f"{flag} {pattern!r}: not a regular expression ({e})")
     if not chosen:
-        fail(f"--grad-params {pattern!r} matches no parameter of the model")
+        fail(f"{flag} {pattern!r} matches no parameter of the model")
     return chosen
+
+
+def trainable_parameters(model, pattern: str) -> list[torch.nn.Parameter]:
+    """The parameters that `--train-params` names (all of them when it is empty); the others are frozen, so no
+    gradient is computed for them and the backward pass stops below the lowest trained layer."""
+    if not pattern:
+        return list(model.parameters())
+    chosen = {id(p) for _, p in matching_parameters(model, pattern, "--train-params")}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def prompt_text(tokenizer, question: str, instruction: str = "") -> str:
