@@ -239,3 +239,17 @@ def test_every_script_runs_end_to_end_on_smollm2(script, smollm2_dir, tmp_path):
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
     assert any("eval/acc_sampled" in r for r in rows)
     assert (tmp_path / "r" / "checkpoints" / "step_000002" / "config.json").exists()
+
+
+def test_train_params_freezes_the_rest_and_rejects_a_bad_pattern(random_model_dir):
+    from common.model import trainable_parameters
+
+    model, _ = load_policy(random_model_dir)
+    assert len(trainable_parameters(model, "")) == len(list(model.parameters()))
+    chosen = trainable_parameters(model, r"layers\.1\.")
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in name for name in names) and len(chosen) == len(names)
+    for pattern, expected in (("(", "not a regular expression"), ("no_such_layer", "matches no parameter")):
+        with pytest.raises(SystemExit) as e:
+            trainable_parameters(model, pattern)
+        assert one_line_error(e).startswith(f"error: --train-params {pattern!r}") and expected in str(e.value)
