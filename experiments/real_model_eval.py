@@ -1,10 +1,11 @@
 """Before and after a run on a real model: held-out accuracy (greedy and one sample at T = 1), the share of
 completions in the asked answer form (a number after `####`), and a few completions side by side.
 
-    python experiments/real_model_eval.py runs/sums.jsonl 24 smollm2 runs/real/smollm2-sums/checkpoints/step_000020
+    python experiments/real_model_eval.py runs/sums.jsonl 1 24 smollm2 runs/real/smollm2-sums/checkpoints/step_000056
 
-Arguments: the task (as --task), the completion limit (as --max-new-tokens), then the models (as --model).
-Every model sees the same test prompts (the whole test split) and the same sampling seed.
+Arguments: the task (as --task), the run's --seed (a data file is split by it), the completion limit (as
+--max-new-tokens), then the models (as --model). Every model sees the same test prompts (the whole test split)
+and the same sampling seed.
 """
 
 import os
@@ -37,8 +38,8 @@ def figures(model, tokenizer, task, max_new_tokens: int) -> tuple[dict, list[str
     return result, shown
 
 
-def main(task_name: str, max_new_tokens: str, *models: str):
-    task = load_task(task_name)
+def main(task_name: str, seed: str, max_new_tokens: str, *models: str):
+    task = load_task(task_name, int(seed))
     table, examples = [], []
     for name in models:
         model, tokenizer = load_policy(resolve_model(name))
