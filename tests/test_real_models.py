@@ -212,43 +212,40 @@ SCRIPT_FLAGS = {
     "grpo": ["--steps", "2"],
     "pods": ["--steps", "2", "--n", "4", "--m", "2"],
     "dppo": ["--steps", "2", "--trust-region", "topk-tv", "--top-k", "4"],
-    "cropi": ["--stages", "2", "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "2",
-              "--val-prompts", "2", "--proj-dim", "64", "--score-batch", "4", "--grad-params", r"layers\.29\."],
-    "ippo": ["--steps", "2", "--epochs", "1", "--val-size", "2", "--influence-batch", "4", "--grad-params",
-             r"layers\.29\."],
+    "cropi": ["--stages", "2", "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "8",
+              "--val-prompts", "4", "--proj-dim", "64", "--score-batch", "4", "--grad-params", r"layers\.29\."],
+    "ippo": ["--steps", "2", "--n", "4", "--epochs", "1", "--val-size", "2", "--influence-batch", "4",
+             "--grad-params", r"layers\.29\."],
 }  # fmt: skip
+
+
+def sums_file(path, count: int = 40):
+    """One-operation questions that SmolLM2 answers right now and then, so that groups' rewards differ."""
+    rows = [{"question": f"What is {a}+{b}?" + CHAIN_INSTRUCTION, "answer": str(a + b),
+             "solution": f"{a}+{b}={a + b} #### {a + b}"} for a in range(1, 9) for b in range(1, 6)][:count]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
 
 
 @needs_smollm2
 @pytest.mark.skipif(os.environ.get("TINYRLVR_REAL_E2E") != "1", reason="minutes per script; TINYRLVR_REAL_E2E=1")
 @pytest.mark.parametrize("script", SCRIPT_FLAGS)
 def test_every_script_runs_end_to_end_on_smollm2(script, smollm2_dir, tmp_path):
-    """Two steps with a checkpoint after each on 40 chain questions; the last checkpoint is removed and --resume
-    alone makes it again."""
-    task = tmp_path / "chain40.jsonl"
-    task.write_text("".join(json.dumps(e) + "\n" for e in make_chain().train[:40]))
-    run = ["--model", "smollm2", "--task", str(task), "--output-dir", str(tmp_path), "--run-name", "r",
-           "--save-every", "1", *SMALL, *SCRIPT_FLAGS[script]]  # fmt: skip
+    """Two steps with a checkpoint after each; the last checkpoint is removed and --resume alone makes it again.
+    (ippo.py ends a run early, by its rule, when no episode is kept: then there is one step to check.)"""
+    run = ["--model", "smollm2", "--task", sums_file(tmp_path / "sums.jsonl"), "--output-dir", str(tmp_path),
+           "--run-name", "r", "--save-every", "1", *SMALL, "--max-new-tokens", "16", *SCRIPT_FLAGS[script]]  # fmt: skip
     first = run_command([sys.executable, f"{script}.py", *run], timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
-    shutil.rmtree(tmp_path / "r" / "checkpoints" / "step_000002")
+    checkpoints = tmp_path / "r" / "checkpoints"
+    steps = [r["step"] for r in metric_rows(tmp_path / "r", "reward/mean")]
+    if script == "ippo" and steps == [1]:
+        assert "stopping at step 1" in first.stdout + first.stderr
+        return
+    assert steps == [1, 2]
+    shutil.rmtree(checkpoints / "step_000002")
     resumed = run_command([sys.executable, f"{script}.py", "--resume", str(tmp_path / "r")], timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = metric_rows(tmp_path / "r")
-    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
-    assert any("eval/acc_sampled" in r for r in rows)
-    assert (tmp_path / "r" / "checkpoints" / "step_000002" / "config.json").exists()
-
-
-def test_train_params_freezes_the_rest_and_rejects_a_bad_pattern(random_model_dir):
-    from common.model import trainable_parameters
-
-    model, _ = load_policy(random_model_dir)
-    assert len(trainable_parameters(model, "")) == len(list(model.parameters()))
-    chosen = trainable_parameters(model, r"layers\.1\.")
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert names and all(".layers.1." in name for name in names) and len(chosen) == len(names)
-    for pattern, expected in (("(", "not a regular expression"), ("no_such_layer", "matches no parameter")):
-        with pytest.raises(SystemExit) as e:
-            trainable_parameters(model, pattern)
-        assert one_line_error(e).startswith(f"error: --train-params {pattern!r}") and expected in str(e.value)
+    assert [r["step"] for r in metric_rows(tmp_path / "r", "reward/mean")] == [1, 2]
+    assert (checkpoints / "step_000002" / "config.json").exists()
+    assert any("eval/acc_sampled" in r for r in metric_rows(tmp_path / "r"))
