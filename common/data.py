@@ -38,6 +38,9 @@ CHAIN_SKILLS = (
 SKILLS = {s.name: s for s in CHAIN_SKILLS}
 TARGET_SKILL = "words"
 CHAIN_POOL = 4000
+# How a chat model is asked a `chain` question: what to compute and the form the verifier reads (the text after
+# the last `####`; without one, the last \boxed{}, else the last number). The tiny model sees the bare question.
+CHAIN_INSTRUCTION = "\nCompute it step by step, then give the final answer after ####."
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 
@@ -193,7 +196,7 @@ def make_chain(seed: int = 0, pool: int = CHAIN_POOL) -> Task:
         train += examples[v + t :]
     for split in (train, validation, test):
         rng.shuffle(split)
-    return Task("chain", train, validation, test)
+    return Task("chain", train, validation, test, CHAIN_INSTRUCTION)
 
 
 def of_skills(examples: list, skills) -> list:

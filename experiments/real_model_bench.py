@@ -1,0 +1,108 @@
+"""Peer figures on SmolLM2-135M-Instruct (`--model smollm2`): the project's sampler against transformers'
+`model.generate`, and the update (token log-probs, forward and backward), in fp32 and bf16.
+
+    OMP_NUM_THREADS=1 python experiments/real_model_bench.py [--tokens 32] [--batches 16 64]
+
+Sampler: greedy decoding of `chain` test questions through the chat template, both sides from the same
+prompts, stopping at the turn's end; tokens/s counts generated tokens (up to and including the end), and
+`same` is the share of rows whose tokens are identical. Update: token_logprobs(...).sum().backward() on those
+completions, all parameters and the top 8 of 30 layers (as the learning run in docs/real-models.md trains);
+peak is the rise of the process's resident memory (Linux) during the step. Numbers depend on the machine
+and on what else runs on it; compare the ratios.
+"""
+
+import argparse
+import ctypes
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.data import make_chain  # noqa: E402
+from common.model import load_policy, resolve_model, trainable_parameters  # noqa: E402
+from common.rollout import left_pad, sample, token_logprobs  # noqa: E402
+from common.session import prompt_ids  # noqa: E402
+
+TOP_LAYERS = r"layers\.2[2-9]\.|^model\.norm"
+
+
+def resident_peak(work) -> tuple[float, int]:
+    """(seconds, bytes): how long `work()` takes and how far the resident memory rises above where it started."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand memory freed by earlier steps back, or it hides this one's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the high-water mark
+    except OSError:
+        pass
+    status = lambda key: int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+    start, t = status("VmRSS:"), time.perf_counter()
+    work()
+    return time.perf_counter() - t, (status("VmHWM:") - start) * 1024
+
+
+def bench_sampler(model, tokenizer, prompts, tokens):
+    rollout = {}
+    seconds, _ = resident_peak(lambda: rollout.setdefault("r", sample(
+        model, prompts, tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)))  # fmt: skip
+    ours = rollout["r"]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    generated = {}
+    with torch.no_grad():
+        hf_seconds, _ = resident_peak(lambda: generated.setdefault("g", model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)))  # fmt: skip
+    theirs = generated["g"][:, ids.shape[1] :]
+    same = 0
+    for row, (ours_row, keep) in enumerate(zip(ours.completion_ids, ours.completion_mask)):
+        a = ours_row[keep.bool()].tolist()
+        b = theirs[row].tolist()
+        b = b[: b.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in b else b
+        same += a == b
+    generated_tokens = int(ours.completion_mask.sum())
+    hf_tokens = sum(min(len(r), (r.index(tokenizer.eos_token_id) + 1) if tokenizer.eos_token_id in r else len(r))
+                    for r in theirs.tolist())  # fmt: skip
+    return ours, generated_tokens / seconds, hf_tokens / hf_seconds, same / len(prompts)
+
+
+def bench_update(model, rollout, pattern):
+    trainable_parameters(model, pattern)
+    model.train()
+    seconds, peak = resident_peak(lambda: token_logprobs(model, rollout).sum().backward())
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return int(rollout.completion_mask.sum()) / seconds, peak
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--bf16-batches", type=int, nargs="+", default=[16])
+    a = parser.parse_args()
+    folder = resolve_model("smollm2")
+    questions = [e["question"] for e in make_chain().test]
+    print(f"threads {torch.get_num_threads()}, {a.tokens} new tokens, greedy, chain test questions\n")
+    print("| dtype | batch | sampler tok/s | generate tok/s | ratio | same tokens | update tok/s (all) | peak (all) "
+          "| update tok/s (top 8 layers) | peak (top 8) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype, batches in (("float32", a.batches), ("bfloat16", a.bf16_batches)):
+        model, tokenizer = load_policy(folder, getattr(torch, dtype))
+        model.eval()
+        sample(model, prompt_ids(tokenizer, questions[:2]), 4)  # one-time set-up costs stay out of the timings
+        for batch in batches:
+            prompts = prompt_ids(tokenizer, questions[:batch], make_chain().instruction)
+            rollout, ours, theirs, same = bench_sampler(model, tokenizer, prompts, a.tokens)
+            rollout.completion_mask[:] = 1  # the update sees every position, as a run whose rows all run long
+            full, full_peak = bench_update(model, rollout, "")
+            top, top_peak = bench_update(model, rollout, TOP_LAYERS)
+            print(f"| {dtype} | {batch} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} | {same:.2f} | {full:.0f} "
+                  f"| {full_peak / 2**20:.0f} MiB | {top:.0f} | {top_peak / 2**20:.0f} MiB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Before and after a run on a real model: held-out accuracy (greedy and one sample at T = 1), the share of
+completions in the asked answer form (a number after `####`), and a few completions side by side.
+
+    python experiments/real_model_eval.py runs/sums.jsonl 1 24 smollm2 runs/real/smollm2-sums/checkpoints/step_000056
+
+Arguments: the task (as --task), the run's --seed (a data file is split by it), the completion limit (as
+--max-new-tokens), then the models (as --model). Every model sees the same test prompts (the whole test split)
+and the same sampling seed.
+"""
+
+import os
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.data import load_task  # noqa: E402
+from common.model import load_policy, resolve_model  # noqa: E402
+from common.reward import score  # noqa: E402
+from common.session import rollout_texts  # noqa: E402
+
+ANSWER_FORM = re.compile(r"####\s*-?\d")
+
+
+def figures(model, tokenizer, task, max_new_tokens: int) -> tuple[dict, list[str]]:
+    questions = [e["question"] for e in task.test]
+    result, shown = {}, []
+    for mode in ("greedy", "sampled"):
+        texts, _ = rollout_texts(model, tokenizer, questions, task.instruction, max_new_tokens, 1.0, mode == "greedy",
+                                 torch.Generator().manual_seed(0))  # fmt: skip
+        correct = [score(task.name, e, t).correct for e, t in zip(task.test, texts)]
+        result[f"acc_{mode}"] = sum(correct) / len(texts)
+        result[f"form_{mode}"] = sum(bool(ANSWER_FORM.search(t)) for t in texts) / len(texts)
+        if mode == "sampled":
+            shown = texts
+    return result, shown
+
+
+def main(task_name: str, seed: str, max_new_tokens: str, *models: str):
+    task = load_task(task_name, int(seed))
+    table, examples = [], []
+    for name in models:
+        model, tokenizer = load_policy(resolve_model(name))
+        result, texts = figures(model.eval(), tokenizer, task, int(max_new_tokens))
+        table.append((name, result))
+        examples.append(texts)
+    print(f"{len(task.test)} test prompts of {task.name}, {max_new_tokens} new tokens\n")
+    print("| model | greedy acc | sampled acc | greedy in form | sampled in form |\n|---|---|---|---|---|")
+    for name, r in table:
+        print(f"| {name} | {r['acc_greedy']:.3f} | {r['acc_sampled']:.3f} | {r['form_greedy']:.2f} | "
+              f"{r['form_sampled']:.2f} |")  # fmt: skip
+    for i in range(4):
+        print(f"\n{task.test[i]['question'].splitlines()[0]}  (answer {task.test[i]['answer']})")
+        for name, texts in zip(models, examples):
+            print(f"  {os.path.basename(name)}: {texts[i]!r}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
