@@ -115,33 +115,39 @@ def check_help(script, args_class):
 COIN_LOGIT = 40.0  # the two coin tokens' logit; every other token's is 1, so each has probability < e^-26 at T <= 1.5
 
 
-@pytest.fixture(scope="session")
-def coin_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A model that flips the same fair coin at every position, whatever the input: the next token is `1` or
-    EOS, each with probability 1/2 at any temperature. So a completion is exactly `1` with probability 1/4,
-    on every processor (the draws come from the seeded generator; no rounding decides them), and tests can
-    rely on mixed rewards with a bound computed from that 1/4 instead of on a lucky draw.
+def make_coin_flip(model, coin_ids):
+    """Set a tied-embedding Qwen2's weights so that it flips the same fair coin between the two `coin_ids` at
+    every position, whatever the input: each has probability 1/2 at any temperature.
 
-    How: every layer's output projections are zero, so the residual stream is the last token's embedding;
-    every embedding row is a positive multiple s_v of the all-ones vector, so the final RMSNorm maps it to
-    the same h = ones for every token; with tied embeddings the logits are <s_v ones, h> = s_v x hidden: 40
-    for the two coin tokens and 1 for every other."""
-    from common.model import random_model
-
-    model = random_model(tiny_tokenizer, RANDOM_SPEC)
+    How: every layer's output projections (o_proj, down_proj) are zero, so the residual stream is the last
+    token's embedding (the layers' other weights stay random, so their gradients are not all zero); every
+    embedding row is a positive multiple s_v of the all-ones vector, so the final RMSNorm maps it to the same
+    h = ones for every token; with tied embeddings the logits are <s_v ones, h> = s_v x hidden: 40 for the
+    two coin tokens and 1 for every other."""
+    assert model.config.tie_word_embeddings
     hidden = model.config.hidden_size
-    coin = [tiny_tokenizer.convert_tokens_to_ids("1"), tiny_tokenizer.eos_token_id]
     scale = torch.full((model.config.vocab_size,), 1.0 / hidden)  # >> sqrt(RMSNorm eps): the norm is exact
-    scale[coin] = COIN_LOGIT / hidden
+    scale[list(coin_ids)] = COIN_LOGIT / hidden
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif p is model.get_input_embeddings().weight:
-                p.copy_(scale[:, None].expand_as(p))
-            else:
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.zero_()
-    assert model.config.tie_word_embeddings
+            elif name == "model.norm.weight":
+                p.fill_(1.0)
+        model.get_input_embeddings().weight.copy_(scale[:, None].expand(-1, hidden))
+    return model
+
+
+@pytest.fixture(scope="session")
+def coin_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny tokenizer with a model that flips a fair coin between `1` and EOS at every position
+    (`make_coin_flip`): a completion is exactly `1` with probability 1/4, on every processor (the draws come
+    from the seeded generator; no rounding decides them), so tests can rely on mixed rewards with a bound
+    computed from that 1/4 instead of on a lucky draw."""
+    from common.model import random_model
+
+    coin = [tiny_tokenizer.convert_tokens_to_ids("1"), tiny_tokenizer.eos_token_id]
+    model = make_coin_flip(random_model(tiny_tokenizer, RANDOM_SPEC), coin)
     folder = str(tmp_path_factory.mktemp("coin_model"))
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)

