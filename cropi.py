@@ -33,6 +33,7 @@ from common.run import (
     gather_strided,
     optimizer_step,
     seeded_generator,
+    warn,
     world_size,
 )
 from common.session import (
@@ -159,7 +160,8 @@ def check_args(args: Args, world: int):
                                 "eval_prompts", "temperature", "lr", "max_grad_norm", "eps_low", "eps_high",
                                 "store_temperature", "proj_dim", "val_prompts", "score_batch"),
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
-                              "popi_clip"))  # fmt: skip
+                              "popi_clip"),
+                below_one=("eps_low",))  # fmt: skip
     for flag in ("pool_responses", "val_responses"):
         if getattr(args, flag) < 2:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: need at least 2 responses for a group advantage")
@@ -414,16 +416,11 @@ def validation_targets(model, val_stores, params, args, world) -> torch.Tensor:
     """v_b = mean projected gradient of the first --val-prompts validation prompts with a non-zero gradient,
     per validation set, [S, k]. Each rank holds a strided shard of every set's store."""
     targets = []
-    for b, local in enumerate(val_stores):
+    for local in val_stores:
         usable = [g for g in local if g["rewards"].max() > g["rewards"].min()][: -(-args.val_prompts // world)]
         z, _, _ = projected_gradients(model, usable, params, args)
-        count = all_reduce_sum([len(usable)])[0]
+        count = all_reduce_sum([len(usable)])[0]  # > 0: checked when the store was made (check_validation_signal)
         total = torch.tensor(all_reduce_sum(z.sum(0).tolist()), device=z.device)
-        if count == 0:
-            fail(
-                f"validation set {b}: every prompt's {args.val_responses} stored responses have equal rewards, so no"
-                " validation gradient exists; raise --val-responses or --store-temperature, or choose --target-skills"
-            )
         targets.append(total / count)
     return torch.stack(targets)
 
@@ -454,21 +451,33 @@ def offline_store(model, tokenizer, task, val_sets, args, loop) -> tuple[list, l
     """This rank's strided shard of the pool's and of every validation set's stored responses: collected once
     per run (not counted as training time), saved in the run folder, and read back on --resume."""
     rank, world = loop.session.rank, loop.session.world
-    store_file = os.path.join(loop.session.run_dir, f"store_rank{rank}_of_{world}.pt")
-    if os.path.exists(store_file):
-        return torch.load(store_file, weights_only=False)
+    store_name = f"store_rank{rank}_of_{world}.pt"
+    if os.path.exists(os.path.join(loop.session.run_dir, store_name)):
+        return torch.load(os.path.join(loop.session.run_dir, store_name), weights_only=False)
     start, generator = time.perf_counter(), loop.generator("store", device=model.device)
     pool_store = collect_store(model, tokenizer, task, shard(task.train, rank, world), args.pool_responses, args,
                                generator)  # fmt: skip
     val_stores = [collect_store(model, tokenizer, task, shard(v, rank, world), args.val_responses, args, generator)
                   for v in val_sets]  # fmt: skip
-    os.makedirs(loop.session.run_dir, exist_ok=True)  # every rank writes its shard; rank 0 may not have made it yet
+    check_validation_signal(val_stores, args)
+    loop.open_run_folder()  # the run can start: only now is its folder made
+    store_file = os.path.join(loop.session.run_dir, store_name)
     torch.save((pool_store, val_stores), store_file)
     seconds = time.perf_counter() - start
     loop.log(0, {"time/store": seconds})
     loop.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"
                f" at T={args.store_temperature} in {seconds:.0f}s -> {store_file}")  # fmt: skip
     return pool_store, val_stores
+
+
+def check_validation_signal(val_stores, args):
+    """A one-line error, before the run folder is made, when a validation set has no prompt whose stored
+    responses differ in reward: its validation gradient would be zero at every stage."""
+    mixed = all_reduce_sum([sum(bool(g["rewards"].max() > g["rewards"].min()) for g in local) for local in val_stores])
+    for b, count in enumerate(mixed):
+        if count == 0 and args.selection == "cropi":
+            fail(f"validation set {b}: every prompt's {args.val_responses} stored responses have equal rewards, so no"
+                 " validation gradient exists; raise --val-responses or --store-temperature, or choose --target-skills")
 
 
 def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict:
@@ -490,7 +499,6 @@ def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict
 def main(args: Args):
     session = open_session(args, "cropi", check_args)
     model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
-    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
     n, rank, world, pool = args.n, session.rank, session.world, task.train
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
@@ -499,6 +507,9 @@ def main(args: Args):
     if args.kernels == "triton" and not triton_usable(device):
         fail("--kernels triton: the Triton projection needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     params = matching_parameters(model, args.grad_params)
+    scored = sum(p.numel() for _, p in params)
+    if args.proj_dim >= scored:
+        warn(f"--proj-dim {args.proj_dim}: not below the {scored} scored parameters; the projection compresses nothing")
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     target_task = replace(task, test=of_skills(task.test, skills))

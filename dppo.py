@@ -135,7 +135,8 @@ def check_args(args: Args, world: int):
                                 "temperature", "lr", "max_grad_norm", "eps_low", "eps_high", "is_cap"),
                 may_be_infinite=("is_cap",),
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
-                              "sampler_temperature"))  # fmt: skip
+                              "sampler_temperature"),
+                below_one=("eps_low",))  # fmt: skip
     for flag in ("delta_low", "delta_high"):
         value = getattr(args, flag)
         if value is not None and not value > 0:
@@ -337,7 +338,6 @@ def dppo_update(model, ref_model, optimizer, rollout, advantages, args: Args, ge
 def main(args: Args):
     session = open_session(args, "dppo", check_args)
     model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
-    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
     n = args.n
     sampler_temperature = args.sampler_temperature or args.temperature
     top_k = args.top_k if args.trust_region.startswith("topk") else 0  # record top-K only when it is used

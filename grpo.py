@@ -100,7 +100,8 @@ def check_args(args: Args, world: int):
         fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
     check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",
                                 "temperature", "lr", "max_grad_norm", "eps_low", "eps_high"),
-                non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens"))  # fmt: skip
+                non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens"),
+                below_one=("eps_low",))  # fmt: skip
     if args.batch_prompts % world:
         fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
     rows = args.batch_prompts // world * args.n
@@ -204,7 +205,6 @@ def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, ge
 def main(args: Args):
     session = open_session(args, "grpo", check_args)
     model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
-    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
     n = args.n
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)

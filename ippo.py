@@ -34,6 +34,7 @@ from common.run import (
     fail,
     optimizer_step,
     seeded_generator,
+    warn,
     world_size,
 )
 from common.session import TrainingLoop, draw_prompts, open_session, prompt_ids, rollout_metrics, score_groups
@@ -435,7 +436,6 @@ def draw_validation(task, seed: int, step: int, size: int, rank: int, world: int
 def main(args: Args):
     session = open_session(args, "ippo", check_args)
     model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
-    args.max_new_tokens = args.max_new_tokens or (48 if task.name == "chain" else 512)  # chains are short
     n, rank, world = args.n, session.rank, session.world
     if args.influence:
         if not all(e.get("solution") for e in task.validation):
@@ -455,6 +455,9 @@ def main(args: Args):
         critic_optimizer.load_state_dict(loop.state["critic_optimizer"])
     mode = "plain PPO" if not args.influence else "I-PPO" + ("" if args.reweight else " (filter only)")
     scored_params = sum(p.numel() for k, p in model.named_parameters() if k in names)
+    if args.influence and args.proj_dim >= scored_params:
+        warn(f"--proj-dim {args.proj_dim}: not below the {scored_params} scored parameters, so the projection"
+             " compresses nothing")  # fmt: skip
     loop.print(f"{session.describe()} | {mode} | B={args.batch_prompts} n={n} epochs={args.epochs}"
                f" minibatches={args.minibatches}"
                + (f" | scoring {scored_params} parameters ({len(names)} tensors)" if args.influence else ""))

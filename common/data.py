@@ -5,6 +5,8 @@ Every task yields a list of examples `{"question": str, "answer": str, "solution
 (empty when the source has none). `chain` examples also carry their `skill`.
 """
 
+import codecs
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ class Task:
     validation: list
     test: list
     instruction: str = ""  # appended to the question for chat models
+    max_new_tokens: int = 512  # the completion length limit when --max-new-tokens is 0
 
 
 def apply(value: int, op: str, x: int) -> int:
@@ -196,7 +199,7 @@ def make_chain(seed: int = 0, pool: int = CHAIN_POOL) -> Task:
         train += examples[v + t :]
     for split in (train, validation, test):
         rng.shuffle(split)
-    return Task("chain", train, validation, test, CHAIN_INSTRUCTION)
+    return Task("chain", train, validation, test, CHAIN_INSTRUCTION, max_new_tokens=48)  # chains are short
 
 
 def of_skills(examples: list, skills) -> list:
@@ -206,7 +209,7 @@ def of_skills(examples: list, skills) -> list:
 
 def check_skills(task: Task, skills, flag: str) -> list:
     """The skill names of a flag, checked: known to the task, one-line errors otherwise."""
-    known = sorted({e["skill"] for e in task.validation if "skill" in e})
+    known = sorted({e["skill"] for split in (task.train, task.validation, task.test) for e in split if "skill" in e})
     if not known:
         fail(f"{flag}: the examples of {task.name} have no `skill` field (only `chain` and files with one do)")
     for name in skills:
@@ -237,57 +240,125 @@ def make_gsm8k(seed: int = 0) -> Task:
     return Task("gsm8k", train[n_val:], train[:n_val], rows(ds["test"]), instruction)
 
 
-def check_jsonl(path: str):
-    """One-line errors for a .jsonl file that is empty or has a line that is not a JSON object."""
-    import json
+def file_text(path: str) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark; anything else is a one-line error."""
+    with open(path, "rb") as f:
+        data = f.read()
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        fail(f"--task {path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8")
 
-    rows = 0
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+
+def parsed(text: str):
+    """JSON with every number kept as the text it was written as (Python floats would round big integers)."""
+    return json.loads(text, parse_int=str, parse_float=str)
+
+
+def jsonl_rows(path: str, text: str) -> list[tuple[str, object]]:
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
             try:
-                row = json.loads(line)
+                rows.append((f"line {number}", parsed(line)))
             except json.JSONDecodeError as e:
                 fail(f"--task {path}: line {number} is not valid JSON ({e.msg}, column {e.colno})")
-            if not isinstance(row, dict):
-                fail(f"--task {path}: line {number} is not a JSON object with fields")
-            rows += 1
-    if rows == 0:
+    return rows
+
+
+def json_rows(path: str, text: str) -> list[tuple[str, object]]:
+    """A .json file: a list of rows, an object of equal-length columns, or JSON Lines."""
+    try:
+        data = parsed(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one object per line, in a file named .json
+            return jsonl_rows(path, text)
+        fail(f"--task {path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})")
+    if isinstance(data, dict) and data and all(isinstance(column, list) for column in data.values()):
+        if len({len(column) for column in data.values()}) > 1:
+            lengths = ", ".join(f"{name} {len(column)}" for name, column in data.items())
+            fail(f"--task {path}: its columns have different lengths ({lengths})")
+        data = [dict(zip(data, values)) for values in zip(*data.values())]
+    if not isinstance(data, list):
+        fail(f"--task {path}: expected a list of rows or an object of columns, found a JSON {type(data).__name__}")
+    return [(f"row {i}", row) for i, row in enumerate(data, 1)]
+
+
+def parquet_rows(path: str) -> list[tuple[str, object]]:
+    import pyarrow.parquet
+
+    try:
+        data = pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as e:  # not a parquet file, or a damaged one
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        fail(f"--task {path}: could not read the file ({type(e).__name__}: {reason})")
+    return [(f"row {i}", row) for i, row in enumerate(data, 1)]
+
+
+def first_of(path: str, problem: str, bad: list[tuple[str, object]]):
+    """A one-line error for the rows of a data file that have `problem`: their count and the first of them."""
+    where, row = bad[0]
+    fail(f"--task {path}: {len(bad)} row(s) {problem} (the first: {where}, {json.dumps(row, default=str)})"[:300])
+
+
+def text_field(value) -> str | None:
+    """A question or answer as text: strings as they are, numbers as written; None for anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # parquet's typed columns
+        return str(value)
+    return None
+
+
+def file_examples(path: str, rows, question_field: str, answer_field: str, solution_field: str) -> list[dict]:
+    """The examples of a data file's rows, checked: every row an object with a question and an answer that the
+    verifier can match (a response that ends `#### <answer>` must be scored correct), each a one-line error."""
+    from common.reward import is_correct  # common.reward imports this module
+
+    if not rows:
         fail(f"--task {path}: the file has no rows")
+    not_objects = [(where, row) for where, row in rows if not isinstance(row, dict)]
+    if not_objects:
+        first_of(path, "are not JSON objects with fields", not_objects)
+    names = sorted({name for _, row in rows for name in row})
+    for flag, field in (("--question-field", question_field), ("--answer-field", answer_field)):
+        if field not in names:
+            fail(f"{flag} {field!r}: {path} has no such field (fields: {', '.join(names)})")
+    if question_field == answer_field:
+        fail(f"--answer-field {answer_field!r}: the same field as --question-field; every answer would be its question")
+    missing = [(w, r) for w, r in rows if r.get(question_field) is None or r.get(answer_field) is None]
+    if missing:
+        first_of(path, f"have no {question_field!r} or no {answer_field!r}", missing)
+    not_text = [(w, r) for w, r in rows if text_field(r[question_field]) is None or text_field(r[answer_field]) is None]
+    if not_text:
+        first_of(path, f"have a {question_field!r} or {answer_field!r} that is neither text nor a number", not_text)
+    examples = []
+    for _, r in rows:
+        answer = gsm8k_answer(text_field(r[answer_field]))
+        examples.append({"question": text_field(r[question_field]), "answer": answer,
+                         "solution": text_field(r.get(solution_field)) or "",
+                         **({"skill": str(r["skill"])} if r.get("skill") is not None else {})})  # fmt: skip
+    empty = [(w, r) for (w, r), e in zip(rows, examples) if not e["answer"]]
+    if empty:
+        first_of(path, f"have an empty {answer_field!r}, which no response can match", empty)
+    unmatchable = [(w, r) for (w, r), e in zip(rows, examples) if not is_correct(f"#### {e['answer']}", e["answer"])]
+    if unmatchable:
+        first_of(path, f"have an {answer_field!r} that the verifier cannot match even when a response ends"
+                       " `#### <that answer>`", unmatchable)  # fmt: skip
+    return examples
 
 
 def make_file_task(path: str, question_field: str, answer_field: str, solution_field: str, seed: int) -> Task:
-    """A local json/jsonl/parquet file; 10% validation and 10% test (at most 200 each), split by seed."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    if path.endswith(".jsonl"):
-        check_jsonl(path)
-    try:
-        ds = datasets.load_dataset(kind, data_files=path, split="train")
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:120]
-        fail(f"--task {path}: could not read the file ({type(e).__name__}{': ' + reason if reason else ''})")
-    for flag, field in (("--question-field", question_field), ("--answer-field", answer_field)):
-        if field not in ds.column_names:
-            fail(f"{flag} {field!r}: {path} has no such field (fields: {', '.join(ds.column_names)})")
-    missing = [i for i, r in enumerate(ds) if r[question_field] is None or r[answer_field] is None]
-    if missing:
-        fail(f"--task {path}: {len(missing)} rows have no {question_field!r} or no {answer_field!r}"
-             f" (the first: row {missing[0] + 1}, {dict(ds[missing[0]])})"[:300])  # fmt: skip
-    has_solution = solution_field in ds.column_names
-    has_skill = "skill" in ds.column_names  # optional: lets --target-skills and per-skill metrics use it
-    examples = [
-        {
-            "question": str(r[question_field]),
-            "answer": gsm8k_answer(str(r[answer_field])),
-            "solution": str(r[solution_field]) if has_solution else "",
-            **({"skill": str(r["skill"])} if has_skill else {}),
-        }
-        for r in ds
-    ]
+    """A local json/jsonl/parquet file; 10% validation and 10% test (at most 200 each), split by seed. Answers
+    are kept exactly as written (`0.50`, or an integer of any length)."""
+    if path.endswith(".parquet"):
+        rows = parquet_rows(path)
+    else:
+        text = file_text(path)
+        rows = jsonl_rows(path, text) if path.endswith(".jsonl") else json_rows(path, text)
+    examples = file_examples(path, rows, question_field, answer_field, solution_field)
     if len(examples) < 3:
         fail(f"--task {path}: needs at least 3 examples to split, found {len(examples)}")
     random.Random(seed).shuffle(examples)
@@ -305,6 +376,7 @@ def load_task(
     if name == "gsm8k":
         return make_gsm8k(seed)
     if name.endswith(FILE_EXTENSIONS):
+        name = os.path.expanduser(name)
         if not os.path.isfile(name):
             fail(f"--task {name}: no such file")
         return make_file_task(name, question_field, answer_field, solution_field, seed)

@@ -315,11 +315,16 @@ def load_policy(name: str, dtype=torch.float32, device="cpu"):
     name = os.path.expanduser(name)
     if not os.path.isdir(name) and looks_like_path(name):
         fail(f"--model {name}: no such folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
-    except (OSError, ValueError) as e:
-        fail(f"--model {name}: could not load a model ({str(e).splitlines()[0][:160]})")
+    try:  # a missing or damaged file raises one of many exception types, from several libraries
+        return read_policy(name, dtype, device)
+    except Exception as e:
+        fail(f"--model {name}: could not load a model ({type(e).__name__}: {first_line(e)})")
+
+
+def read_policy(name: str, dtype=torch.float32, device="cpu"):
+    """`load_policy` without its one-line errors: a damaged folder raises (a damaged checkpoint is passed over)."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
     tokenizer.padding_side = "left"
     set_stop_token(tokenizer, name)
     if tokenizer.pad_token is None:

@@ -23,13 +23,17 @@ def last_boxed(text: str):
     return None
 
 
-def extract_answer(text: str):
-    """The final answer of a response: after the last `####`, else the last \\boxed{}, else the last number."""
+def extract_answer(text: str, numeric: bool = True):
+    """The final answer of a response: after the last `####` (the first number there; for a text answer the
+    rest of that line), else the last \\boxed{}, else (for a numeric answer) the last number."""
     if "####" in text:
-        match = NUMBER.search(text.rsplit("####", 1)[1].replace("$", ""))
+        tail = text.rsplit("####", 1)[1].replace("$", "")
+        if not numeric:
+            return tail.strip().split("\n")[0]
+        match = NUMBER.search(tail)
         return match.group() if match else None
     boxed = last_boxed(text)
-    if boxed is not None:
+    if boxed is not None or not numeric:
         return boxed
     numbers = NUMBER.findall(text)
     return numbers[-1] if numbers else None
@@ -49,8 +53,11 @@ def normalize(answer) -> str:
 
 
 def is_correct(response: str, gold: str) -> bool:
-    pred = normalize(extract_answer(response))
-    return pred != "" and pred == normalize(gold)
+    """The response's final answer equals the gold one, after `normalize`. A gold answer that is not a number
+    (`Paris`) is read from the response as text."""
+    gold = normalize(gold)
+    pred = normalize(extract_answer(response, numeric=NUMBER.fullmatch(gold) is not None))
+    return pred != "" and pred == gold
 
 
 def chain_faithful(question: str, response: str) -> bool:

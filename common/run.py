@@ -5,10 +5,16 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, fields
+
+try:
+    import fcntl  # Linux and macOS: a run folder is locked while its run is alive
+except ImportError:  # Windows: run folders are still created atomically, but not locked
+    fcntl = None
 
 import numpy as np
 import torch
@@ -18,6 +24,12 @@ import torch.distributed as dist
 def fail(message: str):
     """Stop with a one-line error for a user mistake (no traceback, exit status 1)."""
     raise SystemExit(f"error: {message}")
+
+
+def warn(message: str):
+    """A one-line warning for a value that is legal but almost surely a mistake (rank 0 prints it)."""
+    if is_main():
+        print(f"warning: {message}", flush=True)
 
 
 def flag(name: str) -> str:
@@ -39,14 +51,16 @@ def creation_problem(folder: str) -> str | None:
     return None
 
 
-def check_flags(args, positive=(), non_negative=(), may_be_infinite=()):
-    """One-line errors for a flag that must be > 0 (or >= 0), and for any float flag that is not finite (NaN,
+def check_flags(args, positive=(), non_negative=(), below_one=(), may_be_infinite=()):
+    """One-line errors for a flag that must be > 0, >= 0 or < 1, and for any float flag that is not finite (NaN,
     or infinite unless listed in `may_be_infinite`): `--lr -1.0: must be positive`, `--lr inf: must be finite`."""
     for field in fields(args):
         value = getattr(args, field.name)
         if isinstance(value, float) and (math.isnan(value) or math.isinf(value) and field.name not in may_be_infinite):
             fail(f"{flag(field.name)} {value}: must be finite")
-    for names, ok, word in ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative")):
+    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative"),
+             (below_one, lambda v: v < 1, "below 1"))  # fmt: skip
+    for names, ok, word in rules:
         for name in names:
             if not ok(getattr(args, name)):
                 fail(f"{flag(name)} {getattr(args, name)}: must be {word}")
@@ -108,6 +122,24 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def from_main_rank(make):
+    """`make()` run on rank 0 only, its result sent to every rank. A one-line error on rank 0 stops every rank
+    with it, rather than leaving the others waiting."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = make()
+        except SystemExit as e:
+            error = e.code
+    if dist.is_initialized():
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise SystemExit(error)
+    return result
+
+
 def all_reduce_max(value: float) -> float:
     if not dist.is_initialized():
         return value
@@ -167,35 +199,142 @@ def average_gradients(model):
 # ---- run folder, logging, checkpoints ------------------------------------------------------------------
 
 
+def check_run_name(output_dir: str, run_name: str | None):
+    """A run folder is a plain folder inside --output-dir: no empty --output-dir (it would write into the
+    current folder unannounced), no --run-name that climbs out of it or nests."""
+    if not output_dir.strip():
+        fail("--output-dir '': give a folder (e.g. runs, or . for the current folder)")
+    if run_name is not None and (not run_name.strip() or run_name in (".", "..") or "/" in run_name
+                                 or os.sep in run_name or run_name.startswith(".")):  # fmt: skip
+        fail(f"--run-name {run_name!r}: must be a plain folder name (no path separators, not starting with .)")
+
+
+def run_folder(output_dir: str, run_name: str | None, script: str, seed: int) -> str:
+    """The run folder: --run-name, or <script>__s<seed>__<time> (a number is added when that exists)."""
+    name = run_name or f"{script}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    return os.path.join(os.path.expanduser(output_dir), name)
+
+
+def lock_folder(path: str) -> int | None:
+    """An open descriptor of `path` holding an exclusive lock on it, or None when another process holds one.
+    The operating system drops the lock when its process ends, however it ends (kill -9 included)."""
+    fd = os.open(path, os.O_RDONLY)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def stopped_before_saving(run_dir: str) -> bool:
+    """A run folder whose run started (args.json) but never completed a checkpoint: it cannot be resumed,
+    so a new run of the same name may replace it (once no process holds it)."""
+    return os.path.exists(os.path.join(run_dir, "args.json")) and not complete_checkpoints(run_dir)
+
+
+def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[str, int]:
+    """Create `run_dir` atomically with `first_files` ({name: text}) in it and lock it: the files are written
+    into a fresh hidden folder that is then renamed into place, and a rename never replaces a folder that
+    holds files. So of two runs given one name, concurrently or not, exactly one gets it; the other stops
+    with a one-line error having written nothing. `numbered` (a default name): take <run_dir>_2, _3, ...
+    instead. A folder left by a run that stopped before its first checkpoint is replaced, with a warning.
+    Returns the folder and the descriptor holding its lock (held until the process ends)."""
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    os.makedirs(parent, exist_ok=True)
+    for attempt in range(1, 1000):
+        folder = run_dir if attempt == 1 else f"{run_dir}_{attempt}"
+        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
+        os.chmod(staging, 0o777 & ~current_umask())  # as os.mkdir would make it, not mkdtemp's private 0o700
+        for name, text in first_files.items():
+            with open(os.path.join(staging, name), "w") as f:
+                f.write(text)
+        lock = lock_folder(staging)
+        try:
+            os.rename(staging, folder)
+            return folder, lock
+        except OSError:  # the folder exists (and is not empty)
+            os.close(lock)
+            shutil.rmtree(staging)
+        if numbered:
+            continue
+        if not os.path.isdir(folder):
+            fail(f"--run-name: {folder} exists and is not a folder; choose another name")
+        lock = lock_folder(folder)
+        if lock is None:
+            fail(f"--run-name: {folder} is in use by another run right now; choose another name")
+        if not stopped_before_saving(folder):
+            os.close(lock)
+            fail(f"--run-name: {folder} already exists; choose another name, or continue it with"
+                 f" --resume {shlex.quote(folder)}")  # fmt: skip
+        warn(f"replacing {folder}: its run stopped before its first checkpoint, so it cannot be resumed")
+        for entry in os.listdir(folder):
+            path = os.path.join(folder, entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        for name, text in first_files.items():
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(text)
+        return folder, lock
+    fail(f"--output-dir: could not find a free run folder name near {run_dir}")
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 class RunLogger:
     """`runs/<name>/`: args.json, metrics.jsonl, TensorBoard events, samples.jsonl; progress bar on rank 0.
 
+    Nothing is written until `open()`, which claims the folder (`claim_run_folder`, or the lock of the run
+    being resumed): every start-up check runs before it, so a run that fails at start-up leaves nothing.
     On ranks other than 0 every method does nothing, so callers need no rank checks.
     """
 
-    def __init__(self, run_dir: str, args, total_steps: int, start_step: int = 0):
-        self.run_dir, self.enabled = run_dir, is_main()
+    def __init__(self, run_dir: str, total_steps: int, start_step: int = 0):
+        self.run_dir, self.start_step, self.enabled, self.lock = run_dir, start_step, is_main(), None
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        os.makedirs(run_dir, exist_ok=True)
-        record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "args": asdict(args)}
-        if start_step == 0:
-            with open(os.path.join(run_dir, "args.json"), "w") as f:
-                json.dump(asdict(args), f, indent=1)
-            with open(os.path.join(run_dir, "versions.json"), "w") as f:
-                json.dump(record["versions"], f, indent=1)
-        else:  # a resume: the run's own args.json stays; the resume is recorded beside it
-            with open(os.path.join(run_dir, "resumes.jsonl"), "a") as f:
-                f.write(json.dumps({"from_step": start_step, **record}) + "\n")
-            for name in ("metrics.jsonl", "samples.jsonl"):  # rows logged after the checkpoint are logged again
-                keep_rows_up_to(os.path.join(run_dir, name), start_step)
-        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.samples_file = open(os.path.join(run_dir, "samples.jsonl"), "a")
-        self.tb = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=os.path.basename(run_dir), dynamic_ncols=True)
+
+    def open(self, args, script: str, numbered: bool) -> str:
+        """Claim the run folder and open its logs; returns the folder (the same on every rank)."""
+        self.run_dir = from_main_rank(lambda: self.claim(args, script, numbered))
+        if not self.enabled:
+            return self.run_dir
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.bar.set_description(os.path.basename(self.run_dir))
+        self.metrics_file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
+        self.samples_file = open(os.path.join(self.run_dir, "samples.jsonl"), "a")
+        self.tb = SummaryWriter(self.run_dir, purge_step=self.start_step + 1 if self.start_step else None)
+        return self.run_dir
+
+    def claim(self, args, script: str, numbered: bool) -> str:
+        record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "args": asdict(args)}
+        if self.start_step == 0:
+            files = {"args.json": json.dumps({"script": script, **asdict(args)}, indent=1),
+                     "versions.json": json.dumps(record["versions"], indent=1)}  # fmt: skip
+            run_dir, self.lock = claim_run_folder(self.run_dir, files, numbered)
+            return run_dir
+        self.lock = lock_folder(self.run_dir)  # a resume: the run's own args.json stays
+        if self.lock is None:
+            fail(f"--resume {self.run_dir}: another process is running this run right now")
+        logs = [os.path.join(self.run_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
+        kept = [rows_up_to(path, self.start_step) for path in logs]  # checked before anything is changed
+        for path, rows in zip(logs, kept):  # rows logged after the checkpoint will be logged again
+            if rows is not None:
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(rows)
+                os.replace(path + ".tmp", path)
+        with open(os.path.join(self.run_dir, "resumes.jsonl"), "a") as f:
+            f.write(json.dumps({"from_step": self.start_step, **record}) + "\n")
+        return self.run_dir
 
     def log(self, step: int, metrics: dict):
         if not self.enabled:
@@ -223,9 +362,12 @@ class RunLogger:
     def close(self):
         if self.enabled:
             self.bar.close()
-            self.tb.close()
-            self.metrics_file.close()
-            self.samples_file.close()
+            if self.lock is not None:
+                self.tb.close()
+                self.metrics_file.close()
+                self.samples_file.close()
+                os.close(self.lock)  # the run is over: another process may resume it
+                self.lock = None
 
 
 def versions() -> dict:
@@ -237,19 +379,27 @@ def versions() -> dict:
             "datasets": version("datasets")}  # fmt: skip
 
 
-def keep_rows_up_to(path: str, step: int):
-    """Drop the rows of a .jsonl log whose step is past `step` (rewritten atomically)."""
+def rows_up_to(path: str, step: int) -> list[str] | None:
+    """The rows of a .jsonl log up to `step` (None if there is no such file). A torn last line (a kill during a
+    write) is dropped with a warning; a damaged line before it is a one-line error."""
     if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-
-
-def run_folder(output_dir: str, run_name: str | None, script: str, seed: int) -> str:
-    return os.path.join(output_dir, run_name or f"{script}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            if number < len(lines):
+                fail(f"--resume: line {number} of {path} is damaged (not a row with a step); repair or delete it")
+            warn(f"dropping the torn last line of {path} (line {number}: {line.strip()[:60]!r})")
+            break
+        if row["step"] <= step:
+            rows.append(line if line.endswith("\n") else line + "\n")
+    return rows
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict) -> str:
@@ -274,29 +424,36 @@ def is_complete(checkpoint: str) -> bool:
     return all(os.path.exists(os.path.join(checkpoint, f)) for f in ("config.json", "trainer_state.pt"))
 
 
-def latest_checkpoint(run_dir: str, warn=print) -> str:
-    """The newest complete checkpoint of a run, for --resume; incomplete ones (a save that was cut off) are
-    skipped with a warning. A clear error when there is none."""
+def complete_checkpoints(run_dir: str, warn=lambda line: None) -> list[str]:
+    """A run's checkpoints that finished saving, newest first; incomplete ones (a save that was cut off) are
+    passed over with a warning."""
     folder = os.path.join(run_dir, "checkpoints")
     names = sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []
+    found = []
     for name in names:
         if not name.startswith("step_"):
             continue
         if name.endswith(".partial") or not is_complete(os.path.join(folder, name)):
             warn(f"warning: skipping the incomplete checkpoint {os.path.join(folder, name)}")
             continue
-        return os.path.join(folder, name)
-    fail(f"--resume {run_dir}: no complete checkpoint under {folder}")
+        found.append(os.path.join(folder, name))
+    return found
 
 
-def load_trainer_state(checkpoint: str, optimizer) -> dict:
-    """Restore optimizer and random states from a checkpoint; returns the saved state (step, ...)."""
+def read_trainer_state(checkpoint: str) -> dict:
+    """A checkpoint's trainer_state.pt (optimizer, step, random states, the script's own state)."""
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
+        raise ValueError("trainer_state.pt lacks the step, optimizer or random states")
+    return state
+
+
+def restore_trainer_state(state: dict, optimizer):
+    """Put a checkpoint's optimizer and random states back."""
     optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
-    return state
 
 
 class Timer:

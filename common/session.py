@@ -3,14 +3,16 @@ and the bookkeeping around the algorithm's steps (timing, logging, evaluation, c
 
 import json
 import os
+import shlex
 import signal
 from collections import namedtuple
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Literal, get_args, get_origin
 
 import torch
 
 from common.data import Task, load_task
-from common.model import load_policy, prompt_text, resolve_model
+from common.model import first_line, load_policy, prompt_text, read_policy, resolve_model
 from common.reward import count_correct_unfaithful, score
 from common.rollout import sample
 from common.run import (
@@ -20,17 +22,21 @@ from common.run import (
     all_reduce_mean,
     all_reduce_sum,
     barrier,
+    check_run_name,
+    complete_checkpoints,
     creation_problem,
     fail,
     flag,
     is_main,
-    latest_checkpoint,
-    load_trainer_state,
+    read_trainer_state,
+    restore_trainer_state,
     run_folder,
     save_checkpoint,
     seed_everything,
     seeded_generator,
     setup_distributed,
+    stopped_before_saving,
+    warn,
 )
 
 
@@ -43,6 +49,7 @@ class Session:
     run_dir: str
     model_path: str  # the initial model (built `tiny`, hub id or folder)
     checkpoint: str | None  # the checkpoint resumed from, if any
+    trainer_state: dict  # its trainer_state.pt (step, optimizer, random states, the script's own state)
     model: torch.nn.Module
     tokenizer: object
     script: str  # e.g. "pods", for the command that resumes the run
@@ -58,20 +65,58 @@ CHANGEABLE_ON_RESUME = ("resume", "steps", "max_time", "log_every", "eval_every"
                         "device")  # fmt: skip
 
 
-def restore_args(args, run_dir: str):
+def saved_args(run_dir: str, script: str) -> dict:
+    """The flags a run was started with (its args.json), checked: readable, an object, made by this script."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(path):
+        fail(f"--resume {run_dir}: no args.json there; is it a run folder?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        fail(f"--resume {run_dir}: args.json is damaged ({first_line(e)}); the run's flags cannot be restored")
+    if not isinstance(saved, dict):
+        fail(f"--resume {run_dir}: args.json holds a JSON {type(saved).__name__}, not the run's flags")
+    made_by = saved.get("script")
+    if made_by is not None and made_by != script:
+        fail(f"--resume {run_dir}: the run was made by {made_by}.py, not {script}.py; continue it with"
+             f" python {made_by}.py --resume {shlex.quote(run_dir)}")  # fmt: skip
+    return saved
+
+
+def check_saved_value(run_dir: str, field, value, default):
+    """A one-line error for a value in args.json that the flag could not have had (a hand-edited file)."""
+    if get_origin(field.type) is Literal:
+        ok = value in get_args(field.type)
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list)
+    else:  # a text flag, possibly None
+        ok = value is None or isinstance(value, str)
+    if not ok:
+        fail(f"--resume {run_dir}: args.json has {field.name} = {json.dumps(value)}, not a value of {flag(field.name)}")
+
+
+def restore_args(args, run_dir: str, script: str):
     """--resume continues the run as it was: every flag takes the run's saved value (args.json), except those
     of CHANGEABLE_ON_RESUME given anew. Another flag given with a different value is an error. A flag counts as
     given when it differs from its default (so one given at its default value is taken as not given)."""
-    path = os.path.join(run_dir, "args.json")
-    if not os.path.exists(path):
-        fail(f"--resume {run_dir}: no args.json there; is it a run folder?")
-    with open(path) as f:
-        saved = json.load(f)
-    defaults = type(args)()
+    saved = saved_args(run_dir, script)
+    defaults, known = type(args)(), {field.name for field in fields(args)}
+    foreign = [flag(name) for name in saved if name not in known and name != "script"]
+    if foreign:  # a run made before args.json named its script
+        fail(f"--resume {run_dir}: the run has flags {script}.py does not know ({', '.join(foreign)});"
+             " it was made by another script")  # fmt: skip
     for field in fields(args):
         name, value, default = field.name, getattr(args, field.name), getattr(defaults, field.name)
         if name not in saved:  # a flag newer than the run keeps the value it has
             continue
+        check_saved_value(run_dir, field, saved[name], default)
         given = value != default
         if given and name in CHANGEABLE_ON_RESUME:
             continue
@@ -81,21 +126,40 @@ def restore_args(args, run_dir: str):
         setattr(args, name, tuple(saved[name]) if isinstance(default, tuple) else saved[name])
 
 
+def warn_unusual(args):
+    """Warnings for values that are legal but almost surely a mistake."""
+    for field in fields(args):
+        value = getattr(args, field.name)
+        if field.name.endswith("temperature") and value and not 0.1 <= value <= 5:
+            warn(f"{flag(field.name)} {value:g}: sampling temperatures are almost always between 0.1 and 5; near 0"
+                 " the log-probabilities overflow, far above 1 the samples are noise")  # fmt: skip
+        if field.name in ("beta", "kl_coef") and value > 1:
+            warn(f"{flag(field.name)} {value:g}: a KL coefficient this large outweighs the reward of 0 or 1;"
+                 " usual values are 0.001 to 0.1")  # fmt: skip
+
+
 def open_session(args, script: str, check_args) -> Session:
-    """torchrun ranks, the script's own checks, seeding, the task, the run folder, and the policy (the
-    latest complete checkpoint with --resume, whose saved arguments the run takes back)."""
+    """torchrun ranks, the script's own checks, seeding, the task, and the policy (the newest checkpoint that
+    loads with --resume, whose saved arguments the run takes back). Nothing is written here: the run folder
+    is claimed when the run starts (`TrainingLoop.open_run_folder`), after every start-up check."""
     if args.resume:
-        restore_args(args, args.resume)
+        args.resume = os.path.expanduser(args.resume)
+        restore_args(args, args.resume, script)
+    else:
+        check_run_name(args.output_dir, args.run_name)
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
     rank, world, device = setup_distributed(args.device)
     check_args(args, world)
+    warn_unusual(args)
     seed_everything(args.seed)
     task = load_task(args.task, args.seed, args.question_field, args.answer_field,
                      getattr(args, "solution_field", "solution"))  # fmt: skip
-    if args.eval_prompts > len(task.test):
-        fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
+    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     run_dir = args.resume or run_folder(args.output_dir, args.run_name, script, args.seed)
-    if not args.resume and os.path.exists(run_dir):
-        fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with --resume {run_dir}")
+    if not args.resume and os.path.exists(run_dir) and not stopped_before_saving(run_dir):  # early; the claim decides
+        fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with"
+             f" --resume {shlex.quote(run_dir)}")  # fmt: skip
     problem = creation_problem(run_dir)
     if problem:
         fail(f"{'--resume' if args.resume else '--output-dir'}: cannot create {run_dir} ({problem})")
@@ -103,13 +167,64 @@ def open_session(args, script: str, check_args) -> Session:
         resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
     barrier()
     model_path = resolve_model(args.model)
-    warn = print if is_main() else (lambda line: None)
-    checkpoint = latest_checkpoint(args.resume, warn) if args.resume else None
-    if checkpoint:
-        warn(f"resuming {run_dir} from {os.path.basename(checkpoint)}, with the run's own settings")
-    model, tokenizer = load_policy(checkpoint or model_path, getattr(torch, args.dtype), device)
+    dtype = getattr(torch, args.dtype)
+    if args.resume:
+        checkpoint, model, tokenizer, state = newest_loadable_checkpoint(run_dir, dtype, device)
+    else:
+        (model, tokenizer), checkpoint, state = load_policy(model_path, dtype, device), None, {}
     model.eval()
-    return Session(rank, world, device, task, run_dir, model_path, checkpoint, model, tokenizer, script)
+    task = drop_long_prompts(task, tokenizer, model, args.max_new_tokens)
+    if args.eval_prompts > len(task.test):
+        fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
+    return Session(rank, world, device, task, run_dir, model_path, checkpoint, state, model, tokenizer, script)
+
+
+def newest_loadable_checkpoint(run_dir: str, dtype, device):
+    """(checkpoint, model, tokenizer, trainer state) of the newest complete checkpoint that loads; a damaged
+    one (a truncated file) is passed over with a warning, so the run goes on from the one before."""
+    for checkpoint in complete_checkpoints(run_dir, warn=warn_main):
+        try:
+            model, tokenizer = read_policy(checkpoint, dtype, device)
+            state = read_trainer_state(checkpoint)
+        except Exception as e:  # a damaged file raises one of many exception types, from several libraries
+            warn(f"skipping the damaged checkpoint {checkpoint} ({type(e).__name__}: {first_line(e, 100)})")
+            continue
+        warn_main(f"resuming {run_dir} from {os.path.basename(checkpoint)}, with the run's own settings")
+        return checkpoint, model, tokenizer, state
+    if stopped_before_saving(run_dir):
+        fail(f"--resume {run_dir}: the run stopped before its first complete checkpoint, so it cannot be resumed;"
+             f" start it again with the same --run-name, which replaces it")  # fmt: skip
+    fail(f"--resume {run_dir}: no checkpoint there loads")
+
+
+def warn_main(line: str):
+    if is_main():
+        print(line, flush=True)
+
+
+def drop_long_prompts(task: Task, tokenizer, model, max_new_tokens: int) -> Task:
+    """The task without the prompts that leave the model no room for --max-new-tokens (the position limit
+    counts the prompt and the completion), with a warning that counts them; an error if a split is left empty."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not positions:
+        return task
+    if max_new_tokens >= positions:
+        fail(f"--max-new-tokens {max_new_tokens}: the model's positions end at {positions} (prompt included)")
+    room, kept, dropped, first = positions - max_new_tokens, {}, [], None
+    for split in ("train", "validation", "test"):
+        examples = getattr(task, split)
+        ids = prompt_ids(tokenizer, [e["question"] for e in examples], task.instruction)
+        kept[split] = [e for e, p in zip(examples, ids) if len(p) <= room]
+        if len(kept[split]) < len(examples):
+            dropped.append(f"{len(examples) - len(kept[split])} of {len(examples)} {split}")
+            first = first or next(e for e, p in zip(examples, ids) if len(p) > room)["question"]
+        if examples and not kept[split]:
+            fail(f"--task {task.name}: every {split} prompt is longer than {room} tokens (the model's {positions}"
+                 f" positions less --max-new-tokens {max_new_tokens})")  # fmt: skip
+    if dropped:
+        warn(f"dropping prompts longer than {room} tokens (the model's {positions} positions less --max-new-tokens"
+             f" {max_new_tokens}): {', '.join(dropped)}; the first begins {first[:40]!r}")  # fmt: skip
+    return replace(task, **kept)
 
 
 def prompt_ids(tokenizer, questions, instruction: str = "") -> list[list[int]]:
@@ -251,20 +366,33 @@ class TrainingLoop:
 
     def __init__(self, session: Session, args, optimizer, total_steps: int, save_state=dict, evaluate_more=None):
         self.session, self.args, self.optimizer, self.total = session, args, optimizer, total_steps
-        limit = getattr(session.model.config, "max_position_embeddings", None)
-        if limit and args.max_new_tokens >= limit:
-            fail(f"--max-new-tokens {args.max_new_tokens}: the model's positions end at {limit} (prompt included)")
-        self.state = {"step": 0, "train_time": 0.0}
+        self.state = session.trainer_state or {"step": 0, "train_time": 0.0}
         if session.checkpoint:
-            self.state = load_trainer_state(session.checkpoint, optimizer)
+            restore_trainer_state(self.state, optimizer)
         self.start, self.train_time = self.state["step"], self.state["train_time"]
+        if session.checkpoint and self.start >= total_steps:
+            more = f"; to train further, resume with --steps above {self.start}" if hasattr(args, "steps") else ""
+            fail(f"--resume {session.run_dir}: the run has done all {total_steps} of its steps, nothing is left{more}")
         self.save_state, self.evaluate_more = save_state, evaluate_more
-        self.logger = RunLogger(session.run_dir, args, total_steps, self.start)
+        self.logger = RunLogger(session.run_dir, total_steps, self.start)  # writes nothing before open_run_folder
+        self.opened = False
         self.timer = Timer()
         self.stopping = None  # the reason to stop after this step, once there is one
         self.interrupted, self.non_finite_run, self.no_signal_run = False, 0, 0
         self.checkpoint = session.checkpoint
         self.previous_handler = signal.signal(signal.SIGINT, self.on_interrupt)
+
+    def open_run_folder(self):
+        """Claim the run folder, once every start-up check has passed (`steps()` does it if the script has not):
+        a run that cannot start writes nothing, and a folder belongs to one run."""
+        if self.opened:
+            return
+        s, a = self.session, self.args
+        wanted = s.run_dir
+        s.run_dir = self.logger.open(a, s.script, numbered=not (a.resume or a.run_name))
+        self.opened = True
+        if s.run_dir != wanted:
+            self.print(f"run folder {s.run_dir} ({os.path.basename(wanted)} was taken by a run started that second)")
 
     def on_interrupt(self, signum, frame):
         if self.interrupted:  # the second Ctrl-C
@@ -283,6 +411,7 @@ class TrainingLoop:
         return seeded_generator(self.args.seed, stream, *keys, self.session.rank, device=device)
 
     def steps(self):
+        self.open_run_folder()
         if self.start == 0:
             self.evaluate(0)
         for step in range(self.start, self.total):
@@ -294,7 +423,8 @@ class TrainingLoop:
         signal.signal(signal.SIGINT, self.previous_handler)
         run_dir = self.session.run_dir
         if self.interrupted:
-            self.print(f"saved {self.checkpoint}; continue with: python {self.session.script}.py --resume {run_dir}")
+            self.print(f"saved {self.checkpoint}; continue with: python {self.session.script}.py --resume"
+                       f" {shlex.quote(run_dir)}")  # fmt: skip
             raise SystemExit(130)
         if is_main():
             print(f"done: {run_dir} (metrics.jsonl, checkpoints/)")
