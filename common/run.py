@@ -295,12 +295,8 @@ class RunLogger:
     """
 
     def __init__(self, run_dir: str, total_steps: int, start_step: int = 0):
-        self.run_dir, self.start_step, self.enabled, self.lock = run_dir, start_step, is_main(), None
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=os.path.basename(run_dir), dynamic_ncols=True)
+        self.run_dir, self.total, self.start_step, self.enabled = run_dir, total_steps, start_step, is_main()
+        self.lock = self.bar = None
 
     def open(self, args, script: str, numbered: bool) -> str:
         """Claim the run folder and open its logs; returns the folder (the same on every rank)."""
@@ -308,8 +304,10 @@ class RunLogger:
         if not self.enabled:
             return self.run_dir
         from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
 
-        self.bar.set_description(os.path.basename(self.run_dir))
+        self.bar = tqdm(total=self.total, initial=self.start_step, desc=os.path.basename(self.run_dir),
+                        dynamic_ncols=True)  # fmt: skip
         self.metrics_file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
         self.samples_file = open(os.path.join(self.run_dir, "samples.jsonl"), "a")
         self.tb = SummaryWriter(self.run_dir, purge_step=self.start_step + 1 if self.start_step else None)
@@ -326,7 +324,11 @@ class RunLogger:
         if self.lock is None:
             fail(f"--resume {self.run_dir}: another process is running this run right now")
         logs = [os.path.join(self.run_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
-        kept = [rows_up_to(path, self.start_step) for path in logs]  # checked before anything is changed
+        try:
+            kept = [rows_up_to(path, self.start_step) for path in logs]  # checked before anything is changed
+        except SystemExit:
+            os.close(self.lock)
+            raise
         for path, rows in zip(logs, kept):  # rows logged after the checkpoint will be logged again
             if rows is not None:
                 with open(path + ".tmp", "w") as f:
@@ -346,7 +348,9 @@ class RunLogger:
 
     def print(self, line: str):
         if self.enabled:
-            self.bar.write(line)
+            from tqdm import tqdm
+
+            tqdm.write(line)  # above the progress bar, once there is one
 
     def progress(self, **shown):
         if self.enabled:
@@ -360,14 +364,14 @@ class RunLogger:
             self.samples_file.flush()
 
     def close(self):
-        if self.enabled:
-            self.bar.close()
-            if self.lock is not None:
-                self.tb.close()
-                self.metrics_file.close()
-                self.samples_file.close()
-                os.close(self.lock)  # the run is over: another process may resume it
-                self.lock = None
+        if self.bar is None:  # never opened, or not rank 0
+            return
+        self.bar.close()
+        self.tb.close()
+        self.metrics_file.close()
+        self.samples_file.close()
+        os.close(self.lock)  # the run is over: another process may resume it
+        self.bar = None
 
 
 def versions() -> dict:
@@ -394,7 +398,8 @@ def rows_up_to(path: str, step: int) -> list[str] | None:
                 raise ValueError("no step")
         except ValueError:
             if number < len(lines):
-                fail(f"--resume: line {number} of {path} is damaged (not a row with a step); repair or delete it")
+                fail(f"--resume {os.path.dirname(path)}: line {number} of {os.path.basename(path)} is damaged (not a"
+                     " row with a step); repair or delete that line")  # fmt: skip
             warn(f"dropping the torn last line of {path} (line {number}: {line.strip()[:60]!r})")
             break
         if row["step"] <= step:

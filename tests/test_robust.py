@@ -1,6 +1,6 @@
 """Runs survive crashes, interrupts and mistakes: kill -9 then --resume alone continues the run exactly, an
 incomplete checkpoint is skipped, Ctrl-C saves, non-finite steps are skipped, a run without learning signal
-is warned about, every bad input is a one-line error written before anything else, and the console is clean."""
+is warned about, and the console is clean. (Bad input: tests/test_bad_input.py.)"""
 
 import json
 import os
@@ -17,7 +17,7 @@ import common.session
 import grpo
 from common.model import load_policy
 from common.reward import Score
-from common.run import latest_checkpoint
+from common.run import complete_checkpoints
 
 SMALL = ["--batch-prompts", "2", "--n", "4", "--eval-prompts", "4", "--eval-every", "3", "--log-every", "1",
          "--max-new-tokens", "10"]  # fmt: skip
@@ -82,7 +82,7 @@ def test_incomplete_newest_checkpoint_is_skipped(random_model_dir, tmp_path):
     (checkpoints / "step_000003").mkdir()  # cut off before anything was written
     (checkpoints / "step_000004.partial").mkdir()  # a save in progress
     warnings = []
-    assert latest_checkpoint(str(tmp_path / "r"), warnings.append).endswith("step_000002")
+    assert complete_checkpoints(str(tmp_path / "r"), warnings.append)[0].endswith("step_000002")
     assert len(warnings) == 2 and all(w.startswith("warning: skipping the incomplete checkpoint") for w in warnings)
     out = run_command([sys.executable, "grpo.py", "--resume", str(tmp_path / "r"), "--steps", "3"])
     assert out.returncode == 0 and "skipping the incomplete checkpoint" in out.stdout + out.stderr
@@ -122,44 +122,6 @@ def test_no_learning_signal_is_warned_about(random_model_dir, tmp_path, monkeypa
                         eval_prompts=4, steps=10, eval_every=10, max_new_tokens=6))  # fmt: skip
     out = capsys.readouterr()
     assert "warning: for 10 steps every group's rewards were equal (mean reward 0.00)" in out.out + out.err
-
-
-def jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.mark.parametrize(
-    "make_args, message",
-    [
-        (lambda d: dict(lr=float("inf")), "--lr inf: must be finite"),
-        (lambda d: dict(max_grad_norm=float("nan")), "--max-grad-norm nan: must be finite"),
-        (lambda d: dict(device="tpu"), "--device tpu: expected auto, cpu or cuda"),
-        (lambda d: dict(device="cuda"), "--device cuda: this machine has no CUDA device"),
-        (lambda d: dict(output_dir="/proc/tinyrlvr"), "--output-dir: cannot create /proc/tinyrlvr/r"),
-        (lambda d: dict(output_dir=jsonl(d / "a_file", [{}]) + "/runs"), "--output-dir: cannot create .* is a file"),
-        (lambda d: dict(task=jsonl(d / "empty.jsonl", [])), "the file has no rows"),
-        (lambda d: dict(task=str(d / "bad.jsonl")), "line 2 is not valid JSON"),
-        (lambda d: dict(task=jsonl(d / "null.jsonl", [{"question": "1+1?", "answer": None}] * 3
-                                   + [{"question": "2+2?", "answer": "4"}] * 30)),
-         "3 rows have no 'question' or no 'answer' \\(the first: row 1"),
-        (lambda d: dict(max_new_tokens=300), "--max-new-tokens 300: the model's positions end at 256"),
-    ],
-)
-def test_bad_input_is_a_one_line_error_before_anything_is_written(make_args, message, random_model_dir, tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": \n')
-    args = {"model": random_model_dir, "output_dir": str(tmp_path / "runs"), "run_name": "r", "steps": 1,
-            **make_args(tmp_path)}  # fmt: skip
-    with pytest.raises(SystemExit, match=message):
-        grpo.main(grpo.Args(**args))
-    assert not (tmp_path / "runs" / "r").exists(), "nothing is written before the error"
-
-
-def test_unwritable_model_cache_is_a_one_line_error(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "TINYRLVR_CACHE": "/proc/tinyrlvr-cache"}
-    out = run_command([sys.executable, "grpo.py", "--output-dir", str(tmp_path)], env=env)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith("error: TINYRLVR_CACHE /proc/tinyrlvr-cache: cannot build")
 
 
 @pytest.mark.slow
