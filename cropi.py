@@ -14,7 +14,6 @@ Paper: E. Zhu, D. Jiang, et al., "Data-Efficient RLVR via Off-Policy Influence G
 """
 
 import os
-import re
 import time
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -27,17 +26,21 @@ from common.model import load_policy, matching_parameters
 from common.reward import score
 from common.rollout import Rollout, sample, token_logprobs
 from common.run import (
+    Totals,
+    all_reduce_mean,
     all_reduce_sum,
     check_flags,
     fail,
+    flag,
     gather_strided,
+    grad_norm_metrics,
     optimizer_step,
     seeded_generator,
     warn,
     world_size,
 )
 from common.session import (
-    TrainingLoop,
+    Run,
     draw_prompts,
     evaluate,
     open_session,
@@ -77,9 +80,9 @@ class Args:
     """a run folder to continue from its latest checkpoint (the offline store is reused)"""
     max_time: float = 0.0
     """stop after this many seconds of training time (scoring included, evaluation excluded); 0 for no limit"""
-    log_every: int = 4
+    log_every: int = 5
     """steps between console summary lines and sample dumps (metrics.jsonl gets every step)"""
-    eval_every: int = 8
+    eval_every: int = 20
     """steps between held-out evaluations (also before the first step and after the last)"""
     eval_prompts: int = 200
     """held-out test prompts per evaluation"""
@@ -133,7 +136,7 @@ class Args:
     """skills whose validation prompts are the target, one set each, fused by reciprocal rank; empty = the
     task's weak target skill (`words` for chain), or the whole validation split for a task without skills"""
     store_temperature: float = 0.5
-    """temperature of the behaviour policy beta that produced the store (POPI's log-probs use it too)"""
+    """temperature of the behaviour policy mu that wrote the store (POPI's log-probs use it too)"""
     proj_dim: int = 1024
     """k: output dimension of the random projection"""
     proj_ratio: float = 0.1
@@ -162,21 +165,17 @@ def check_args(args: Args, world: int):
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
                               "popi_clip"),
                 below_one=("eps_low",))  # fmt: skip
-    for flag in ("pool_responses", "val_responses"):
-        if getattr(args, flag) < 2:
-            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: need at least 2 responses for a group advantage")
-    for flag in ("select_ratio", "proj_ratio"):
-        if not 0 < getattr(args, flag) <= 1:
-            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be in (0, 1]")
+    for name in ("pool_responses", "val_responses"):
+        if getattr(args, name) < 2:
+            fail(f"{flag(name)} {getattr(args, name)}: need at least 2 responses for a group advantage")
+    for name in ("select_ratio", "proj_ratio"):
+        if not 0 < getattr(args, name) <= 1:
+            fail(f"{flag(name)} {getattr(args, name)}: must be in (0, 1]")
     if args.batch_prompts % world:
         fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
     rows = args.batch_prompts // world * args.n
     if rows % args.minibatches:
         fail(f"--minibatches {args.minibatches} does not divide the {rows} sequences per rank (batch-prompts x n)")
-    try:
-        re.compile(args.grad_params)
-    except re.error as e:
-        fail(f"--grad-params {args.grad_params!r}: not a regular expression ({e})")
 
 
 # ---- advantages: each completion against its own group ---------------------------------------------------
@@ -192,18 +191,18 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
 # ---- the loss --------------------------------------------------------------------------------------------
 
 
-def clipped_surrogate(logp, logp_old, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped objective per token, as a loss [N, L]: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
     r = pi(y_t) / pi_old(y_t). Also where the clip binds (there the token's gradient is 0)."""
-    ratio = torch.exp(logp - logp_old)
+    ratio = torch.exp(logprobs - old_logprobs)
     A = advantages[:, None]
     unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
     return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
 
 
-def kl_k3(logp, ref_logp) -> torch.Tensor:
+def kl_k3(logprobs, ref_logprobs) -> torch.Tensor:
     """KL(pi || pi_ref) per token, the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased)."""
-    log_r = ref_logp - logp
+    log_r = ref_logprobs - logprobs
     return torch.exp(log_r) - log_r - 1
 
 
@@ -229,43 +228,38 @@ def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normal
 # ---- one rollout batch: --minibatches optimizer steps ------------------------------------------------------
 
 
-def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
     """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
-    sampled the batch, whose log-probs the sampler recorded (rollout.logprobs): with one mini-batch the ratio
-    is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
+    sampled the batch, whose log-probs the sampler recorded (rollout.old_logprobs): with one mini-batch the
+    ratio is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
     model.train()
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
-    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss"), 0.0)
-    grad_norms = []
+    totals, grad_norms = Totals("tokens", "clipped", "kl", "loss"), []
     for minibatch in order.chunk(args.minibatches):
         normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
         optimizer.zero_grad()
-        for part_rows in minibatch.split(args.micro_batch or len(minibatch)):
-            part, A = rollout.select(part_rows), advantages[part_rows]
-            valid = part.completion_mask.float()
-            logp = token_logprobs(model, part, args.temperature)
-            per_token, clipped = clipped_surrogate(logp, part.logprobs, A, args.eps_low, args.eps_high)
-            kl = torch.zeros_like(logp)
+        for rows in minibatch.split(args.micro_batch or len(minibatch)):
+            micro, A = rollout.select(rows), advantages[rows]
+            valid = micro.completion_mask.float()
+            logprobs = token_logprobs(model, micro, args.temperature)
+            per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low, args.eps_high)
+            kl = torch.zeros_like(logprobs)
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp = token_logprobs(ref_model, part, args.temperature)
-                kl = kl_k3(logp, ref_logp)
+                    ref_logprobs = token_logprobs(ref_model, micro, args.temperature)
+                kl = kl_k3(logprobs, ref_logprobs)
             loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
             loss.backward()
-            for key, value in (("tokens", valid), ("clipped", clipped * valid), ("kl", kl.detach() * valid)):
-                sums[key] += value.sum().item()
-            sums["loss"] += loss.item()
+            totals.add(tokens=valid, clipped=clipped * valid, kl=kl.detach() * valid, loss=loss.detach())
         grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
-    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
-    finite = [g for g in grad_norms if g == g]  # NaN marks a skipped step
+    t = totals.over_ranks()
     return {
-        "loss/policy": s["loss"] / world_size() / args.minibatches,
-        "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
-        **({"policy/kl_ref": s["kl"] / max(1.0, s["tokens"])} if ref_model is not None else {}),
-        "grad_norm": sum(finite) / max(1, len(finite)),
-        "train/skipped_steps": len(grad_norms) - len(finite),
-        "train/update_tokens": s["tokens"] / world_size(),
+        "loss/policy": t["loss"] / world_size() / args.minibatches,
+        "policy/clip_frac": t["clipped"] / max(1.0, t["tokens"]),
+        **({"policy/kl_ref": t["kl"] / max(1.0, t["tokens"])} if ref_model is not None else {}),
+        **grad_norm_metrics(grad_norms),
+        "train/update_tokens": t["tokens"] / world_size(),
     }
 
 
@@ -295,17 +289,18 @@ def trim(rollout: Rollout) -> Rollout:
     first, last = int(used.long().argmax()), int(used.nonzero().max()) + 1  # first and last used column
     L = last - rollout.prompt_len
     return Rollout(rollout.input_ids[:, first:last], rollout.attention_mask[:, first:last],
-                   rollout.completion_mask[:, :L], rollout.logprobs[:, :L], rollout.prompt_len - first)  # fmt: skip
+                   rollout.completion_mask[:, :L], rollout.old_logprobs[:, :L], rollout.prompt_len - first)  # fmt: skip
 
 
 # ---- POPI: the off-policy policy gradient of one prompt, projected ---------------------------------------
 
 
-def popi_objective(logp, logp_beta, rewards, completion_mask, clip=0.0) -> torch.Tensor:
-    """J_x = (1/K) sum_j (1/|y_j|) sum_t rho_jt A_j, rho = pi_theta / beta per token, A = group-normalised
-    stored rewards. With clip > 0 the PPO-clipped surrogate min(rho A, clip(rho, 1 +- clip) A) instead."""
-    A = group_advantages(rewards[None])[0].to(logp.device)[:, None]
-    rho = torch.exp(logp - logp_beta)
+def popi_objective(logprobs, old_logprobs, rewards, completion_mask, clip=0.0) -> torch.Tensor:
+    """J_x = (1/K) sum_j (1/|y_j|) sum_t rho_jt A_j, rho = pi_theta / mu per token (mu wrote the store),
+    A = group-normalised stored rewards. With clip > 0 the PPO-clipped surrogate min(rho A, clip(rho, 1 +- clip) A)
+    instead."""
+    A = group_advantages(rewards[None])[0].to(logprobs.device)[:, None]
+    rho = torch.exp(logprobs - old_logprobs)
     surrogate = rho * A
     if clip > 0:
         surrogate = torch.min(surrogate, rho.clamp(1 - clip, 1 + clip) * A)
@@ -316,7 +311,7 @@ def popi_objective(logp, logp_beta, rewards, completion_mask, clip=0.0) -> torch
 def popi_gradients(model, groups, params, args) -> tuple[torch.Tensor, int, float, float]:
     """grad J_x at the current policy for each stored group, [len(groups), d] fp32 over `params`; groups
     whose rewards are all equal get a zero row without a backward pass. Also the number of those, and
-    the sum of |log pi_theta - log beta| over the stored tokens with the token count."""
+    the sum of |log pi_theta - log mu| over the stored tokens with the token count."""
     d = sum(p.numel() for _, p in params)
     grads = torch.zeros(len(groups), d, device=next(model.parameters()).device)
     zero, abs_log_ratio, tokens = 0, 0.0, 0.0
@@ -325,11 +320,11 @@ def popi_gradients(model, groups, params, args) -> tuple[torch.Tensor, int, floa
         if rewards.max() == rewards.min():
             zero += 1
             continue
-        logp = token_logprobs(model, rollout, args.store_temperature)
+        logprobs = token_logprobs(model, rollout, args.store_temperature)
         mask = rollout.completion_mask.float()
-        abs_log_ratio += ((logp.detach() - rollout.logprobs).abs() * mask).sum().item()
+        abs_log_ratio += ((logprobs.detach() - rollout.old_logprobs).abs() * mask).sum().item()
         tokens += mask.sum().item()
-        J = popi_objective(logp, rollout.logprobs, rewards, mask, args.popi_clip)
+        J = popi_objective(logprobs, rollout.old_logprobs, rewards, mask, args.popi_clip)
         grads[row] = torch.cat([g.flatten() for g in torch.autograd.grad(J, [p for _, p in params])])
     return grads, zero, abs_log_ratio, tokens
 
@@ -337,7 +332,7 @@ def popi_gradients(model, groups, params, args) -> tuple[torch.Tensor, int, floa
 def projected_gradients(model, store, params, args) -> tuple[torch.Tensor, int, float]:
     """z(x) = P grad J_x for every stored group, [len(store), k]: the gradients of --score-batch prompts at
     a time sit in one [batch, d] buffer and are projected; the (prompts x d) matrix never exists. Also
-    the zero-gradient count and the mean |log pi_theta - log beta| over the stored tokens."""
+    the zero-gradient count and the mean |log pi_theta - log mu| over the stored tokens."""
     out = torch.zeros(len(store), args.proj_dim, device=next(model.parameters()).device)
     zero, abs_log_ratio, tokens = 0, 0.0, 0.0
     for s in range(0, len(store), args.score_batch):
@@ -447,27 +442,30 @@ def select_prompts(model, pool_store, val_stores, pool_rewards, params, args, st
     return selected, metrics
 
 
-def offline_store(model, tokenizer, task, val_sets, args, loop) -> tuple[list, list]:
+def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, list, float | None]:
     """This rank's strided shard of the pool's and of every validation set's stored responses: collected once
-    per run (not counted as training time), saved in the run folder, and read back on --resume."""
-    rank, world = loop.session.rank, loop.session.world
-    store_name = f"store_rank{rank}_of_{world}.pt"
-    if os.path.exists(os.path.join(loop.session.run_dir, store_name)):
-        return torch.load(os.path.join(loop.session.run_dir, store_name), weights_only=False)
-    start, generator = time.perf_counter(), loop.generator("store", device=model.device)
+    per run (not counted as training time) and checked, or read back from the run folder on --resume. Also
+    the seconds it took to collect (None when read back)."""
+    rank, world = run.session.rank, run.session.world
+    store_file = os.path.join(run.session.run_dir, f"store_rank{rank}_of_{world}.pt")
+    if os.path.exists(store_file):
+        return *torch.load(store_file, weights_only=False), None
+    start, generator = time.perf_counter(), run.generator("store", device=model.device)
     pool_store = collect_store(model, tokenizer, task, shard(task.train, rank, world), args.pool_responses, args,
                                generator)  # fmt: skip
     val_stores = [collect_store(model, tokenizer, task, shard(v, rank, world), args.val_responses, args, generator)
                   for v in val_sets]  # fmt: skip
     check_validation_signal(val_stores, args)
-    loop.open_run_folder()  # the run can start: only now is its folder made
-    store_file = os.path.join(loop.session.run_dir, store_name)
+    return pool_store, val_stores, time.perf_counter() - start
+
+
+def save_store(run, pool_store, val_stores, seconds: float, args):
+    """Keep the store in the run folder, for --resume."""
+    store_file = os.path.join(run.session.run_dir, f"store_rank{run.session.rank}_of_{run.session.world}.pt")
     torch.save((pool_store, val_stores), store_file)
-    seconds = time.perf_counter() - start
-    loop.log(0, {"time/store": seconds})
-    loop.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"
-               f" at T={args.store_temperature} in {seconds:.0f}s -> {store_file}")  # fmt: skip
-    return pool_store, val_stores
+    run.logger.log(0, {"time/store": seconds})
+    run.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"
+              f" at T={args.store_temperature} in {seconds:.0f}s -> {store_file}")  # fmt: skip
 
 
 def check_validation_signal(val_stores, args):
@@ -499,7 +497,7 @@ def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict
 def main(args: Args):
     session = open_session(args, "cropi", check_args)
     model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
-    n, rank, world, pool = args.n, session.rank, session.world, task.train
+    n, rank, world, pool, total = args.n, session.rank, session.world, task.train, args.stages * args.steps_per_stage
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
     skills = target_skills(task, args)
@@ -518,46 +516,62 @@ def main(args: Args):
         if not skills:
             return {}
         metrics = evaluate(model, tokenizer, target_task, len(target_task.test), args.max_new_tokens, args.temperature,
-                           rank, world, loop.generator("eval-target", step, device=device))  # fmt: skip
+                           rank, world, run.generator("eval-target", step, device=device))  # fmt: skip
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
-    loop = TrainingLoop(session, args, optimizer, args.stages * args.steps_per_stage, evaluate_more=evaluate_target,
-                        save_state=lambda: {"selected": selected, "seen": sorted(seen)})  # fmt: skip
-    loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
-               f" | selection {args.selection}, {args.stages} stages x {args.steps_per_stage} steps"
-               f" | {len(val_sets)} validation set(s)")  # fmt: skip
-    pool_store, val_stores = offline_store(model, tokenizer, task, val_sets, args, loop)
+    run = Run(session, args, optimizer, total)  # with --resume: the optimizer, step and training time come back
+    run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
+              f" | selection {args.selection}, {args.stages} stages x {args.steps_per_stage} steps"
+              f" | {len(val_sets)} validation set(s)")  # fmt: skip
+    pool_store, val_stores, store_seconds = offline_store(model, tokenizer, task, val_sets, args, run)
+    run.open()  # the run folder is made now, after every start-up check (the store's included)
+    if store_seconds is not None:
+        save_store(run, pool_store, val_stores, store_seconds, args)
+    if run.start == 0:
+        run.evaluate(0, evaluate_target(0))
     pool_rewards = gather_strided(torch.stack([g["rewards"] for g in pool_store]).to(device), len(pool)).cpu()
-    selected, seen = loop.state.get("selected"), set(loop.state.get("seen", []))  # seen: selected at some stage
+    selected, seen = run.state.get("selected"), set(run.state.get("seen", []))  # seen: selected at some stage
     stage_info = {}  # a stage's selection figures, logged with its first step
-    for step in loop.steps():
+    for step in range(run.start, total):
         stage = step // args.steps_per_stage
         # 0. At a stage start: score the whole pool with the current policy and select (the curriculum).
         if step % args.steps_per_stage == 0 or selected is None:
-            with loop.timer("score"):
+            with run.timer("score"):
                 chosen, scoring = select_prompts(model, pool_store, val_stores, pool_rewards, params, args, stage,
                                                  rank, world)  # fmt: skip
             selected = chosen.tolist()
             stage_info = {**scoring, **stage_metrics(pool, pool_rewards, selected, seen, skills)}  # logged below
-            loop.print(f"stage {stage} | scored in {loop.timer.totals['score']:.1f}s | "
-                       + " | ".join(f"{k.split('/')[1]} {shown_value(v)}" for k, v in stage_info.items()))
+            run.print(f"stage {stage} | scored in {run.timer.totals['score']:.1f}s | "
+                      + " | ".join(f"{k.split('/')[1]} {shown_value(v)}" for k, v in stage_info.items()))
         # 1. B prompts drawn from the selection (the same draw on every rank), n rollouts each, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world,
                                          pool=[pool[i] for i in selected])  # fmt: skip
-        with loop.timer("generate"):
+        with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=loop.generator("sample", step, device=device))
+                             tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
         scored = score_groups(task, tokenizer, examples, rollout, n)
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
         # 3. Clipped-surrogate steps on the whole batch.
-        with loop.timer("update"):
-            stats = grpo_update(model, ref_model, optimizer, rollout, advantages, args, loop.generator("shuffle", step))
-        metrics = {**rollout_metrics(task, scored, rollout), **stats, "stage": stage, **stage_info}
+        with run.timer("update"):
+            stats = policy_update(model, ref_model, optimizer, rollout, advantages, args,
+                                  run.generator("shuffle", step))  # fmt: skip
+        stats |= {"stage": stage, **stage_info}
         stage_info = {}
-        shown = {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"], "stage": stage}
-        loop.end_step(step, metrics, shown, scored)
+        # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
+        done = step + 1
+        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **stats, **run.timer.pop()})
+        run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
+                                "stage": stage}, scored)  # fmt: skip
+        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
+        if done % args.eval_every == 0 or done == total or stop:
+            run.evaluate(done, evaluate_target(done))
+        if (args.save_every and done % args.save_every == 0) or done == total or stop:
+            run.save(done, {"selected": selected, "seen": sorted(seen)})
+        if stop:
+            break
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ Paper: P. Qi, X. Zhou, Z. Liu, T. Pang, C. Du, M. Lin, W. S. Lee, "Rethinking th
 Reinforcement Learning", arXiv 2602.04879.
 
     python dppo.py                                    # built-in tiny model and chain task, CPU, minutes
-    python dppo.py --trust-region ratio               # GRPO/PPO clipping (clip-higher 0.2 / 0.28)
-    python dppo.py --trust-region none                # plain importance-weighted policy gradient
+    python dppo.py --trust-region ratio               # GRPO/PPO clipping (--eps-low/--eps-high)
     python dppo.py --sampler-temperature 1.2          # inject a sampling/training mismatch
+    python dppo.py --no-scale-rewards --aggregation seq-mean-token-sum-norm   # the paper's advantage and loss
     python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --lr 1e-6
     torchrun --nproc_per_node 2 -- dppo.py
 """
@@ -23,10 +23,28 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common.model import load_policy
+from common.model import load_policy, trainable_parameters
 from common.rollout import Rollout, sample, token_logprobs
-from common.run import all_reduce_max, all_reduce_sum, check_flags, fail, optimizer_step, world_size
-from common.session import TrainingLoop, draw_prompts, open_session, peak_memory_gb, rollout_metrics, score_groups
+from common.run import (
+    Totals,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    check_flags,
+    fail,
+    flag,
+    grad_norm_metrics,
+    optimizer_step,
+    world_size,
+)
+from common.session import (
+    Run,
+    draw_prompts,
+    open_session,
+    peak_memory_gb,
+    rollout_metrics,
+    score_groups,
+)
 from kernels.topk_divergence import topk_divergence, triton_usable
 
 TrustRegion = Literal["binary-tv", "binary-kl", "topk-tv", "topk-kl", "ratio", "none"]
@@ -57,13 +75,13 @@ class Args:
     """run folder name (default: <script>__s<seed>__<time>)"""
     resume: str | None = None
     """a run folder to continue from its latest checkpoint"""
-    steps: int = 150
+    steps: int = 200
     """training steps (one rollout batch and --minibatches optimizer steps each)"""
     max_time: float = 0.0
     """stop after this many seconds of training time (evaluation excluded); 0 for no limit"""
     log_every: int = 5
     """steps between console summary lines and sample dumps (metrics.jsonl gets every step)"""
-    eval_every: int = 15
+    eval_every: int = 20
     """steps between held-out evaluations (also before the first step and after the last)"""
     eval_prompts: int = 200
     """held-out test prompts per evaluation"""
@@ -75,31 +93,37 @@ class Args:
     n: int = 8
     """rollouts per prompt (a group)"""
     minibatches: int = 4
-    """optimizer steps per rollout batch: the batch is shuffled and split into this many mini-batches"""
+    """optimizer steps per rollout batch: the batch is shuffled and split into this many mini-batches (4: every
+    step after the first is off-policy, where a trust region acts)"""
     micro_batch: int = 0
     """sequences per forward/backward inside a mini-batch (gradient accumulation); 0 = the whole mini-batch"""
     temperature: float = 1.0
-    """the trainer's temperature: pi = softmax(logits / temperature); also the sampler's unless overridden"""
+    """sampling temperature (training log-probs use the same temperature)"""
     max_new_tokens: int = 0
-    """completion length limit, also the fixed horizon of the aggregation; 0 picks 48 for `chain`, 512 otherwise"""
+    """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
     lr: float = 5e-5
-    """AdamW learning rate (constant; tuned for `tiny`, which collapses at 2e-4); use about 1e-6 for a 0.5B model"""
+    """AdamW learning rate (constant; 4 optimizer steps per batch at grpo.py's 2e-4 collapse `tiny`); use about
+    1e-6 for a 0.5B model"""
+    train_params: str = ""
+    """regular expression: train only the parameters whose name matches (e.g. 'layers\\.2[2-9]\\.'), the rest
+    frozen; empty trains all"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     eps_low: float = 0.2
-    """`ratio` only: clip when r < 1 - eps_low and A < 0"""
-    eps_high: float = 0.28
-    """`ratio` only: clip when r > 1 + eps_high and A > 0 (0.28 is DAPO's clip-higher)"""
+    """clip of the ratio pi/pi_old below 1 - eps_low (where A < 0)"""
+    eps_high: float = 0.2
+    """clip of the ratio above 1 + eps_high (where A > 0); 0.28 is DAPO's clip-higher"""
     beta: float = 0.0
     """KL penalty coefficient (k3 estimator) against the initial policy; 0 turns it off"""
-    scale_rewards: bool = False
-    """divide each group's centred rewards by their std (GRPO); the paper's default is mean-centring only"""
-    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-sum-norm"
+    scale_rewards: bool = True
+    """divide each group's centred rewards by their std (GRPO); --no-scale-rewards: mean-centring only"""
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     """loss aggregation: token-mean per sequence then mean over sequences (GRPO), mean over all tokens (DAPO),
-    or per sequence sum / max-new-tokens then mean (Dr. GRPO; the paper's)"""
+    or per sequence sum / max-new-tokens then mean (Dr. GRPO)"""
     # ---- the trust region ----
     trust_region: TrustRegion = "binary-tv"
-    """what masks an update: a divergence (tv/kl, binary/topk), PPO ratio clipping (`ratio`), or nothing (`none`)"""
+    """what masks an update: a divergence (tv/kl, binary/topk), PPO ratio clipping (`ratio`, by --eps-low and
+    --eps-high), or nothing (`none`)"""
     delta_low: float | None = None
     """divergence threshold for tokens with A < 0 (default 0.15 for TV, 0.05 for KL)"""
     delta_high: float | None = None
@@ -137,10 +161,9 @@ def check_args(args: Args, world: int):
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
                               "sampler_temperature"),
                 below_one=("eps_low",))  # fmt: skip
-    for flag in ("delta_low", "delta_high"):
-        value = getattr(args, flag)
-        if value is not None and not value > 0:
-            fail(f"--{flag.replace('_', '-')} {value}: must be positive")
+    for name in ("delta_low", "delta_high"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            fail(f"{flag(name)} {getattr(args, name)}: must be positive")
     if args.trust_region.startswith("topk") and args.top_k < 1:
         fail(f"--top-k {args.top_k}: a top-K trust region needs K >= 1")
     if args.batch_prompts % world:
@@ -163,66 +186,66 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
 # ---- divergences between mu (sampler, recorded) and pi (current policy), per token ----------------------
 
 
-def binary_tv(logp: torch.Tensor, logp_mu: torch.Tensor) -> torch.Tensor:
+def binary_tv(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
     """TV over {sampled token, everything else}: 1/2 (|pi - mu| + |(1-pi) - (1-mu)|) = |pi(a) - mu(a)|."""
-    return (logp.exp() - logp_mu.exp()).abs()
+    return (logprobs.exp() - old_logprobs.exp()).abs()
 
 
-def log1m_exp(logp: torch.Tensor) -> torch.Tensor:
+def log1m_exp(logprobs: torch.Tensor) -> torch.Tensor:
     """log(1 - p) from log p, accurate as p -> 1 (expm1) and floored at log(EPS)."""
-    return (-torch.expm1(logp.clamp(max=0))).clamp(min=EPS).log()
+    return (-torch.expm1(logprobs.clamp(max=0))).clamp(min=EPS).log()
 
 
-def binary_kl(logp: torch.Tensor, logp_mu: torch.Tensor) -> torch.Tensor:
+def binary_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(mu || pi) over {sampled token, everything else}: mu log(mu/pi) + (1-mu) log((1-mu)/(1-pi))."""
-    one_minus_mu = -torch.expm1(logp_mu.clamp(max=0))  # not 1 - exp(): that is 0 in fp32 once mu > 1 - 6e-8
-    kl = logp_mu.exp() * (logp_mu - logp) + one_minus_mu * (log1m_exp(logp_mu) - log1m_exp(logp))
+    one_minus_mu = -torch.expm1(old_logprobs.clamp(max=0))  # not 1 - exp(): that is 0 in fp32 once mu > 1 - 6e-8
+    kl = old_logprobs.exp() * (old_logprobs - logprobs) + one_minus_mu * (log1m_exp(old_logprobs) - log1m_exp(logprobs))
     return kl.clamp(min=0)  # rounding can leave -1e-9 where pi = mu
 
 
-def ratio_deviation(logp: torch.Tensor, logp_mu: torch.Tensor) -> torch.Tensor:
+def ratio_deviation(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
     """D = |r - 1| with r = pi(a)/mu(a): with it the mask below is exactly PPO's clipping."""
-    return ((logp - logp_mu).exp() - 1).abs()
+    return ((logprobs - old_logprobs).exp() - 1).abs()
 
 
-def token_divergence(trust_region: str, logp, logp_mu, topk: dict | None = None) -> torch.Tensor:
+def token_divergence(trust_region: str, logprobs, old_logprobs, topk: dict | None = None) -> torch.Tensor:
     """D_t of the chosen trust region [N, L] (no gradient). `none` reports the binary TV, masking nothing."""
-    logp = logp.detach()
+    logprobs = logprobs.detach()
     if trust_region in ("binary-tv", "none"):
-        return binary_tv(logp, logp_mu)
+        return binary_tv(logprobs, old_logprobs)
     if trust_region == "binary-kl":
-        return binary_kl(logp, logp_mu)
+        return binary_kl(logprobs, old_logprobs)
     if trust_region == "ratio":
-        return ratio_deviation(logp, logp_mu)
+        return ratio_deviation(logprobs, old_logprobs)
     return topk["tv" if trust_region == "topk-tv" else "kl"]
 
 
 # ---- the mask and the loss: the mask replaces the clip ---------------------------------------------------------------
 
 
-def trust_region_mask(divergence, logp, logp_mu, advantages, delta_low, delta_high) -> torch.Tensor:
+def trust_region_mask(divergence, logprobs, old_logprobs, advantages, delta_low, delta_high) -> torch.Tensor:
     """M_t in {0, 1} [N, L]: 0 only for an update that would push the sampled token further the way it
     already moved once the distribution has drifted past the threshold:
         (A > 0 and pi > mu and D > delta_high)  or  (A < 0 and pi < mu and D > delta_low).
     Updates that move pi back toward mu are never masked. advantages [N] (one per sequence)."""
-    logp, A = logp.detach(), advantages[:, None]
-    blocked = ((A > 0) & (logp > logp_mu) & (divergence > delta_high)) | (
-        (A < 0) & (logp < logp_mu) & (divergence > delta_low)
+    logprobs, A = logprobs.detach(), advantages[:, None]
+    blocked = ((A > 0) & (logprobs > old_logprobs) & (divergence > delta_high)) | (
+        (A < 0) & (logprobs < old_logprobs) & (divergence > delta_low)
     )
     return (~blocked).float()
 
 
-def dppo_token_loss(logp, logp_mu, advantages, mask, is_cap=math.inf) -> torch.Tensor:
+def dppo_token_loss(logprobs, old_logprobs, advantages, mask, is_cap=math.inf) -> torch.Tensor:
     """loss_t = -A * sg(min(r_t, C)) * sg(M_t) * log pi(y_t): its gradient is the importance-weighted
     policy gradient on kept tokens and exactly zero on masked ones. Its value is not the surrogate."""
     with torch.no_grad():  # the ratio, its cap and the mask carry no gradient; only log pi does
-        weight = (logp - logp_mu).exp().clamp(max=is_cap) * mask
-    return -advantages[:, None] * weight * logp
+        weight = (logprobs - old_logprobs).exp().clamp(max=is_cap) * mask
+    return -advantages[:, None] * weight * logprobs
 
 
-def kl_k3(logp, ref_logp) -> torch.Tensor:
+def kl_k3(logprobs, ref_logprobs) -> torch.Tensor:
     """KL(pi || pi_ref) per token, the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased)."""
-    log_r = ref_logp - logp
+    log_r = ref_logprobs - logprobs
     return torch.exp(log_r) - log_r - 1
 
 
@@ -245,16 +268,37 @@ def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normal
     return per_token.sum() / normaliser  # token-mean: every token weighs the same
 
 
+# ---- mu's top-K, recorded at sampling time for the topk-* trust regions -------------------------------------
+
+
+class TopKRecord:
+    """A `sample(on_token=...)` hook: at every sampled position, mu's K most likely tokens and their log-probs.
+    The sampled token is always in the set: where it is not among the K it overwrites the last slot (the
+    authors' convention), so log mu(sampled) is exact. O(tokens x K) memory, never O(tokens x vocabulary)."""
+
+    def __init__(self, k: int):
+        self.k, self.ids, self.logprobs = k, [], []
+
+    def __call__(self, logprobs: torch.Tensor, token: torch.Tensor):  # logprobs [N, V] of mu, token [N]
+        top_logprobs, top_ids = logprobs.topk(self.k, dim=-1)
+        missing = (top_ids != token[:, None]).all(-1)
+        top_ids[missing, -1] = token[missing]
+        top_logprobs[missing, -1] = logprobs.gather(-1, token[:, None]).squeeze(-1)[missing]
+        self.ids.append(top_ids)
+        self.logprobs.append(top_logprobs)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, log-probs), each [N, L, K]."""
+        return torch.stack(self.ids, 1), torch.stack(self.logprobs, 1)
+
+
 # ---- one rollout batch: --minibatches optimizer steps, all measured against the recorded mu -------------
 
 
 def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, dict]:
     """log pi of the sampled tokens [N, L] (differentiable) and, from the same logits chunks without
     gradient: the entropy of pi and, for the topk-* trust regions, the Top-K TV and KL to the recorded mu."""
-    topk = args.trust_region.startswith("topk")
-    if topk and rollout.topk_ids is None:
-        fail(f"--trust-region {args.trust_region} needs the behaviour top-K recorded at sampling time "
-             "(sample(..., top_k=K))")  # fmt: skip
+    topk = args.trust_region.startswith("topk")  # then the rollout holds mu's top-K (TopKRecord)
     N, L = rollout.completion_mask.shape
     extra = {k: torch.zeros(N * L, device=rollout.input_ids.device) for k in ("entropy", "tv", "kl")}
     valid = rollout.completion_mask.flatten().bool()
@@ -270,54 +314,50 @@ def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, d
             logp_all = F.log_softmax(logits.float() / args.temperature, dim=-1)
             extra["entropy"][rows] = -(logp_all.exp() * logp_all).sum(-1)
 
-    logp = token_logprobs(model, rollout, args.temperature, on_logits=on_logits)
-    return logp, {k: v.view(N, L) for k, v in extra.items()}
+    logprobs = token_logprobs(model, rollout, args.temperature, on_logits=on_logits)
+    return logprobs, {k: v.view(N, L) for k, v in extra.items()}
 
 
 
 
-def dppo_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
     """Shuffle the batch and split it into --minibatches, one optimizer step each. Every step measures pi
-    against mu, the policy that sampled the batch as the sampler recorded it (rollout.logprobs and its
+    against mu, the policy that sampled the batch as the sampler recorded it (rollout.old_logprobs and its
     top-K), never a recomputed copy: a token's update is masked once pi has left the trust region."""
     model.train()
     delta_low, delta_high = thresholds(args)
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
-    sums = dict.fromkeys(("tokens", "masked", "pos", "pos_masked", "neg", "neg_masked", "D", "abs_pi_mu", "entropy",
-                          "kl", "loss"), 0.0)  # fmt: skip
-    max_d, grad_norms = 0.0, []
+    totals = Totals("tokens", "masked", "pos", "pos_masked", "neg", "neg_masked", "D", "abs_pi_mu", "entropy", "kl",
+                    "loss")  # fmt: skip
+    grad_norms, max_d = [], 0.0
     for minibatch in order.chunk(args.minibatches):
         normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
         optimizer.zero_grad()
-        for part_rows in minibatch.split(args.micro_batch or len(minibatch)):
-            part, A = rollout.select(part_rows), advantages[part_rows]
-            valid = part.completion_mask.float()
-            logp, extra = current_policy(model, part, args)
-            D = token_divergence(args.trust_region, logp, part.logprobs, extra)
-            keep = trust_region_mask(D, logp, part.logprobs, A, delta_low, delta_high)
-            per_token = dppo_token_loss(logp, part.logprobs, A, keep, args.is_cap)
-            kl = torch.zeros_like(logp)
+        for rows in minibatch.split(args.micro_batch or len(minibatch)):
+            micro, A = rollout.select(rows), advantages[rows]
+            valid = micro.completion_mask.float()
+            logprobs, extra = current_policy(model, micro, args)
+            D = token_divergence(args.trust_region, logprobs, micro.old_logprobs, extra)
+            mask = trust_region_mask(D, logprobs, micro.old_logprobs, A, delta_low, delta_high)
+            per_token = dppo_token_loss(logprobs, micro.old_logprobs, A, mask, args.is_cap)
+            kl = torch.zeros_like(logprobs)
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp = token_logprobs(ref_model, part, args.temperature)
-                kl = kl_k3(logp, ref_logp)
+                    ref_logprobs = token_logprobs(ref_model, micro, args.temperature)
+                kl = kl_k3(logprobs, ref_logprobs)
             loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
             loss.backward()
-            masked, pos, neg = (1 - keep) * valid, (A > 0)[:, None] * valid, (A < 0)[:, None] * valid
-            for key, value in (("tokens", valid), ("masked", masked), ("pos", pos), ("pos_masked", masked * pos),
-                               ("neg", neg), ("neg_masked", masked * neg), ("D", D * valid),
-                               ("abs_pi_mu", binary_tv(logp.detach(), part.logprobs) * valid),
-                               ("entropy", extra["entropy"] * valid), ("kl", kl.detach() * valid)):  # fmt: skip
-                sums[key] += value.sum().item()
-            sums["loss"] += loss.item()
+            masked, pos, neg = (1 - mask) * valid, (A > 0)[:, None] * valid, (A < 0)[:, None] * valid
+            totals.add(tokens=valid, masked=masked, pos=pos, pos_masked=masked * pos, neg=neg, neg_masked=masked * neg,
+                       D=D * valid, abs_pi_mu=binary_tv(logprobs.detach(), micro.old_logprobs) * valid,
+                       entropy=extra["entropy"] * valid, kl=kl.detach() * valid, loss=loss.detach())  # fmt: skip
             max_d = max(max_d, (D * valid).max().item())
         grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
-    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
-    finite = [g for g in grad_norms if g == g]  # NaN marks a skipped step
-    per = lambda num, den: s[num] / max(1.0, s[den])
+    t = totals.over_ranks()
+    per = lambda num, den: t[num] / max(1.0, t[den])
     return {
-        "loss/policy": s["loss"] / world_size() / args.minibatches,
+        "loss/policy": t["loss"] / world_size() / args.minibatches,
         "dppo/masked_frac": per("masked", "tokens"),
         "dppo/masked_frac_pos": per("pos_masked", "pos"),
         "dppo/masked_frac_neg": per("neg_masked", "neg"),
@@ -326,9 +366,8 @@ def dppo_update(model, ref_model, optimizer, rollout, advantages, args: Args, ge
         "dppo/abs_pi_mu": per("abs_pi_mu", "tokens"),
         "dppo/entropy": per("entropy", "tokens"),
         **({"policy/kl_ref": per("kl", "tokens")} if ref_model is not None else {}),
-        "grad_norm": sum(finite) / max(1, len(finite)),
-        "train/skipped_steps": len(grad_norms) - len(finite),
-        "train/update_tokens": s["tokens"] / world_size(),
+        **grad_norm_metrics(grad_norms),
+        "train/update_tokens": t["tokens"] / world_size(),
     }
 
 
@@ -346,34 +385,49 @@ def main(args: Args):
     if top_k > model.config.vocab_size:
         fail(f"--top-k {top_k}: larger than the vocabulary ({model.config.vocab_size} tokens)")
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    loop = TrainingLoop(session, args, optimizer, args.steps)
-    loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
-               f" | trust region {args.trust_region} (low, high) = {thresholds(args)}"
-               f" | sampler T {sampler_temperature}, trainer T {args.temperature}")  # fmt: skip
-    for step in loop.steps():
+    optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
+    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
+    run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
+              f" | trust region {args.trust_region} (low, high) = {thresholds(args)}"
+              f" | sampler T {sampler_temperature}, trainer T {args.temperature}")  # fmt: skip
+    run.open()  # the run folder is made now, after every start-up check
+    if run.start == 0:
+        run.evaluate(0)
+    for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored; the
-        #    sampler records log mu of every sampled token (and mu's top-K for the topk-* trust regions).
+        #    sampler records log mu of every sampled token, and here mu's top-K for the topk-* trust regions.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, session.rank,
                                          session.world)  # fmt: skip
-        with loop.timer("generate"):
+        with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
+            record = TopKRecord(top_k) if top_k else None
             rollout = sample(model, group_prompts, args.max_new_tokens, sampler_temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, top_k=top_k,
-                             generator=loop.generator("sample", step, device=device))  # fmt: skip
+                             tokenizer.pad_token_id, generator=run.generator("sample", step, device=device),
+                             on_token=record)  # fmt: skip
+            if record:
+                rollout.topk_ids, rollout.topk_logprobs = record.tensors()
         scored = score_groups(task, tokenizer, examples, rollout, n)
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
         # 3. Steps on the whole batch, each token's update masked by the trust region instead of clipped.
-        with loop.timer("update"):
-            stats = dppo_update(model, ref_model, optimizer, rollout, advantages, args, loop.generator("shuffle", step))
-        metrics = {**rollout_metrics(task, scored, rollout), **stats, "memory/peak_gb": peak_memory_gb(device),
-                   "memory/topk_mb": sum(t.numel() * t.element_size() for t in (rollout.topk_ids, rollout.topk_logprobs)
-                                         if t is not None) / 2**20}  # fmt: skip
-        shown = {"reward": metrics["reward/mean"], "masked": metrics["dppo/masked_frac"],
-                 "masked A>0": metrics["dppo/masked_frac_pos"], "masked A<0": metrics["dppo/masked_frac_neg"],
-                 "|pi-mu|": metrics["dppo/abs_pi_mu"], "entropy": metrics["dppo/entropy"]}  # fmt: skip
-        loop.end_step(step, metrics, shown, scored)
+        with run.timer("update"):
+            stats = policy_update(model, ref_model, optimizer, rollout, advantages, args,
+                                  run.generator("shuffle", step))  # fmt: skip
+        topk_mb = sum(t.numel() * t.element_size() for t in record.ids + record.logprobs) / 2**20 if record else 0.0
+        stats |= {"memory/peak_gb": peak_memory_gb(device), "memory/topk_mb": topk_mb}
+        # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
+        done = step + 1
+        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **stats, **run.timer.pop()})
+        run.log(done, metrics, {"reward": metrics["reward/mean"], "masked": metrics["dppo/masked_frac"],
+                                "|pi-mu|": metrics["dppo/abs_pi_mu"], "entropy": metrics["dppo/entropy"]}, scored)
+        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
+        if done % args.eval_every == 0 or done == args.steps or stop:
+            run.evaluate(done)
+        if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:
+            run.save(done)
+        if stop:
+            break
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -21,8 +21,23 @@ import tyro
 
 from common.model import load_policy, trainable_parameters
 from common.rollout import sample, token_logprobs
-from common.run import all_reduce_sum, check_flags, fail, optimizer_step, world_size
-from common.session import TrainingLoop, draw_prompts, open_session, rollout_metrics, score_groups
+from common.run import (
+    Totals,
+    all_reduce_mean,
+    all_reduce_sum,
+    check_flags,
+    fail,
+    grad_norm_metrics,
+    optimizer_step,
+    world_size,
+)
+from common.session import (
+    Run,
+    draw_prompts,
+    open_session,
+    rollout_metrics,
+    score_groups,
+)
 
 
 @dataclass
@@ -122,18 +137,18 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
 # ---- the loss --------------------------------------------------------------------------------------------
 
 
-def clipped_surrogate(logp, logp_old, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped objective per token, as a loss [N, L]: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
     r = pi(y_t) / pi_old(y_t). Also where the clip binds (there the token's gradient is 0)."""
-    ratio = torch.exp(logp - logp_old)
+    ratio = torch.exp(logprobs - old_logprobs)
     A = advantages[:, None]
     unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
     return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
 
 
-def kl_k3(logp, ref_logp) -> torch.Tensor:
+def kl_k3(logprobs, ref_logprobs) -> torch.Tensor:
     """KL(pi || pi_ref) per token, the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased)."""
-    log_r = ref_logp - logp
+    log_r = ref_logprobs - logprobs
     return torch.exp(log_r) - log_r - 1
 
 
@@ -159,43 +174,38 @@ def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normal
 # ---- one rollout batch: --minibatches optimizer steps ------------------------------------------------------
 
 
-def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
     """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
-    sampled the batch, whose log-probs the sampler recorded (rollout.logprobs): with one mini-batch the ratio
-    is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
+    sampled the batch, whose log-probs the sampler recorded (rollout.old_logprobs): with one mini-batch the
+    ratio is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
     model.train()
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
-    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss"), 0.0)
-    grad_norms = []
+    totals, grad_norms = Totals("tokens", "clipped", "kl", "loss"), []
     for minibatch in order.chunk(args.minibatches):
         normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
         optimizer.zero_grad()
-        for part_rows in minibatch.split(args.micro_batch or len(minibatch)):
-            part, A = rollout.select(part_rows), advantages[part_rows]
-            valid = part.completion_mask.float()
-            logp = token_logprobs(model, part, args.temperature)
-            per_token, clipped = clipped_surrogate(logp, part.logprobs, A, args.eps_low, args.eps_high)
-            kl = torch.zeros_like(logp)
+        for rows in minibatch.split(args.micro_batch or len(minibatch)):
+            micro, A = rollout.select(rows), advantages[rows]
+            valid = micro.completion_mask.float()
+            logprobs = token_logprobs(model, micro, args.temperature)
+            per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low, args.eps_high)
+            kl = torch.zeros_like(logprobs)
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp = token_logprobs(ref_model, part, args.temperature)
-                kl = kl_k3(logp, ref_logp)
+                    ref_logprobs = token_logprobs(ref_model, micro, args.temperature)
+                kl = kl_k3(logprobs, ref_logprobs)
             loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
             loss.backward()
-            for key, value in (("tokens", valid), ("clipped", clipped * valid), ("kl", kl.detach() * valid)):
-                sums[key] += value.sum().item()
-            sums["loss"] += loss.item()
+            totals.add(tokens=valid, clipped=clipped * valid, kl=kl.detach() * valid, loss=loss.detach())
         grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
-    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
-    finite = [g for g in grad_norms if g == g]  # NaN marks a skipped step
+    t = totals.over_ranks()
     return {
-        "loss/policy": s["loss"] / world_size() / args.minibatches,
-        "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
-        **({"policy/kl_ref": s["kl"] / max(1.0, s["tokens"])} if ref_model is not None else {}),
-        "grad_norm": sum(finite) / max(1, len(finite)),
-        "train/skipped_steps": len(grad_norms) - len(finite),
-        "train/update_tokens": s["tokens"] / world_size(),
+        "loss/policy": t["loss"] / world_size() / args.minibatches,
+        "policy/clip_frac": t["clipped"] / max(1.0, t["tokens"]),
+        **({"policy/kl_ref": t["kl"] / max(1.0, t["tokens"])} if ref_model is not None else {}),
+        **grad_norm_metrics(grad_norms),
+        "train/update_tokens": t["tokens"] / world_size(),
     }
 
 
@@ -208,26 +218,39 @@ def main(args: Args):
     n = args.n
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
-    loop = TrainingLoop(session, args, optimizer, args.steps)
-    loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)")
-    for step in loop.steps():
+    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
+    run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)")
+    run.open()  # the run folder is made now, after every start-up check
+    if run.start == 0:
+        run.evaluate(0)
+    for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, session.rank,
                                          session.world)  # fmt: skip
-        with loop.timer("generate"):
+        with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=loop.generator("sample", step, device=device))
+                             tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
         scored = score_groups(task, tokenizer, examples, rollout, n)
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
         # 3. Clipped-surrogate steps on the whole batch.
-        with loop.timer("update"):
-            stats = grpo_update(model, ref_model, optimizer, rollout, advantages, args, loop.generator("shuffle", step))
-        metrics = {**rollout_metrics(task, scored, rollout), **stats}
-        shown = {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
-                 "clipped": metrics["policy/clip_frac"]}  # fmt: skip
-        loop.end_step(step, metrics, shown, scored)
+        with run.timer("update"):
+            stats = policy_update(model, ref_model, optimizer, rollout, advantages, args,
+                                  run.generator("shuffle", step))  # fmt: skip
+        # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
+        done = step + 1
+        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **stats, **run.timer.pop()})
+        run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
+                                "clipped": metrics["policy/clip_frac"]}, scored)  # fmt: skip
+        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
+        if done % args.eval_every == 0 or done == args.steps or stop:
+            run.evaluate(done)
+        if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:
+            run.save(done)
+        if stop:
+            break
+    run.finish()
 
 
 if __name__ == "__main__":

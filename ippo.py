@@ -15,29 +15,31 @@ LLM Post-Training", arXiv 2604.01597.
 """
 
 import copy
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import tyro
 from torch.func import functional_call, grad, vmap
 
 from common.model import load_policy, matching_parameters
 from common.rollout import Rollout, left_pad, positions, sample, token_logprobs
 from common.run import (
+    Totals,
     all_reduce_max,
+    all_reduce_mean,
     all_reduce_sum,
+    all_reduce_tensors,
     check_flags,
     fail,
+    grad_norm_metrics,
     optimizer_step,
     seeded_generator,
     warn,
     world_size,
 )
-from common.session import TrainingLoop, draw_prompts, open_session, prompt_ids, rollout_metrics, score_groups
+from common.session import Run, draw_prompts, open_session, prompt_ids, rollout_metrics, score_groups
 from kernels.projection import project
 
 
@@ -100,12 +102,14 @@ class Args:
     """critic AdamW learning rate (constant)"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping, actor and critic each"""
-    kl_coef: float = 1e-3
-    """beta of the per-token KL penalty -beta (log pi_old - log pi_ref) in the reward; 0 drops the reference"""
+    beta: float = 1e-3
+    """KL coefficient: the per-token penalty -beta (log pi_old - log pi_ref) in the reward; 0 drops the reference"""
     gae_lambda: float = 1.0
     """lambda of GAE (gamma is 1), in [0, 1]"""
-    clip: float = 0.2
-    """epsilon of the clipped surrogate, in (0, 1)"""
+    eps_low: float = 0.2
+    """clip of the ratio pi/pi_old below 1 - eps_low (where A < 0)"""
+    eps_high: float = 0.2
+    """clip of the ratio above 1 + eps_high (where A > 0)"""
     value_clip: float = 0.2
     """clip of the value loss: new values stay within this of the values at collection time"""
     # ---- influence ----
@@ -115,12 +119,12 @@ class Args:
     """weight kept episodes by score / mean kept score (--no-reweight: every kept episode weighs 1)"""
     min_keep: int = 1
     """stop training, without a step, when fewer episodes than this score positive (over all ranks)"""
-    val_size: int = 100
+    val_prompts: int = 100
     """gold (question, faithful solution) pairs drawn afresh each iteration for g_val from the validation split,
     which carries every skill of the pool in its share"""
     grad_params: str = ""
     """regular expression on parameter names: the gradient coordinates scored; empty = all actor parameters"""
-    influence_batch: int = 64
+    score_batch: int = 64
     """episodes whose per-episode gradients are computed together (memory: this x scored parameters, fp32)"""
     proj_dim: int = 0
     """k > 0: compress g_i and g_val with kernels/projection.py to k numbers first; 0 = exact dot products"""
@@ -135,33 +139,29 @@ class Args:
 def check_args(args: Args, world: int):
     """Reject bad settings with a one-line error naming the flag."""
     check_flags(args, positive=("batch_prompts", "n", "epochs", "minibatches", "steps", "temperature", "lr",
-                                "critic_lr", "max_grad_norm", "value_clip", "val_size", "influence_batch",
+                                "critic_lr", "max_grad_norm", "value_clip", "val_prompts", "score_batch",
+                                "eps_low", "eps_high",
                                 "eval_every", "log_every", "eval_prompts"),
-                non_negative=("kl_coef", "min_keep", "proj_dim", "max_time", "save_every", "micro_batch",
+                below_one=("eps_low",),
+                non_negative=("beta", "min_keep", "proj_dim", "max_time", "save_every", "micro_batch",
                               "max_new_tokens"))  # fmt: skip
     if not 0 <= args.gae_lambda <= 1:
         fail(f"--gae-lambda {args.gae_lambda}: must be in [0, 1]")
-    if not 0 < args.clip < 1:
-        fail(f"--clip {args.clip}: must be in (0, 1)")
     if not 0 < args.proj_ratio <= 1:
         fail(f"--proj-ratio {args.proj_ratio}: must be in (0, 1]")
     if args.batch_prompts % world:
         fail(f"--batch-prompts {args.batch_prompts} does not divide by the {world} processes (ranks)")
-    if args.influence and args.val_size < world:
-        fail(f"--val-size {args.val_size}: fewer validation examples than the {world} processes (ranks)")
-    try:
-        re.compile(args.grad_params)
-    except re.error as e:
-        fail(f"--grad-params {args.grad_params!r}: not a regular expression ({e})")
+    if args.influence and args.val_prompts < world:
+        fail(f"--val-prompts {args.val_prompts}: fewer validation examples than the {world} processes (ranks)")
 
 
 # ---- PPO: per-token rewards, GAE, whitening, the clipped losses --------------------------------------------
 
 
-def token_rewards(outcome, logp_old, logp_ref, mask, kl_coef) -> torch.Tensor:
+def token_rewards(outcome, old_logprobs, ref_logprobs, mask, beta) -> torch.Tensor:
     """r_t = -beta (log pi_old(y_t) - log pi_ref(y_t)) on every response token, plus the outcome reward R on
     the last one. outcome [N], the rest [N, L] -> [N, L] (0 on padding)."""
-    rewards = -kl_coef * (logp_old - logp_ref) * mask
+    rewards = -beta * (old_logprobs - ref_logprobs) * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(outcome), device=mask.device), last] += outcome * (mask.sum(1) > 0)
     return rewards
@@ -189,11 +189,11 @@ def whiten(x, mask, eps=1e-8) -> torch.Tensor:
     return (x - mean) / (var + eps) ** 0.5 * mask
 
 
-def ppo_policy_loss(logp, logp_old, advantages, mask, clip) -> torch.Tensor:
-    """Clipped surrogate, token-mean per episode: mean_t max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps)) with
-    r_t = pi / pi_old. Works on one episode [L] or a batch [N, L]; returns one loss per episode."""
-    ratio = torch.exp(logp - logp_old)
-    per_token = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high) -> torch.Tensor:
+    """Clipped surrogate, token-mean per episode: mean_t max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high))
+    with r_t = pi / pi_old. Works on one episode [L] or a batch [N, L]; returns one loss per episode."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    per_token = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - eps_low, 1 + eps_high))
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
@@ -248,9 +248,7 @@ def validation_gradient(model, names, gold: Rollout) -> tuple[dict, float]:
     tokens = all_reduce_sum([gold.completion_mask.sum().item()])[0]
     loss = -token_logprobs(model, gold).sum() / tokens
     grads = torch.autograd.grad(loss, [params[k] for k in names])
-    if dist.is_initialized():
-        for g in grads:
-            dist.all_reduce(g)
+    all_reduce_tensors(grads)  # summed over ranks
     return dict(zip(names, grads)), all_reduce_sum([loss.item()])[0]
 
 
@@ -283,7 +281,7 @@ def episode_logprobs(model, params, input_ids, attention_mask, prompt_len, tempe
     return logits.log_softmax(-1).gather(-1, input_ids[prompt_len:, None]).squeeze(-1)
 
 
-def episode_gradients(model, names, rollout: Rollout, advantages, logp_old, temperature, clip) -> dict:
+def episode_gradients(model, names, rollout: Rollout, advantages, old_logprobs, args: Args) -> dict:
     """g_i = grad of episode i's PPO loss, for every episode of `rollout` at once: {name: [N, *shape]}.
     torch.func: the gradient of one episode's loss, vmapped over the episodes (one batched forward and
     backward, no loop over episodes); parameters outside `names` are constants. At the collection-time
@@ -292,12 +290,12 @@ def episode_gradients(model, names, rollout: Rollout, advantages, logp_old, temp
     scored = {k: params.pop(k) for k in names}
 
     def loss(chosen, ids, attention, mask, adv, old):
-        logp = episode_logprobs(model, {**params, **chosen}, ids, attention, rollout.prompt_len, temperature)
-        return ppo_policy_loss(logp, old, adv, mask, clip)
+        logprobs = episode_logprobs(model, {**params, **chosen}, ids, attention, rollout.prompt_len, args.temperature)
+        return ppo_policy_loss(logprobs, old, adv, mask, args.eps_low, args.eps_high)
 
     with eager_attention(model):
         return vmap(grad(loss), in_dims=(None, 0, 0, 0, 0, 0))(
-            scored, rollout.input_ids, rollout.attention_mask, rollout.completion_mask.float(), advantages, logp_old
+            scored, rollout.input_ids, rollout.attention_mask, rollout.completion_mask.float(), advantages, old_logprobs
         )
 
 
@@ -312,14 +310,14 @@ def project_gradients(grads: dict, names, args: Args) -> torch.Tensor:
     return out
 
 
-def influence_scores(model, names, rollout, advantages, logp_old, g_val: dict, args: Args) -> torch.Tensor:
-    """Score_i = <g_i, g_val> for every episode [N], --influence-batch episodes at a time; with --proj-dim k,
+def influence_scores(model, names, rollout, advantages, old_logprobs, g_val: dict, args: Args) -> torch.Tensor:
+    """Score_i = <g_i, g_val> for every episode [N], --score-batch episodes at a time; with --proj-dim k,
     <P g_i, P g_val> instead. Positive: a small step on episode i's loss also lowers the validation loss."""
     target = project_gradients({k: g[None] for k, g in g_val.items()}, names, args)[0] if args.proj_dim else None
     scores, acc = [], torch.promote_types(model.dtype, torch.float32)  # bf16 models: dot products in fp32
-    for rows in torch.arange(len(advantages), device=advantages.device).split(args.influence_batch):
-        grads = episode_gradients(model, names, rollout.select(rows), advantages[rows], logp_old[rows],
-                                  args.temperature, args.clip)  # fmt: skip
+    for rows in torch.arange(len(advantages), device=advantages.device).split(args.score_batch):
+        grads = episode_gradients(model, names, rollout.select(rows), advantages[rows], old_logprobs[rows],
+                                  args)  # fmt: skip
         if args.proj_dim:
             scores.append(project_gradients(grads, names, args) @ target)
         else:
@@ -329,22 +327,22 @@ def influence_scores(model, names, rollout, advantages, logp_old, g_val: dict, a
 
 def influence_weights(scores, reweight=True) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep D' = {i : Score_i > 0}; w_i = Score_i / mean over D' of Score (the kept weights average 1, over
-    all ranks), or 1 with reweight off; 0 for dropped episodes. Returns (keep [N] bool, weights [N])."""
-    keep = scores > 0
-    total, count = all_reduce_sum([scores[keep].sum().item(), keep.sum().item()])
+    all ranks), or 1 with reweight off; 0 for dropped episodes. Returns (kept [N] bool, weights [N])."""
+    kept = scores > 0
+    total, count = all_reduce_sum([scores[kept].sum().item(), kept.sum().item()])
     if not reweight or count == 0:
-        return keep, keep.float()
-    return keep, torch.where(keep, scores / (total / count), torch.zeros_like(scores))
+        return kept, kept.float()
+    return kept, torch.where(kept, scores / (total / count), torch.zeros_like(scores))
 
 
-def influence_metrics(scores, influence, keep, weights, val_loss) -> dict:
+def influence_metrics(verdicts, influence, kept, weights, val_loss) -> dict:
     """What the filter did this iteration, over all ranks: kept share, mean positive score, and which episodes
     it dropped (correct ones; among those, faithful and unfaithful ones; wrong ones)."""
-    correct = torch.tensor([s.correct for s in scores], device=keep.device)
-    unfaithful = torch.tensor([s.correct and s.faithful is False for s in scores], device=keep.device)
-    dropped = ~keep
+    correct = torch.tensor([s.correct for s in verdicts], device=kept.device)
+    unfaithful = torch.tensor([s.correct and s.faithful is False for s in verdicts], device=kept.device)
+    dropped = ~kept
     sums = all_reduce_sum([
-        keep.sum().item(), len(keep), influence[keep].sum().item(),
+        kept.sum().item(), len(kept), influence[kept].sum().item(),
         (dropped & correct).sum().item(), correct.sum().item(), (dropped & unfaithful).sum().item(),
         unfaithful.sum().item(), (dropped & ~correct).sum().item(), (~correct).sum().item(),
     ])  # fmt: skip
@@ -352,7 +350,7 @@ def influence_metrics(scores, influence, keep, weights, val_loss) -> dict:
     return {
         "influence/kept_frac": kept / total,
         "influence/mean_pos_score": positive / max(1.0, kept),
-        "influence/max_weight": all_reduce_max(weights.max().item() if keep.any() else 0.0),
+        "influence/max_weight": all_reduce_max(weights.max().item() if kept.any() else 0.0),
         "influence/dropped_correct": drop_c / max(1.0, n_c),
         "influence/dropped_correct_unfaithful": drop_u / max(1.0, n_u),
         "influence/dropped_correct_faithful": (drop_c - drop_u) / max(1.0, n_c - n_u),
@@ -374,53 +372,49 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
     """--epochs passes over the kept episodes in --minibatches shuffled mini-batches, one actor and one critic
     step each. Actor: sum over the mini-batch of w_i x (clipped surrogate, token-mean of episode i) / its size;
     critic: the clipped value loss on the same episodes, unweighted. Sizes are global (ranks hold uneven shares)."""
-    rollout, rows = batch["rollout"], batch["rollout"].input_ids.shape[0]
+    rollout, episodes = batch["rollout"], batch["rollout"].input_ids.shape[0]
     model.train()
     critic.train()
-    sums = dict.fromkeys(("policy_loss", "value_loss", "episodes", "clipped", "approx_kl", "tokens"), 0.0)
+    totals = Totals("policy_loss", "value_loss", "episodes", "clipped", "approx_kl", "tokens")
     grad_norms, value_grad_norms = [], []
     for _ in range(args.epochs):
-        order = torch.randperm(rows, generator=generator).to(rollout.input_ids.device)
+        order = torch.randperm(episodes, generator=generator).to(rollout.input_ids.device)
         for minibatch in order.tensor_split(args.minibatches):
             size = all_reduce_sum([len(minibatch)])[0]
             if size == 0:  # fewer kept episodes than mini-batches: nothing here on any rank
                 continue
             optimizer.zero_grad()
             critic_optimizer.zero_grad()
-            parts = minibatch.split(args.micro_batch or len(minibatch)) if len(minibatch) else ()  # may be empty here
-            for part in parts:
-                sub, mask = rollout.select(part), rollout.completion_mask[part].float()
-                logp = token_logprobs(model, sub, args.temperature)
-                policy = ppo_policy_loss(logp, batch["logp_old"][part], batch["advantages"][part], mask, args.clip)
-                weighted_mean(policy, batch["weights"][part], size).backward()
-                values = critic(sub)
-                value = value_loss(values, batch["values"][part], batch["returns"][part], mask, args.value_clip)
+            micro_rows = minibatch.split(args.micro_batch or len(minibatch)) if len(minibatch) else ()  # may be empty
+            for rows in micro_rows:
+                micro, mask = rollout.select(rows), rollout.completion_mask[rows].float()
+                old_logprobs, A = batch["old_logprobs"][rows], batch["advantages"][rows]
+                logprobs = token_logprobs(model, micro, args.temperature)
+                policy = ppo_policy_loss(logprobs, old_logprobs, A, mask, args.eps_low, args.eps_high)
+                weighted_mean(policy, batch["weights"][rows], size).backward()
+                values = critic(micro)
+                value = value_loss(values, batch["values"][rows], batch["returns"][rows], mask, args.value_clip)
                 weighted_mean(value, torch.ones_like(value), size).backward()
                 with torch.no_grad():
-                    log_ratio = (logp - batch["logp_old"][part]) * mask
-                    ratio, A = log_ratio.exp(), batch["advantages"][part]
-                    binds = ((ratio > 1 + args.clip) & (A > 0)) | ((ratio < 1 - args.clip) & (A < 0))  # grad 0 there
-                    sums["clipped"] += (binds * mask).sum().item()
-                    sums["approx_kl"] += ((ratio - 1 - log_ratio) * mask).sum().item()
-                sums["tokens"] += mask.sum().item()
-                sums["policy_loss"] += policy.sum().item()
-                sums["value_loss"] += value.sum().item()
-                sums["episodes"] += len(part)
+                    log_ratio = (logprobs - old_logprobs) * mask
+                    ratio = log_ratio.exp()
+                    binds = ((ratio > 1 + args.eps_high) & (A > 0)) | ((ratio < 1 - args.eps_low) & (A < 0))  # grad 0
+                totals.add(policy_loss=policy.detach(), value_loss=value.detach(), episodes=len(rows),
+                           clipped=binds * mask, approx_kl=(ratio - 1 - log_ratio) * mask, tokens=mask)  # fmt: skip
             # a rank whose share of the mini-batch is empty joins the all-reduce with zeros; not finite: skipped
             grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))
             value_grad_norms.append(optimizer_step(critic, critic_optimizer, args.max_grad_norm))
     model.eval()
     critic.eval()
-    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
-    mean = lambda xs: sum(x for x in xs if x == x) / max(1, sum(x == x for x in xs))  # NaN: a skipped step
+    t, actor, value = totals.over_ranks(), grad_norm_metrics(grad_norms), grad_norm_metrics(value_grad_norms)
     return {
-        "loss/policy": s["policy_loss"] / max(1.0, s["episodes"]),
-        "loss/value": s["value_loss"] / max(1.0, s["episodes"]),
-        "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
-        "policy/approx_kl": s["approx_kl"] / max(1.0, s["tokens"]),
-        "grad_norm": mean(grad_norms),
-        "grad_norm/critic": mean(value_grad_norms),
-        "train/skipped_steps": sum(g != g for g in grad_norms) + sum(g != g for g in value_grad_norms),
+        "loss/policy": t["policy_loss"] / max(1.0, t["episodes"]),
+        "loss/value": t["value_loss"] / max(1.0, t["episodes"]),
+        "policy/clip_frac": t["clipped"] / max(1.0, t["tokens"]),
+        "policy/approx_kl": t["approx_kl"] / max(1.0, t["tokens"]),
+        "grad_norm": actor["grad_norm"],
+        "grad_norm/critic": value["grad_norm"],
+        "train/skipped_steps": actor["train/skipped_steps"] + value["train/skipped_steps"],
     }
 
 
@@ -441,76 +435,89 @@ def main(args: Args):
         if not all(e.get("solution") for e in task.validation):
             fail(f"--task {args.task}: the validation split has no gold solutions (field {args.solution_field!r}),"
                  " which the influence's validation gradient needs; use --no-influence for plain PPO")  # fmt: skip
-        if args.val_size > len(task.validation):
-            fail(f"--val-size {args.val_size}: the validation split of {task.name} has {len(task.validation)}")
+        if args.val_prompts > len(task.validation):
+            fail(f"--val-prompts {args.val_prompts}: the validation split of {task.name} has {len(task.validation)}")
     names = [name for name, _ in matching_parameters(model, args.grad_params)] if args.influence else []
-    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.kl_coef > 0 else None
+    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     critic = Critic(load_policy(session.model_path, model.dtype, device)[0]).eval()  # starts from the SFT model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
-    loop = TrainingLoop(session, args, optimizer, args.steps, save_state=lambda: {  # the critic beside the actor
-        "critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()})  # fmt: skip
-    if "critic" in loop.state:
-        critic.load_state_dict(loop.state["critic"])
-        critic_optimizer.load_state_dict(loop.state["critic_optimizer"])
+    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
+    if "critic" in run.state:  # the critic is saved beside the actor
+        critic.load_state_dict(run.state["critic"])
+        critic_optimizer.load_state_dict(run.state["critic_optimizer"])
     mode = "plain PPO" if not args.influence else "I-PPO" + ("" if args.reweight else " (filter only)")
     scored_params = sum(p.numel() for k, p in model.named_parameters() if k in names)
     if args.influence and args.proj_dim >= scored_params:
         warn(f"--proj-dim {args.proj_dim}: not below the {scored_params} scored parameters, so the projection"
              " compresses nothing")  # fmt: skip
-    loop.print(f"{session.describe()} | {mode} | B={args.batch_prompts} n={n} epochs={args.epochs}"
-               f" minibatches={args.minibatches}"
-               + (f" | scoring {scored_params} parameters ({len(names)} tensors)" if args.influence else ""))
-    for step in loop.steps():
+    run.print(f"{session.describe()} | {mode} | B={args.batch_prompts} n={n} epochs={args.epochs}"
+              f" minibatches={args.minibatches}"
+              + (f" | scoring {scored_params} parameters ({len(names)} tensors)" if args.influence else ""))
+    run.open()  # the run folder is made now, after every start-up check
+    if run.start == 0:
+        run.evaluate(0)
+    for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n episodes each; outcome rewards.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
-        with loop.timer("generate"):
+        with run.timer("generate"):
             episode_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n episodes side by side
             rollout = sample(model, episode_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=loop.generator("sample", step, device=device))
+                             tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
         scored = score_groups(task, tokenizer, examples, rollout, n)
         outcome, mask = scored.rewards.flatten().to(device), rollout.completion_mask.float()
         # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.
-        with loop.timer("advantage"), torch.no_grad():
-            logp_old = token_logprobs(model, rollout, args.temperature)
-            logp_ref = token_logprobs(ref_model, rollout, args.temperature) if ref_model is not None else logp_old
+        with run.timer("advantage"), torch.no_grad():
+            old_logprobs = token_logprobs(model, rollout, args.temperature)
+            ref_logprobs = old_logprobs if ref_model is None else token_logprobs(ref_model, rollout, args.temperature)
             values = critic(rollout)
-            rewards = token_rewards(outcome, logp_old, logp_ref, mask, args.kl_coef)
+            rewards = token_rewards(outcome, old_logprobs, ref_logprobs, mask, args.beta)
             advantages, returns = gae(rewards, values, mask, args.gae_lambda)
             advantages = whiten(advantages, mask)
         # 3. Influence at the pre-update parameters: g_val from fresh gold pairs, Score_i = <g_i, g_val>, keep > 0.
-        keep, weights, info = torch.ones_like(outcome, dtype=torch.bool), torch.ones_like(outcome), {}
+        kept, weights, info = torch.ones_like(outcome, dtype=torch.bool), torch.ones_like(outcome), {}
         if args.influence:
-            with loop.timer("influence"):
-                gold = gold_rollout(tokenizer, draw_validation(task, args.seed, step, args.val_size, rank, world),
+            with run.timer("influence"):
+                gold = gold_rollout(tokenizer, draw_validation(task, args.seed, step, args.val_prompts, rank, world),
                                     task.instruction, device)  # fmt: skip
                 g_val, val_loss = validation_gradient(model, names, gold)
-                influence = influence_scores(model, names, rollout, advantages, logp_old, g_val, args)
-                keep, weights = influence_weights(influence, args.reweight)
-            info = influence_metrics(scored.scores, influence, keep, weights, val_loss)
-        kept_total, total = all_reduce_sum([keep.sum().item(), len(keep)])
-        stop = kept_total < args.min_keep  # I-PPO's early stop: no episode left worth learning from
+                influence = influence_scores(model, names, rollout, advantages, old_logprobs, g_val, args)
+                kept, weights = influence_weights(influence, args.reweight)
+            info = influence_metrics(scored.verdicts, influence, kept, weights, val_loss)
+        kept_total, total = all_reduce_sum([kept.sum().item(), len(kept)])
+        none_left = kept_total < args.min_keep  # I-PPO's early stop: no episode left worth learning from
         # 4. PPO epochs on the kept episodes, weighted; the critic on the same episodes, unweighted.
-        rows = keep.nonzero().squeeze(-1)
-        batch = {"rollout": rollout.select(rows), "advantages": advantages[rows], "logp_old": logp_old[rows],
+        rows = kept.nonzero().squeeze(-1)
+        batch = {"rollout": rollout.select(rows), "advantages": advantages[rows], "old_logprobs": old_logprobs[rows],
                  "values": values[rows], "returns": returns[rows], "weights": weights[rows]}  # fmt: skip
         stats = {}
-        if not stop:
-            with loop.timer("update"):
+        if not none_left:
+            with run.timer("update"):
                 stats = ppo_update(model, critic, optimizer, critic_optimizer, batch, args,
-                                   loop.generator("shuffle", step))  # fmt: skip
-        metrics = {**rollout_metrics(task, scored, rollout), **info, **stats,
-                   "train/update_tokens": batch["rollout"].completion_mask.sum().item(),
-                   "value/mean": ((values * mask).sum() / mask.sum()).item(),
-                   **({"policy/kl_ref": (((logp_old - logp_ref) * mask).sum() / mask.sum()).item()}
-                      if ref_model is not None else {}),
-                   **({"influence/early_stop": 1.0} if stop else {})}  # fmt: skip
+                                   run.generator("shuffle", step))  # fmt: skip
+        # 5. Log the step (averaged over ranks); evaluate, save and stop on their cadence, or when none is left.
+        done = step + 1
+        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **info, **stats, **run.timer.pop(),
+                                   "train/update_tokens": batch["rollout"].completion_mask.sum().item(),
+                                   "value/mean": ((values * mask).sum() / mask.sum()).item(),
+                                   **({"policy/kl_ref": (((old_logprobs - ref_logprobs) * mask).sum()
+                                                         / mask.sum()).item()} if ref_model is not None else {}),
+                                   **({"influence/early_stop": 1.0} if none_left else {})})  # fmt: skip
         shown = {"reward": metrics["reward/mean"], "kept": kept_total / total, "V": metrics["value/mean"]}
         if args.influence:
             shown["dropped-correct"] = metrics["influence/dropped_correct"]
-        early_stop = (f"{int(kept_total)} of {int(total)} episodes scored positive, fewer than --min-keep"
-                      f" {args.min_keep}; no update taken (I-PPO's early stop)")  # fmt: skip
-        loop.end_step(step, metrics, shown, scored, stop=early_stop if stop else None)
+        run.log(done, metrics, shown, scored)
+        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
+        if none_left and not stop:
+            stop = (f"{int(kept_total)} of {int(total)} episodes scored positive, fewer than --min-keep"
+                    f" {args.min_keep}; no update taken (I-PPO's early stop)")  # fmt: skip
+        if done % args.eval_every == 0 or done == args.steps or stop:
+            run.evaluate(done)
+        if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:
+            run.save(done, {"critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()})
+        if stop:
+            break
+    run.finish()
 
 
 if __name__ == "__main__":

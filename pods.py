@@ -18,10 +18,26 @@ from typing import Literal
 import torch
 import tyro
 
-from common.model import load_policy
+from common.model import load_policy, trainable_parameters
 from common.rollout import sample, token_logprobs
-from common.run import all_reduce_sum, check_flags, fail, optimizer_step, world_size
-from common.session import TrainingLoop, draw_prompts, frac_zero_std, open_session, rollout_metrics, score_groups
+from common.run import (
+    Totals,
+    all_reduce_mean,
+    all_reduce_sum,
+    check_flags,
+    fail,
+    grad_norm_metrics,
+    optimizer_step,
+    world_size,
+)
+from common.session import (
+    Run,
+    draw_prompts,
+    frac_zero_std,
+    open_session,
+    rollout_metrics,
+    score_groups,
+)
 
 
 @dataclass
@@ -63,8 +79,8 @@ class Args:
     # ---- the algorithm ----
     batch_prompts: int = 16
     """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
-    n: int = 16
-    """rollouts generated per prompt"""
+    n: int = 8
+    """rollouts per prompt (a group)"""
     m: int = 4
     """rollouts kept per prompt for the update (m = n is plain GRPO)"""
     rule: Literal["max-variance", "random", "max-reward"] = "max-variance"
@@ -79,6 +95,9 @@ class Args:
     """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
     lr: float = 2e-4
     """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
+    train_params: str = ""
+    """regular expression: train only the parameters whose name matches (e.g. 'layers\\.2[2-9]\\.'), the rest
+    frozen; empty trains all"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     eps_low: float = 0.2
@@ -116,7 +135,7 @@ def check_args(args: Args, world: int):
 # ---- down-sampling rules: rewards [B, n] -> kept indices [B, m], one row per prompt ------------------------
 
 
-def select_max_variance(rewards: torch.Tensor, m: int) -> torch.Tensor:
+def select_max_variance(rewards: torch.Tensor, m: int, generator=None) -> torch.Tensor:
     """argmax over |S| = m of Var(r_S), per row.
 
     Theorem (paper): after sorting descending, an optimal S is the k largest plus the m-k smallest for
@@ -149,19 +168,12 @@ def select_random(rewards: torch.Tensor, m: int, generator=None) -> torch.Tensor
     return torch.rand(rewards.shape, generator=generator).argsort(1)[:, :m]
 
 
-def select_max_reward(rewards: torch.Tensor, m: int) -> torch.Tensor:
+def select_max_reward(rewards: torch.Tensor, m: int, generator=None) -> torch.Tensor:
     """The m highest rewards per row (the paper's negative example: collapses to zero variance)."""
     return rewards.sort(dim=1, descending=True, stable=True).indices[:, :m]
 
 
-def select(rule: str, rewards: torch.Tensor, m: int, generator=None) -> torch.Tensor:
-    """The m indices per row that --rule keeps (the CLI accepts only these three names)."""
-    if rule == "random":
-        return select_random(rewards, m, generator)
-    if rule == "max-reward":
-        return select_max_reward(rewards, m)
-    assert rule == "max-variance", rule
-    return select_max_variance(rewards, m)
+DOWN_SAMPLE = {"max-variance": select_max_variance, "random": select_random, "max-reward": select_max_reward}  # --rule
 
 
 # ---- advantages: each completion against its own group ---------------------------------------------------
@@ -177,18 +189,18 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
 # ---- the loss --------------------------------------------------------------------------------------------
 
 
-def clipped_surrogate(logp, logp_old, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped objective per token, as a loss [N, L]: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
     r = pi(y_t) / pi_old(y_t). Also where the clip binds (there the token's gradient is 0)."""
-    ratio = torch.exp(logp - logp_old)
+    ratio = torch.exp(logprobs - old_logprobs)
     A = advantages[:, None]
     unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
     return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
 
 
-def kl_k3(logp, ref_logp) -> torch.Tensor:
+def kl_k3(logprobs, ref_logprobs) -> torch.Tensor:
     """KL(pi || pi_ref) per token, the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1 (>= 0, unbiased)."""
-    log_r = ref_logp - logp
+    log_r = ref_logprobs - logprobs
     return torch.exp(log_r) - log_r - 1
 
 
@@ -214,43 +226,38 @@ def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normal
 # ---- one rollout batch: --minibatches optimizer steps ------------------------------------------------------
 
 
-def grpo_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
     """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
-    sampled the batch, whose log-probs the sampler recorded (rollout.logprobs): with one mini-batch the ratio
-    is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
+    sampled the batch, whose log-probs the sampler recorded (rollout.old_logprobs): with one mini-batch the
+    ratio is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
     model.train()
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
-    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss"), 0.0)
-    grad_norms = []
+    totals, grad_norms = Totals("tokens", "clipped", "kl", "loss"), []
     for minibatch in order.chunk(args.minibatches):
         normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
         optimizer.zero_grad()
-        for part_rows in minibatch.split(args.micro_batch or len(minibatch)):
-            part, A = rollout.select(part_rows), advantages[part_rows]
-            valid = part.completion_mask.float()
-            logp = token_logprobs(model, part, args.temperature)
-            per_token, clipped = clipped_surrogate(logp, part.logprobs, A, args.eps_low, args.eps_high)
-            kl = torch.zeros_like(logp)
+        for rows in minibatch.split(args.micro_batch or len(minibatch)):
+            micro, A = rollout.select(rows), advantages[rows]
+            valid = micro.completion_mask.float()
+            logprobs = token_logprobs(model, micro, args.temperature)
+            per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low, args.eps_high)
+            kl = torch.zeros_like(logprobs)
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp = token_logprobs(ref_model, part, args.temperature)
-                kl = kl_k3(logp, ref_logp)
+                    ref_logprobs = token_logprobs(ref_model, micro, args.temperature)
+                kl = kl_k3(logprobs, ref_logprobs)
             loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
             loss.backward()
-            for key, value in (("tokens", valid), ("clipped", clipped * valid), ("kl", kl.detach() * valid)):
-                sums[key] += value.sum().item()
-            sums["loss"] += loss.item()
+            totals.add(tokens=valid, clipped=clipped * valid, kl=kl.detach() * valid, loss=loss.detach())
         grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
-    s = dict(zip(sums, all_reduce_sum(list(sums.values()))))
-    finite = [g for g in grad_norms if g == g]  # NaN marks a skipped step
+    t = totals.over_ranks()
     return {
-        "loss/policy": s["loss"] / world_size() / args.minibatches,
-        "policy/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
-        **({"policy/kl_ref": s["kl"] / max(1.0, s["tokens"])} if ref_model is not None else {}),
-        "grad_norm": sum(finite) / max(1, len(finite)),
-        "train/skipped_steps": len(grad_norms) - len(finite),
-        "train/update_tokens": s["tokens"] / world_size(),
+        "loss/policy": t["loss"] / world_size() / args.minibatches,
+        "policy/clip_frac": t["clipped"] / max(1.0, t["tokens"]),
+        **({"policy/kl_ref": t["kl"] / max(1.0, t["tokens"])} if ref_model is not None else {}),
+        **grad_norm_metrics(grad_norms),
+        "train/update_tokens": t["tokens"] / world_size(),
     }
 
 
@@ -262,33 +269,47 @@ def main(args: Args):
     model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
     B, n, m = args.batch_prompts // session.world, args.n, args.m
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    loop = TrainingLoop(session, args, optimizer, args.steps)
-    loop.print(f"{session.describe()} | B={args.batch_prompts} n={n} m={m} rule={args.rule}"
-               f" x {args.minibatches} mini-batch(es)")  # fmt: skip
-    for step in loop.steps():
+    optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
+    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
+    run.print(f"{session.describe()} | B={args.batch_prompts} n={n} m={m} rule={args.rule}"
+              f" x {args.minibatches} mini-batch(es)")  # fmt: skip
+    run.open()  # the run folder is made now, after every start-up check
+    if run.start == 0:
+        run.evaluate(0)
+    for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, session.rank,
                                          session.world)  # fmt: skip
-        with loop.timer("generate"):
+        with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=loop.generator("sample", step, device=device))
+                             tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
         scored = score_groups(task, tokenizer, examples, rollout, n)
         # 2. Down-sample per prompt, then group-relative advantages over the kept subset only.
-        with loop.timer("select"):
-            keep = select(args.rule, scored.rewards, m, loop.generator("select", step))
-            kept_rewards = scored.rewards.gather(1, keep)
+        with run.timer("select"):
+            kept = DOWN_SAMPLE[args.rule](scored.rewards, m, run.generator("select", step))
+            kept_rewards = scored.rewards.gather(1, kept)
             advantages = group_advantages(kept_rewards, args.scale_rewards).flatten().to(device)
-            kept = rollout.select((torch.arange(B)[:, None] * n + keep).flatten().to(device))
+            kept_rollout = rollout.select((torch.arange(B)[:, None] * n + kept).flatten().to(device))
         # 3. Clipped-surrogate steps on the B*m kept sequences; the other B*(n-m) never reach a training pass.
-        with loop.timer("update"):
-            stats = grpo_update(model, ref_model, optimizer, kept, advantages, args, loop.generator("shuffle", step))
-        metrics = {**rollout_metrics(task, scored, rollout), **stats, "reward/kept_mean": kept_rewards.mean().item(),
-                   "reward/zero_std_frac_kept": frac_zero_std(kept_rewards)}  # fmt: skip
-        shown = {"reward": metrics["reward/mean"], "kept": metrics["reward/kept_mean"],
-                 "zero-std": metrics["reward/zero_std_frac"], "zero-std kept": metrics["reward/zero_std_frac_kept"]}
-        loop.end_step(step, metrics, shown, scored)
+        with run.timer("update"):
+            stats = policy_update(model, ref_model, optimizer, kept_rollout, advantages, args,
+                                  run.generator("shuffle", step))  # fmt: skip
+        stats |= {"reward/kept_mean": kept_rewards.mean().item(),
+                  "reward/zero_std_frac_kept": frac_zero_std(kept_rewards)}  # fmt: skip
+        # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
+        done = step + 1
+        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **stats, **run.timer.pop()})
+        run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
+                                "zero-std kept": metrics["reward/zero_std_frac_kept"]}, scored)  # fmt: skip
+        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
+        if done % args.eval_every == 0 or done == args.steps or stop:
+            run.evaluate(done)
+        if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:
+            run.save(done)
+        if stop:
+            break
+    run.finish()
 
 
 if __name__ == "__main__":

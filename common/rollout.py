@@ -12,16 +12,15 @@ from torch.utils.checkpoint import checkpoint
 class Rollout:
     """N sequences = left-padded prompt [N, P] followed by the completion [N, L].
 
-    `logprobs[i, t]` is log mu(token) under the distribution actually sampled from (logits / T), recorded
-    while sampling. With top-K recording, `topk_ids`/`topk_logprobs` [N, L, K] hold mu's K most likely
-    tokens; where the sampled token is not among them it overwrites the last slot, so the set always
-    contains it (the DPPO authors' convention). Memory is O(tokens x K), never O(tokens x vocabulary).
+    `old_logprobs[i, t]` is log mu(token), mu the distribution actually sampled from (logits / T), recorded
+    while sampling: pi_old of the ratio, mu of a trust region. `topk_ids`/`topk_logprobs` [N, L, K] hold a
+    record of mu's most likely tokens where a script makes one (dppo.py, through `sample(on_token=...)`).
     """
 
     input_ids: torch.Tensor  # [N, P + L]
     attention_mask: torch.Tensor  # [N, P + L]
     completion_mask: torch.Tensor  # [N, L] 1 up to and including the first EOS
-    logprobs: torch.Tensor  # [N, L] fp32
+    old_logprobs: torch.Tensor  # [N, L] fp32
     prompt_len: int
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
@@ -34,7 +33,7 @@ class Rollout:
         """The sub-batch of the given rows (e.g. the sequences a down-sampling rule keeps)."""
         pick = lambda x: None if x is None else x[rows]
         return Rollout(
-            self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows], self.logprobs[rows],
+            self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows], self.old_logprobs[rows],
             self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs),
         )  # fmt: skip
 
@@ -55,9 +54,11 @@ def positions(attention_mask):
 
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, greedy=False, top_k=0,
-           generator=None) -> Rollout:  # fmt: skip
-    """Sample one completion per prompt (token id lists); stop a row at its first EOS."""
+def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, greedy=False, generator=None,
+           on_token=None) -> Rollout:  # fmt: skip
+    """Sample one completion per prompt (token id lists); stop a row at its first EOS. `on_token(logp, token)`,
+    if given, sees each position's full log-probability rows [N, V] and the tokens drawn from them (pad where
+    a row has ended), while they exist: a script records from them what it needs beyond the sampled token."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -66,7 +67,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, 
     cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    tokens, logps, alive, top_ids, top_lps = [], [], [], [], []
+    tokens, logps, alive = [], [], []
     for t in range(max_new_tokens):
         logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
         if greedy:
@@ -76,13 +77,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, 
         alive.append(~done)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        if top_k:
-            lp, ix = logp.topk(top_k, dim=-1)
-            missing = (ix != token[:, None]).all(-1)
-            ix[missing, -1] = token[missing]
-            lp[missing, -1] = logps[-1][missing]
-            top_ids.append(ix)
-            top_lps.append(lp)
+        if on_token is not None:
+            on_token(logp, token)
         tokens.append(token)
         done = done | (token == eos_id)
         if done.all() or t == max_new_tokens - 1:
@@ -94,15 +90,12 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, 
         )  # fmt: skip
     completion = torch.stack(tokens, 1)
     completion_mask = torch.stack(alive, 1).long()
-    stack = lambda xs: torch.stack(xs, 1) if xs else None
     return Rollout(
         input_ids=torch.cat([ids, completion], 1),
         attention_mask=torch.cat([prompt_mask, completion_mask], 1),
         completion_mask=completion_mask,
-        logprobs=torch.stack(logps, 1) * completion_mask,
+        old_logprobs=torch.stack(logps, 1) * completion_mask,
         prompt_len=ids.shape[1],
-        topk_ids=stack(top_ids),
-        topk_logprobs=stack(top_lps),
     )
 
 

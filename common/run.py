@@ -183,6 +183,35 @@ def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     return norm if math.isfinite(norm) else math.nan
 
 
+def grad_norm_metrics(norms: list[float]) -> dict:
+    """The mean gradient norm of a step's optimizer steps, and how many were skipped (NaN: not finite)."""
+    finite = [g for g in norms if math.isfinite(g)]
+    return {"grad_norm": sum(finite) / max(1, len(finite)), "train/skipped_steps": len(norms) - len(finite)}
+
+
+class Totals:
+    """Sums of a step's figures over its micro-batches, then over ranks: `Totals("tokens", "loss")`, then
+    `totals.add(tokens=mask, loss=loss)` adds each tensor's sum; `totals.over_ranks()` returns the global sums.
+    The names are declared first, so that a rank with nothing to add still joins the all-reduce with zeros."""
+
+    def __init__(self, *names: str):
+        self.sums = dict.fromkeys(names, 0.0)
+
+    def add(self, **values):
+        for name, value in values.items():
+            self.sums[name] += value.sum().item() if torch.is_tensor(value) else value
+
+    def over_ranks(self) -> dict:
+        return dict(zip(self.sums, all_reduce_sum(list(self.sums.values()))))
+
+
+def all_reduce_tensors(tensors):
+    """Sum tensors over ranks, in place (nothing to do in one process)."""
+    if dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
 def average_gradients(model):
     """Average gradients over ranks: the same result as one process holding every rank's batch. A parameter
     with no gradient on this rank (its share of the batch was empty) joins as zeros: every rank must take
@@ -461,8 +490,9 @@ def restore_trainer_state(state: dict, optimizer):
     torch.set_rng_state(state["rng"]["torch"])
 
 
-class Timer:
-    """Accumulates wall-clock seconds per phase: `with timer("generate"): ...`."""
+class PhaseTimer:
+    """Wall-clock seconds per phase of a step: `with timer("generate"): ...`; `pop()` gives {"time/generate": s}
+    and starts the next step afresh."""
 
     def __init__(self):
         self.totals, self._phase = {}, None
@@ -479,4 +509,4 @@ class Timer:
 
     def pop(self) -> dict:
         totals, self.totals = self.totals, {}
-        return totals
+        return {f"time/{phase}": seconds for phase, seconds in totals.items()}

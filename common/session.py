@@ -16,10 +16,9 @@ from common.model import first_line, load_policy, prompt_text, read_policy, reso
 from common.reward import count_correct_unfaithful, score
 from common.rollout import sample
 from common.run import (
+    PhaseTimer,
     RunLogger,
-    Timer,
     all_reduce_max,
-    all_reduce_mean,
     all_reduce_sum,
     barrier,
     check_run_name,
@@ -133,7 +132,7 @@ def warn_unusual(args):
         if field.name.endswith("temperature") and value and not 0.1 <= value <= 5:
             warn(f"{flag(field.name)} {value:g}: sampling temperatures are almost always between 0.1 and 5; near 0"
                  " the log-probabilities overflow, far above 1 the samples are noise")  # fmt: skip
-        if field.name in ("beta", "kl_coef") and value > 1:
+        if field.name == "beta" and value > 1:
             warn(f"{flag(field.name)} {value:g}: a KL coefficient this large outweighs the reward of 0 or 1;"
                  " usual values are 0.001 to 0.1")  # fmt: skip
 
@@ -242,7 +241,7 @@ def draw_prompts(task: Task, tokenizer, seed: int, step: int, batch_prompts: int
     return examples, prompt_ids(tokenizer, [e["question"] for e in examples], task.instruction)
 
 
-Scored = namedtuple("Scored", "examples texts scores rewards")  # rewards [prompts, n], one row per prompt
+Scored = namedtuple("Scored", "examples texts verdicts rewards")  # rewards [prompts, n], one row per prompt
 
 
 def score_groups(task: Task, tokenizer, examples, rollout, n: int) -> Scored:
@@ -259,7 +258,7 @@ def frac_zero_std(rewards: torch.Tensor) -> float:
 
 def rollout_metrics(task: Task, scored: Scored, rollout) -> dict:
     """The metrics of a step's rollouts that mean the same in every script."""
-    correct, unfaithful = count_correct_unfaithful(scored.scores)
+    correct, unfaithful = count_correct_unfaithful(scored.verdicts)
     return {
         "reward/mean": scored.rewards.mean().item(),
         "reward/zero_std_frac": frac_zero_std(scored.rewards),
@@ -349,22 +348,31 @@ NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the r
 NO_SIGNAL_WARN = 10  # steps in a row where every group had equal rewards before a warning
 
 
-class TrainingLoop:
-    """Everything around an algorithm's steps, so that a script's loop shows only the algorithm:
+class Run:
+    """What a script's loop calls by name at each of its stops, so that the loop itself stays in the script:
 
-        loop = TrainingLoop(session, args, optimizer, total_steps)
-        for step in loop.steps():                  # evaluates first (unless resuming), stops on time
-            with loop.timer("generate"): ...       # phases are timed; their sum is the training time
-            loop.end_step(step, metrics, shown)    # log, console line, evaluation, checkpoint
+        run = Run(session, args, optimizer, total_steps)  # --resume: the optimizer, step and train time come back
+        run.open()                                         # claims the run folder: nothing is written before
+        if run.start == 0:
+            run.evaluate(0)
+        for step in range(run.start, total_steps):
+            with run.timer("generate"): ...                # phases are timed; their sum is the training time
+            metrics = all_reduce_mean({..., **run.timer.pop()})   # averaged over ranks
+            run.log(step + 1, metrics, shown, scored)      # metrics.jsonl, TensorBoard, the console line
+            stop = run.stop_reason(step + 1, metrics)      # Ctrl-C, --max-time, non-finite gradients
+            if (step + 1) % args.eval_every == 0 or step + 1 == total_steps or stop:
+                run.evaluate(step + 1)
+            if ... save ...:
+                run.save(step + 1)
+            if stop:
+                break
+        run.finish()                                       # after Ctrl-C: the command that resumes, exit 130
 
-    It restores the optimizer, step and training time from the checkpoint of --resume (`loop.state` holds
-    whatever else the script saved through `save_state`), and makes the run's seeded generators. It also
-    guards the run: a first Ctrl-C finishes the step, saves and exits; steps whose gradient is not finite
-    are skipped (by `common.run.optimizer_step`) and several in a row stop the run; a run whose groups all
-    have equal rewards gets a warning.
+    `run.state` holds what the script saved through `run.save(step, its_state)` in the checkpoint resumed from.
+    A first Ctrl-C lets the step finish; `stop_reason` then says so on every rank at the same step.
     """
 
-    def __init__(self, session: Session, args, optimizer, total_steps: int, save_state=dict, evaluate_more=None):
+    def __init__(self, session: Session, args, optimizer, total_steps: int):
         self.session, self.args, self.optimizer, self.total = session, args, optimizer, total_steps
         self.state = session.trainer_state or {"step": 0, "train_time": 0.0}
         if session.checkpoint:
@@ -373,24 +381,18 @@ class TrainingLoop:
         if session.checkpoint and self.start >= total_steps:
             more = f"; to train further, resume with --steps above {self.start}" if hasattr(args, "steps") else ""
             fail(f"--resume {session.run_dir}: the run has done all {total_steps} of its steps, nothing is left{more}")
-        self.save_state, self.evaluate_more = save_state, evaluate_more
-        self.logger = RunLogger(session.run_dir, total_steps, self.start)  # writes nothing before open_run_folder
-        self.opened = False
-        self.timer = Timer()
-        self.stopping = None  # the reason to stop after this step, once there is one
+        self.logger = RunLogger(session.run_dir, total_steps, self.start)  # writes nothing before open()
+        self.timer = PhaseTimer()
         self.interrupted, self.non_finite_run, self.no_signal_run = False, 0, 0
         self.checkpoint = session.checkpoint
         self.previous_handler = signal.signal(signal.SIGINT, self.on_interrupt)
 
-    def open_run_folder(self):
-        """Claim the run folder, once every start-up check has passed (`steps()` does it if the script has not):
-        a run that cannot start writes nothing, and a folder belongs to one run."""
-        if self.opened:
-            return
+    def open(self):
+        """Claim the run folder, once every start-up check has passed: a run that cannot start writes nothing,
+        and a folder belongs to one run."""
         s, a = self.session, self.args
         wanted = s.run_dir
         s.run_dir = self.logger.open(a, s.script, numbered=not (a.resume or a.run_name))
-        self.opened = True
         if s.run_dir != wanted:
             self.print(f"run folder {s.run_dir} ({os.path.basename(wanted)} was taken by a run started that second)")
 
@@ -403,22 +405,77 @@ class TrainingLoop:
     def print(self, line: str):
         self.logger.print(fit(line))
 
-    def log(self, step: int, metrics: dict):
-        self.logger.log(step, metrics)
-
     def generator(self, stream: str, *keys, device="cpu") -> torch.Generator:
         """This rank's generator for one random stream (e.g. "sample", step); sampling needs it on the device."""
         return seeded_generator(self.args.seed, stream, *keys, self.session.rank, device=device)
 
-    def steps(self):
-        self.open_run_folder()
-        if self.start == 0:
-            self.evaluate(0)
-        for step in range(self.start, self.total):
-            yield step
-            if self.stopping:
-                self.print(f"stopping at step {step + 1}: {self.stopping}")
-                break
+    def evaluate(self, step: int, more: dict | None = None):
+        """Held-out accuracy (`evaluate`) and any figures the script adds (`more`), logged and printed. Skipped
+        after a Ctrl-C, which asks the run to stop soon."""
+        if self.interrupted:
+            return
+        s, a = self.session, self.args
+        metrics = evaluate(s.model, s.tokenizer, s.task, a.eval_prompts, a.max_new_tokens, a.temperature, s.rank,
+                           s.world, self.generator("eval", step, device=s.device))  # fmt: skip
+        metrics |= more or {}
+        self.logger.log(step, {**metrics, "time/train_elapsed": self.train_time})
+        self.print(eval_line(step, metrics))
+
+    def log(self, step: int, metrics: dict, shown: dict, scored: Scored | None = None):
+        """Log a step's metrics (already averaged over ranks) with its throughput and training time so far,
+        advance the progress bar, and every --log-every steps print the `shown` figures and a few samples."""
+        times = {k: v for k, v in metrics.items() if k.startswith("time/")}
+        self.train_time += sum(times.values())
+        for phase, tokens in (("generate", "train/gen_tokens"), ("update", "train/update_tokens")):
+            if f"time/{phase}" in times and tokens in metrics:
+                metrics[f"throughput/{phase}_tokens_per_s"] = metrics[tokens] / max(metrics[f"time/{phase}"], 1e-9)
+        metrics["time/train_elapsed"] = self.train_time
+        self.logger.log(step, metrics)
+        self.logger.progress(**dict(list(shown.items())[:2]))
+        if step % self.args.log_every == 0:
+            figures = " | ".join(f"{k} {shown_value(v)}" for k, v in shown.items())
+            phases = " ".join(f"{k[5:8]} {v:.2f}s" for k, v in times.items())
+            self.print(f"step {step:4d} | {figures} | {phases}")
+            if scored is not None:  # the first prompt's first completions, to read what the policy writes
+                question = scored.examples[0]["question"]
+                self.logger.samples(step, [{"question": question, "completion": t, "reward": v.reward}
+                                           for t, v in zip(scored.texts[:4], scored.verdicts[:4])])  # fmt: skip
+
+    def stop_reason(self, step: int, metrics: dict) -> str | None:
+        """Why the run should stop after this step, if it should: Ctrl-C (every rank agrees on the step),
+        --max-time, or several steps in a row whose gradient was not finite (those steps were skipped by
+        `optimizer_step`). Also warns when every group's rewards have been equal for a while."""
+        skipped = metrics.get("train/skipped_steps", 0)
+        self.non_finite_run = self.non_finite_run + 1 if skipped else 0
+        if skipped:
+            self.print(f"step {step}: {shown_value(skipped)} optimizer step(s) skipped: the gradient was not finite")
+        self.no_signal_run = self.no_signal_run + 1 if metrics.get("reward/zero_std_frac") == 1 else 0
+        if self.no_signal_run == NO_SIGNAL_WARN:
+            self.print(f"warning: for {NO_SIGNAL_WARN} steps every group's rewards were equal (mean reward"
+                       f" {metrics['reward/mean']:.2f}): no completion beat another of its prompt, so the reward"
+                       " teaches nothing; usually the task is too hard or too easy for the model, or the policy"
+                       " collapsed (--lr too high)")  # fmt: skip
+        reason = None
+        if self.args.max_time and self.train_time >= self.args.max_time:
+            reason = f"--max-time {self.args.max_time:g}s of training reached"
+        if self.non_finite_run >= NON_FINITE_STOP:
+            reason = (f"{NON_FINITE_STOP} steps in a row had a non-finite gradient; the checkpoint holds the last good"
+                      " parameters (lower --lr, or look at the data)")  # fmt: skip
+        if all_reduce_max(float(self.interrupted)):  # every rank stops at the same step
+            self.interrupted, reason = True, "interrupted (Ctrl-C)"
+        if reason and step < self.total:
+            self.print(f"stopping at step {step}: {reason}")
+        return reason
+
+    def save(self, step: int, state: dict | None = None):
+        """A checkpoint of the policy (transformers format), the optimizer, the random states, the training
+        time and the script's own `state`."""
+        s = self.session
+        self.checkpoint = save_checkpoint(s.run_dir, step, s.model, s.tokenizer, self.optimizer,
+                                          {"train_time": self.train_time, **(state or {})})  # fmt: skip
+
+    def finish(self):
+        """Close the logs; after a Ctrl-C, print the command that resumes and exit with status 130."""
         self.logger.close()
         signal.signal(signal.SIGINT, self.previous_handler)
         run_dir = self.session.run_dir
@@ -428,67 +485,3 @@ class TrainingLoop:
             raise SystemExit(130)
         if is_main():
             print(f"done: {run_dir} (metrics.jsonl, checkpoints/)")
-
-    def evaluate(self, step: int):
-        s, a = self.session, self.args
-        metrics = evaluate(s.model, s.tokenizer, s.task, a.eval_prompts, a.max_new_tokens, a.temperature, s.rank,
-                           s.world, self.generator("eval", step, device=s.device))  # fmt: skip
-        if self.evaluate_more:
-            metrics |= self.evaluate_more(step)
-        self.log(step, {**metrics, "time/train_elapsed": self.train_time})
-        self.print(eval_line(step, metrics))
-
-    def guard(self, done: int, metrics: dict) -> str | None:
-        """Count steps with a skipped (non-finite) optimizer step and steps without any learning signal; the
-        reason to stop the run, if there is one."""
-        skipped = metrics.get("train/skipped_steps", 0)
-        self.non_finite_run = self.non_finite_run + 1 if skipped else 0
-        if skipped:
-            self.print(f"step {done}: {shown_value(skipped)} optimizer step(s) skipped: the gradient was not finite")
-        if self.non_finite_run >= NON_FINITE_STOP:
-            return (f"{NON_FINITE_STOP} steps in a row had a non-finite gradient; the checkpoint holds the last good"
-                    " parameters (lower --lr, or look at the data)")  # fmt: skip
-        self.no_signal_run = self.no_signal_run + 1 if metrics.get("reward/zero_std_frac") == 1 else 0
-        if self.no_signal_run == NO_SIGNAL_WARN:
-            self.print(f"warning: for {NO_SIGNAL_WARN} steps every group's rewards were equal (mean reward"
-                       f" {metrics['reward/mean']:.2f}): no completion beat another of its prompt, so the reward"
-                       " teaches nothing; usually the task is too hard or too easy for the model, or the policy"
-                       " collapsed (--lr too high)"
-                       )  # fmt: skip
-        if all_reduce_max(float(self.interrupted)):  # every rank stops at the same step
-            self.interrupted = True
-            return "interrupted (Ctrl-C)"
-        return None
-
-    def end_step(self, step: int, metrics: dict, shown: dict, scored: Scored | None = None, stop: str | None = None):
-        """Log the step (`metrics` are this rank's; they are averaged over ranks), print a console line every
-        --log-every steps with the `shown` figures, evaluate and save on their cadence and at the end."""
-        times = self.timer.pop()
-        self.train_time = all_reduce_mean({"t": self.train_time + sum(times.values())})["t"]  # ranks agree
-        metrics = all_reduce_mean({**metrics, **{f"time/{k}": v for k, v in times.items()}})
-        for phase, tokens in (("generate", "train/gen_tokens"), ("update", "train/update_tokens")):
-            if phase in times and tokens in metrics:
-                metrics[f"throughput/{phase}_tokens_per_s"] = metrics[tokens] / max(metrics[f"time/{phase}"], 1e-9)
-        metrics["time/train_elapsed"] = self.train_time
-        done = step + 1
-        self.log(done, metrics)
-        self.logger.progress(**dict(list(shown.items())[:2]))
-        if done % self.args.log_every == 0:
-            figures = " | ".join(f"{k} {shown_value(v)}" for k, v in shown.items())
-            phases = " ".join(f"{k[:3]} {v:.2f}s" for k, v in times.items())
-            self.print(f"step {done:4d} | {figures} | {phases}")
-            if scored is not None:  # the first prompt's first completions, to read what the policy writes
-                question = scored.examples[0]["question"]
-                self.logger.samples(done, [{"question": question, "completion": t, "reward": s.reward}
-                                           for t, s in zip(scored.texts[:4], scored.scores[:4])])  # fmt: skip
-        if self.args.max_time and self.train_time >= self.args.max_time:
-            stop = stop or f"--max-time {self.args.max_time:g}s of training reached"
-        stop = self.guard(done, metrics) or stop
-        self.stopping = stop
-        last = done == self.total or stop
-        if (done % self.args.eval_every == 0 or last) and not self.interrupted:
-            self.evaluate(done)
-        if (self.args.save_every and done % self.args.save_every == 0) or last:
-            s = self.session
-            self.checkpoint = save_checkpoint(s.run_dir, done, s.model, s.tokenizer, self.optimizer,
-                                              {"train_time": self.train_time, **self.save_state()})  # fmt: skip

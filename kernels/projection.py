@@ -18,9 +18,10 @@ Two implementations of the same map behind one entry point, `project`:
 """
 
 import math
-import os
 
 import torch
+
+from kernels import triton_usable
 
 try:
     import triton
@@ -251,11 +252,6 @@ def projection_triton(vectors, offset, k, p=0.1, seed=0, mode="rademacher", s=4,
         BLOCK_K=block_k,
     )  # fmt: skip
     return out.add_(partial.sum(0))
-
-
-def triton_usable(device: torch.device) -> bool:
-    """The kernels run on CUDA, or anywhere under TRITON_INTERPRET=1 (how CI tests them on a CPU)."""
-    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def project(vectors, offset, k, p=0.1, seed=0, mode="rademacher", s=4, out=None, backend="auto"):

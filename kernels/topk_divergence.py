@@ -19,9 +19,10 @@ Two implementations behind one entry point, `topk_divergence`:
   fp32 registers), then gathers the K stored ids: O(N*K) extra memory, no softmax materialised.
 """
 
-import os
 
 import torch
+
+from kernels import triton_usable
 
 try:
     import triton
@@ -182,11 +183,6 @@ def topk_divergence_triton(logits, topk_ids, topk_logprobs, sampled_ids, tempera
             num_warps=8 if block_v >= 4096 else 4,
         )  # fmt: skip
     return dict(zip(OUTPUTS, out))
-
-
-def triton_usable(device: torch.device) -> bool:
-    """The kernel runs on CUDA, or anywhere under TRITON_INTERPRET=1 (how CI tests it on a CPU)."""
-    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def topk_divergence(logits, topk_ids, topk_logprobs, sampled_ids, temperature=1.0, valid=None, backend="auto"):

@@ -29,17 +29,17 @@ def grpo_like_step(script, model, optimizer, rollout, rewards, aggregation):
     args = script.Args(max_new_tokens=TOKENS, max_grad_norm=1e9, aggregation=aggregation, n=N)
     if script.__name__ == "pods":  # the selection is per prompt, so each rank selects among its own groups
         args.m = M
-        keep = script.select("max-variance", rewards, M)
+        keep = script.DOWN_SAMPLE["max-variance"](rewards, M)
         rows = (torch.arange(len(rewards))[:, None] * N + keep).flatten()
         rollout, rewards = rollout.select(rows), rewards.gather(1, keep)
     advantages = script.group_advantages(rewards, args.scale_rewards).flatten()
-    script.grpo_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(0))
+    script.policy_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(0))
 
 
 def ippo_step(model_dir, model, tokenizer, optimizer, rollout, rewards, rank, world):
     import ippo
 
-    args = ippo.Args(epochs=1, minibatches=1, max_new_tokens=TOKENS, max_grad_norm=1e9, kl_coef=0.0)
+    args = ippo.Args(epochs=1, minibatches=1, max_new_tokens=TOKENS, max_grad_norm=1e9, beta=0.0)
     critic = ippo.Critic(load_policy(model_dir)[0])
     critic_optimizer = torch.optim.SGD(critic.parameters(), lr=1.0)
     mask = rollout.completion_mask.float()
@@ -54,7 +54,7 @@ def ippo_step(model_dir, model, tokenizer, optimizer, rollout, rewards, rank, wo
     influence = ippo.influence_scores(model, names, rollout, advantages, logp_old, g_val, args)
     keep, weights = ippo.influence_weights(influence)  # weights divide by the mean kept score over all ranks
     rows = keep.nonzero().squeeze(-1)
-    batch = {"rollout": rollout.select(rows), "advantages": advantages[rows], "logp_old": logp_old[rows],
+    batch = {"rollout": rollout.select(rows), "advantages": advantages[rows], "old_logprobs": logp_old[rows],
              "values": values[rows], "returns": returns[rows], "weights": weights[rows]}  # fmt: skip
     ippo.ppo_update(model, critic, optimizer, critic_optimizer, batch, args, torch.Generator().manual_seed(0))
     return critic

@@ -28,7 +28,7 @@ from common.run import claim_run_folder
 SCRIPTS = {"grpo": grpo, "pods": pods, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=1, batch_prompts=2, n=2, eval_prompts=2, eval_every=1, max_new_tokens=4)
 SCRIPT_SMALL = {"grpo": SMALL, "pods": {**SMALL, "m": 2},
-                "ippo": {**SMALL, "val_size": 2, "influence_batch": 2},
+                "ippo": {**SMALL, "val_prompts": 2, "score_batch": 2},
                 "cropi": {**{k: v for k, v in SMALL.items() if k != "steps"}, "stages": 1, "steps_per_stage": 1,
                           "pool_responses": 2, "val_responses": 2, "val_prompts": 2, "score_batch": 4}}  # fmt: skip
 
@@ -64,7 +64,7 @@ CASES = [
     ("temperature-tiny", "grpo", lambda d: dict(temperature=1e-9), "warning", "--temperature 1e-09: sampling temp"),
     ("temperature-100", "grpo", lambda d: dict(temperature=100.0), "warning", "--temperature 100: sampling temp"),
     ("beta-1e10", "grpo", lambda d: dict(beta=1e10), "warning", "--beta 1e\\+10: a KL coefficient this large"),
-    ("kl-coef-ippo", "ippo", lambda d: dict(kl_coef=5.0, influence=False), "warning", "--kl-coef 5: a KL coeff"),
+    ("beta-ippo", "ippo", lambda d: dict(beta=5.0, influence=False), "warning", "--beta 5: a KL coefficient"),
     ("proj-dim-cropi", "cropi", lambda d: dict(proj_dim=10**9, selection="random"), "warning",
      "--proj-dim 1000000000: not below the"),
     # ---- the run folder ----

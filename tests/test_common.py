@@ -237,11 +237,11 @@ def policy(random_model_dir):
     return load_policy(random_model_dir)
 
 
-def _rollout(policy, temperature, top_k=0, n=6):
+def _rollout(policy, temperature, n=6, on_token=None):
     model, tok = policy
     prompts = [tok(prompt_text(tok, q))["input_ids"] for q in ["What is 1+2?", "What is 12+7-5+3?"] * (n // 2)]
     g = torch.Generator().manual_seed(0)
-    return sample(model, prompts, 12, temperature, tok.eos_token_id, tok.pad_token_id, top_k=top_k, generator=g)
+    return sample(model, prompts, 12, temperature, tok.eos_token_id, tok.pad_token_id, generator=g, on_token=on_token)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -250,8 +250,8 @@ def test_sampling_logprobs_equal_recomputation(policy, temperature):
     r = _rollout(policy, temperature)
     with torch.no_grad():
         recomputed = token_logprobs(policy[0], r, temperature, chunk=7)  # chunks that do not divide
-    assert torch.allclose(r.logprobs, recomputed, atol=1e-5)
-    assert (r.logprobs[r.completion_mask == 0] == 0).all()
+    assert torch.allclose(r.old_logprobs, recomputed, atol=1e-5)
+    assert (r.old_logprobs[r.completion_mask == 0] == 0).all()
 
 
 def test_completion_mask_stops_after_first_eos(policy):
@@ -264,10 +264,15 @@ def test_completion_mask_stops_after_first_eos(policy):
 
 
 def test_topk_capture(policy):
+    """dppo.py's record of mu's top-K, taken through the sampler's `on_token` hook."""
+    import dppo
+
     model, _ = policy
     temperature, K = 0.7, 5
-    r = _rollout(policy, temperature, top_k=K)
-    assert r.topk_ids.shape == (*r.logprobs.shape, K)
+    record = dppo.TopKRecord(K)
+    r = _rollout(policy, temperature, on_token=record)
+    r.topk_ids, r.topk_logprobs = record.tensors()
+    assert r.topk_ids.shape == (*r.old_logprobs.shape, K)
     real = r.completion_mask.bool()
     tokens = r.completion_ids
     assert (r.topk_ids == tokens[..., None]).any(-1)[real].all(), "the sampled token is always in the set"

@@ -49,7 +49,7 @@ def test_resume_equals_uninterrupted(script, random_model_dir, tmp_path, monkeyp
     base = dict(model=random_model_dir, output_dir=str(tmp_path), batch_prompts=2, n=4, eval_prompts=4,
                 eval_every=2, log_every=1, max_new_tokens=10)  # fmt: skip
     if script is ippo:
-        base |= dict(epochs=2, minibatches=2, val_size=8)
+        base |= dict(epochs=2, minibatches=2, val_prompts=8)
     script.main(script.Args(**base, steps=4, run_name="straight"))
     script.main(script.Args(**base, steps=2, run_name="stopped"))  # ends with a checkpoint at step 2
     script.main(script.Args(**base, steps=4, run_name="stopped", resume=str(tmp_path / "stopped")))

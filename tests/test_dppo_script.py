@@ -59,7 +59,10 @@ def _rollout(model_dir, sampler_temperature, top_k=0):
     model, tok = load_policy(model_dir)
     prompts = [tok("What is 1+2?\n")["input_ids"]] * 8
     g = torch.Generator().manual_seed(0)
-    r = sample(model, prompts, 8, sampler_temperature, tok.eos_token_id, tok.pad_token_id, top_k=top_k, generator=g)
+    record = dppo.TopKRecord(top_k) if top_k else None
+    r = sample(model, prompts, 8, sampler_temperature, tok.eos_token_id, tok.pad_token_id, generator=g, on_token=record)
+    if record:
+        r.topk_ids, r.topk_logprobs = record.tensors()
     return model, r
 
 
@@ -68,9 +71,9 @@ def test_every_minibatch_is_measured_against_the_recorded_mu(random_model_dir, m
     seen = []
     real = dppo.trust_region_mask
 
-    def spy(D, logp, logp_mu, *a):
-        seen.append(logp_mu.clone())
-        return real(D, logp, logp_mu, *a)
+    def spy(D, logprobs, old_logprobs, *a):
+        seen.append(old_logprobs.clone())
+        return real(D, logprobs, old_logprobs, *a)
 
     monkeypatch.setattr(dppo, "trust_region_mask", spy)
     args = dppo.Args(minibatches=4, max_new_tokens=8, lr=1e-2)
@@ -78,10 +81,10 @@ def test_every_minibatch_is_measured_against_the_recorded_mu(random_model_dir, m
     before = {k: v.clone() for k, v in model.state_dict().items()}
     advantages = torch.tensor([1.0, -1.0] * 4)
     order = torch.randperm(8, generator=torch.Generator().manual_seed(5))
-    stats = dppo.dppo_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(5))
+    stats = dppo.policy_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(5))
     assert len(seen) == 4
-    for rows, logp_mu in zip(order.chunk(4), seen):
-        assert torch.equal(logp_mu, rollout.logprobs[rows])  # the sampler's record, not a recomputed copy
+    for rows, old_logprobs in zip(order.chunk(4), seen):
+        assert torch.equal(old_logprobs, rollout.old_logprobs[rows])  # the sampler's record, not a recomputed copy
     assert stats["dppo/abs_pi_mu"] > 1e-4  # sampler at T=1.5, trainer at T=1: pi != mu from the start
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -90,15 +93,8 @@ def test_no_mismatch_means_pi_equals_mu_before_the_first_step(random_model_dir):
     model, rollout = _rollout(random_model_dir, sampler_temperature=1.0)
     args = dppo.Args(minibatches=1, max_new_tokens=8, lr=1e-9)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    stats = dppo.dppo_update(model, None, optimizer, rollout, torch.zeros(8), args, torch.Generator().manual_seed(0))
+    stats = dppo.policy_update(model, None, optimizer, rollout, torch.zeros(8), args, torch.Generator().manual_seed(0))
     assert stats["dppo/abs_pi_mu"] < 1e-5 and stats["dppo/masked_frac"] == 0
-
-
-def test_topk_trust_region_needs_recorded_topk(random_model_dir):
-    model, rollout = _rollout(random_model_dir, sampler_temperature=1.0, top_k=0)
-    args = dppo.Args(trust_region="topk-tv", max_new_tokens=8)
-    with pytest.raises(SystemExit, match="needs the behaviour top-K recorded"):
-        dppo.current_policy(model, rollout, args)
 
 
 def test_topk_divergence_in_training_matches_the_reference(random_model_dir):

@@ -86,7 +86,7 @@ def test_one_minibatch_is_one_optimizer_step_with_no_clipping(random_model_dir):
     real_step = optimizer.step
     optimizer.step = lambda *a, **k: (calls.append(1), real_step(*a, **k))
     args = grpo.Args(minibatches=1, max_new_tokens=8)
-    stats = grpo.grpo_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(0))
+    stats = grpo.policy_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(0))
     assert len(calls) == 1
     assert stats["policy/clip_frac"] == 0.0  # pi_old is the sampler's record of the same policy: ratio ~ 1
     assert stats["train/update_tokens"] == rollout.completion_mask.sum().item()
@@ -96,7 +96,7 @@ def test_several_minibatches_move_the_ratio_and_clip(random_model_dir):
     model, rollout, advantages = batch(random_model_dir)
     optimizer = torch.optim.SGD(model.parameters(), lr=20.0)  # large steps, so later mini-batches leave the region
     args = grpo.Args(minibatches=4, max_new_tokens=8, max_grad_norm=1e9)
-    stats = grpo.grpo_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(0))
+    stats = grpo.policy_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(0))
     assert stats["policy/clip_frac"] > 0
 
 
@@ -114,7 +114,7 @@ def test_kl_penalty_adds_the_k3_gradient(random_model_dir):
     def change(beta_):
         model.load_state_dict(start)
         args = grpo.Args(beta=beta_, max_new_tokens=8, max_grad_norm=1e9)
-        grpo.grpo_update(model, reference, torch.optim.SGD(model.parameters(), lr=1.0), rollout, advantages, args,
+        grpo.policy_update(model, reference, torch.optim.SGD(model.parameters(), lr=1.0), rollout, advantages, args,
                          torch.Generator().manual_seed(0))  # fmt: skip
         return {n: p.detach() - start[n] for n, p in model.named_parameters()}
 

@@ -66,7 +66,7 @@ def no_grad_logprobs(model, rollout):
         return token_logprobs(model, rollout)
 
 
-def separate_gradient(model, rollout, i, advantages, logp_old, names, clip=0.2) -> dict:
+def separate_gradient(model, rollout, i, advantages, logp_old, names, eps=0.2) -> dict:
     """Episode i cut out of the buffer without any padding, then one ordinary backward pass through the
     model's own forward (its attention kernel and 2D mask): the reference the batched method must match."""
     keep = rollout.attention_mask[i].bool()
@@ -75,7 +75,7 @@ def separate_gradient(model, rollout, i, advantages, logp_old, names, clip=0.2) 
     ids = rollout.input_ids[i][keep][None]
     alone = Rollout(ids, torch.ones_like(ids), torch.ones(1, L, dtype=torch.long), torch.zeros(1, L), prompt)
     logp = token_logprobs(model, alone)[0]
-    loss = ippo.ppo_policy_loss(logp, logp_old[i, :L], advantages[i, :L], torch.ones(L), clip)
+    loss = ippo.ppo_policy_loss(logp, logp_old[i, :L], advantages[i, :L], torch.ones(L), eps, eps)
     params = dict(model.named_parameters())
     return dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names])))
 
@@ -98,7 +98,7 @@ def test_batched_episode_gradients_equal_separate_backward_passes(policy):
     logp_old = no_grad_logprobs(model, rollout) + noise  # off-policy: some ratios leave [0.8, 1.2] and clip
     assert (((-noise).exp() - 1).abs() * mask > 0.2).any()
     names = all_names(model)
-    batched = ippo.episode_gradients(model, names, rollout, advantages, logp_old, 1.0, 0.2)
+    batched = ippo.episode_gradients(model, names, rollout, advantages, logp_old, ippo.Args())
     for i in range(len(EXAMPLES)):
         alone = separate_gradient(model, rollout, i, advantages, logp_old, names)
         for k in names:
@@ -117,7 +117,7 @@ def test_at_collection_parameters_ratio_is_one_and_gradient_is_the_policy_gradie
         )
     torch.testing.assert_close(((logp - logp_old) * mask).exp(), torch.ones_like(mask), atol=1e-5, rtol=0)
     names = all_names(model)
-    batched = ippo.episode_gradients(model, names, rollout, advantages, logp_old, 1.0, 0.2)
+    batched = ippo.episode_gradients(model, names, rollout, advantages, logp_old, ippo.Args())
     for i in range(len(EXAMPLES)):  # g_i = -(1/|y_i|) sum_t A_it grad log pi(y_it), written by hand
         logp_i = token_logprobs(model, rollout)[i]
         hand = -(advantages[i] * logp_i * mask[i]).sum() / mask[i].sum()
@@ -133,14 +133,14 @@ def test_episode_gradient_uses_the_buffer_advantages(policy):
     raw = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * mask + mask
     advantages = ippo.whiten(raw, mask)  # once, over the whole buffer
     logp_old, names = no_grad_logprobs(model, rollout), all_names(model)
-    batched = ippo.episode_gradients(model, names, rollout, advantages, logp_old, 1.0, 0.2)
+    batched = ippo.episode_gradients(model, names, rollout, advantages, logp_old, ippo.Args())
     alone = separate_gradient(model, rollout, 3, advantages, logp_old, names)  # the buffer's advantages, sliced
     for k in names:
         torch.testing.assert_close(batched[k][3], alone[k], rtol=1e-4, atol=1e-7)
     own = ippo.whiten(raw[3:], mask[3:])  # re-whitening one episode on its own would be a different gradient
     assert not torch.allclose(own, advantages[3:], atol=1e-3)
     g_val = {k: torch.randn_like(p) for k, p in model.named_parameters()}
-    scores = [ippo.influence_scores(model, names, rollout, advantages, logp_old, g_val, ippo.Args(influence_batch=b))
+    scores = [ippo.influence_scores(model, names, rollout, advantages, logp_old, g_val, ippo.Args(score_batch=b))
               for b in (1, 3, 64)]  # fmt: skip
     torch.testing.assert_close(scores[0], scores[2], rtol=1e-6, atol=1e-9)  # chunking changes nothing
     torch.testing.assert_close(scores[1], scores[2], rtol=1e-6, atol=1e-9)
@@ -194,7 +194,7 @@ def test_score_is_the_first_order_change_of_the_validation_loss(policy):
     logp_old = no_grad_logprobs(model, episodes)
     g_val, _ = ippo.validation_gradient(model, names, gold)
     scores = ippo.influence_scores(model, names, episodes, advantages, logp_old, g_val, ippo.Args())
-    grads = ippo.episode_gradients(model, names, episodes, advantages, logp_old, 1.0, 0.2)
+    grads = ippo.episode_gradients(model, names, episodes, advantages, logp_old, ippo.Args())
     params = dict(model.named_parameters())
     before = validation_loss(model, gold)
     for i in range(len(RESPONSES)):
@@ -227,7 +227,7 @@ def test_weighted_loss_by_hand():
     ratios = torch.tensor([[1.5, 1.0, 0.5], [0.9, 1.5, 7.0]])
     A = torch.tensor([[1.0, -1.0, 2.0], [-2.0, -0.5, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # episode 1 has 2 tokens; its padding counts for nothing
-    losses = ippo.ppo_policy_loss(ratios.log(), torch.zeros(2, 3), A, mask, clip=0.2)
+    losses = ippo.ppo_policy_loss(ratios.log(), torch.zeros(2, 3), A, mask, eps_low=0.2, eps_high=0.2)
     # per token max(-A r, -A clip(r, 0.8, 1.2)): (-1.2, 1, -1.0) -> -0.4 ; (1.8, 0.75) -> 1.275
     torch.testing.assert_close(losses, torch.tensor([-0.4, 1.275]))
     total = ippo.weighted_mean(losses, torch.tensor([1.5, 0.5]), size=2)
@@ -240,7 +240,7 @@ def test_weighted_loss_by_hand():
 
 def _args(model_dir, tmp_path, **kw):
     base = dict(model=model_dir, output_dir=str(tmp_path), steps=1, batch_prompts=2, n=4, epochs=2, minibatches=2,
-                eval_prompts=4, eval_every=100, max_new_tokens=8, val_size=8, influence_batch=4)  # fmt: skip
+                eval_prompts=4, eval_every=100, max_new_tokens=8, val_prompts=8, score_batch=4)  # fmt: skip
     return ippo.Args(**{**base, **kw})
 
 
@@ -297,7 +297,7 @@ def test_rewards_and_gae_on_a_hand_computed_example():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     logp_old = torch.tensor([[-0.5, -1.0, -0.2], [-0.3, -0.3, 0.0]])
     logp_ref = torch.tensor([[-0.7, -0.9, -0.2], [-0.3, -0.3, -5.0]])
-    rewards = ippo.token_rewards(outcome, logp_old, logp_ref, mask, kl_coef=0.1)
+    rewards = ippo.token_rewards(outcome, logp_old, logp_ref, mask, beta=0.1)
     # -0.1 (log pi_old - log pi_ref) on every token, R on the last real one, nothing on padding
     torch.testing.assert_close(rewards, torch.tensor([[-0.02, 0.01, 1.0], [0.0, 0.0, 0.0]]))
     values = torch.tensor([[0.5, 0.6, 0.8], [0.3, 0.1, 9.0]])  # 9.0 sits on padding and must be ignored
@@ -321,7 +321,7 @@ def test_parameter_subset_and_projection(policy):
     assert subset and all("layers.1.mlp" in k for k in subset)
     g_val, _ = ippo.validation_gradient(model, subset, gold)
     scores = ippo.influence_scores(model, subset, episodes, advantages, logp_old, g_val, ippo.Args())
-    full = ippo.episode_gradients(model, all_names(model), episodes, advantages, logp_old, 1.0, 0.2)
+    full = ippo.episode_gradients(model, all_names(model), episodes, advantages, logp_old, ippo.Args())
     by_hand = sum(full[k].flatten(1) @ g_val[k].flatten() for k in subset)
     torch.testing.assert_close(scores, by_hand, rtol=1e-5, atol=1e-9)
     projected = ippo.influence_scores(model, subset, episodes, advantages, logp_old, g_val,
@@ -342,14 +342,14 @@ def test_parameter_subset_and_projection(policy):
         (dict(epochs=0), "--epochs 0: must be positive"),
         (dict(epochs=-1), "--epochs -1: must be positive"),
         (dict(minibatches=0), "--minibatches 0: must be positive"),
-        (dict(val_size=0), "--val-size 0: must be positive"),
-        (dict(influence_batch=0), "--influence-batch 0: must be positive"),
+        (dict(val_prompts=0), "--val-prompts 0: must be positive"),
+        (dict(score_batch=0), "--score-batch 0: must be positive"),
         (dict(gae_lambda=1.5), r"--gae-lambda 1.5: must be in \[0, 1\]"),
         (dict(gae_lambda=-0.1), r"--gae-lambda -0.1: must be in \[0, 1\]"),
-        (dict(clip=0.0), r"--clip 0.0: must be in \(0, 1\)"),
-        (dict(clip=1.0), r"--clip 1.0: must be in \(0, 1\)"),
+        (dict(eps_low=0.0), "--eps-low 0.0: must be positive"),
+        (dict(eps_low=1.0), "--eps-low 1.0: must be below 1"),
         (dict(value_clip=-0.2), "--value-clip -0.2: must be positive"),
-        (dict(kl_coef=-1e-3), "--kl-coef -0.001: must be non-negative"),
+        (dict(beta=-1e-3), "--beta -0.001: must be non-negative"),
         (dict(proj_ratio=0.0), r"--proj-ratio 0.0: must be in \(0, 1\]"),
         (dict(grad_params="("), r"--grad-params '\(': not a regular expression"),
     ],
@@ -362,8 +362,8 @@ def test_bad_settings_are_refused(overrides, message):
 def test_batch_must_divide_by_world_size():
     with pytest.raises(SystemExit, match="--batch-prompts 3 does not divide by the 2 processes"):
         ippo.check_args(ippo.Args(batch_prompts=3), world=2)
-    with pytest.raises(SystemExit, match="--val-size 1: fewer validation examples than the 2 processes"):
-        ippo.check_args(ippo.Args(val_size=1), world=2)
+    with pytest.raises(SystemExit, match="--val-prompts 1: fewer validation examples than the 2 processes"):
+        ippo.check_args(ippo.Args(val_prompts=1), world=2)
 
 
 def test_parameter_subset_matching_nothing(random_model_dir, tmp_path):
@@ -376,9 +376,9 @@ def test_validation_split_without_gold_solutions(random_model_dir, tmp_path):
     path.write_text("".join(f'{{"question": "What is {i}+1?", "answer": "{i + 1}"}}\n' for i in range(60)))
     with pytest.raises(SystemExit, match="the validation split has no gold solutions .*use --no-influence"):
         ippo.main(_args(random_model_dir, tmp_path, task=str(path), eval_prompts=2))
-    with pytest.raises(SystemExit, match="--val-size 7: the validation split of answers_only.jsonl has 6"):
+    with pytest.raises(SystemExit, match="--val-prompts 7: the validation split of answers_only.jsonl has 6"):
         ippo.main(_args(random_model_dir, tmp_path, task=str(path), eval_prompts=2, solution_field="answer",
-                        val_size=7))  # fmt: skip
+                        val_prompts=7))  # fmt: skip
 
 
 def test_bad_input_is_one_line_and_nonzero_exit():
@@ -390,8 +390,8 @@ def test_bad_input_is_one_line_and_nonzero_exit():
 # ---- end to end ------------------------------------------------------------------------------------------
 
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--epochs", "1", "--minibatches", "2", "--eval-prompts",
-         "4", "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "8", "--val-size", "8",
-         "--influence-batch", "4"]  # fmt: skip
+         "4", "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "8", "--val-prompts", "8",
+         "--score-batch", "4"]  # fmt: skip
 # ippo.py with a reward that varies within each group, so that a random model gets advantages of both
 # signs, episodes are both kept and dropped, and the update runs (the script itself is unchanged).
 WRAPPER = """import tyro, ippo

@@ -7,8 +7,8 @@ import torch
 
 from common.session import frac_zero_std
 from pods import (
+    DOWN_SAMPLE,
     group_advantages,
-    select,
     select_max_reward,
     select_max_variance,
     select_random,
@@ -155,7 +155,7 @@ def test_max_variance_dominates_other_rules():
 def test_rules_shapes_and_distinct_indices():
     r = torch.rand(5, 10)
     for rule in ("max-variance", "random", "max-reward"):
-        idx = select(rule, r, 3, torch.Generator().manual_seed(0))
+        idx = DOWN_SAMPLE[rule](r, 3, torch.Generator().manual_seed(0))
         assert idx.shape == (5, 3)
         assert all(len(set(row.tolist())) == 3 for row in idx)
     assert torch.equal(r.gather(1, select_max_reward(r, 3)), r.sort(1, descending=True).values[:, :3])

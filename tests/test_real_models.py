@@ -215,7 +215,7 @@ SCRIPT_FLAGS = {
     "dppo": ["--steps", "2", "--trust-region", "topk-tv", "--top-k", "4"],
     "cropi": ["--stages", "2", "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "8",
               "--val-prompts", "4", "--proj-dim", "64", "--score-batch", "4", "--grad-params", r"layers\.29\."],
-    "ippo": ["--steps", "2", "--n", "4", "--epochs", "1", "--val-size", "2", "--influence-batch", "4",
+    "ippo": ["--steps", "2", "--n", "4", "--epochs", "1", "--val-prompts", "2", "--score-batch", "4",
              "--grad-params", r"layers\.29\."],
 }  # fmt: skip
 

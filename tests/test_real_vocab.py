@@ -80,7 +80,7 @@ SCRIPT_FLAGS = {
     "grpo": ["--steps", "1"],
     "pods": ["--steps", "1", "--n", "4", "--m", "2"],
     "dppo": ["--steps", "1", "--trust-region", "topk-kl", "--top-k", "16"],
-    "ippo": ["--steps", "1", "--epochs", "1", "--val-size", "2", "--influence-batch", "4", "--grad-params",
+    "ippo": ["--steps", "1", "--epochs", "1", "--val-prompts", "2", "--score-batch", "4", "--grad-params",
              r"layers\.1\.|embed"],
 }  # fmt: skip
 
@@ -116,9 +116,15 @@ def test_cropi_projects_gradients_at_the_qwen_vocabulary(qwen_coin_model_dir, tm
 
 
 def rollout_of(model, tokenizer, prompts: int, tokens: int, top_k: int = 0):
+    import dppo
+
     questions = [e["question"] for e in make_chain().train[:prompts]]
-    return sample(model, prompt_ids(tokenizer, questions), tokens, 1.0, tokenizer.eos_token_id,
-                  tokenizer.pad_token_id, top_k=top_k, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    record = dppo.TopKRecord(top_k) if top_k else None
+    rollout = sample(model, prompt_ids(tokenizer, questions), tokens, 1.0, tokenizer.eos_token_id,
+                     tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0), on_token=record)  # fmt: skip
+    if record:
+        rollout.topk_ids, rollout.topk_logprobs = record.tensors()
+    return rollout
 
 
 def resident_peak_bytes(work) -> int:
