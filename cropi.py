@@ -78,6 +78,8 @@ class Args:
     """run folder name (default: <script>__s<seed>__<time>)"""
     resume: str | None = None
     """a run folder to continue from its latest checkpoint (the offline store is reused)"""
+    steps: int = 96
+    """training steps (one rollout batch and --minibatches optimizer steps each), --steps-per-stage per stage"""
     max_time: float = 0.0
     """stop after this many seconds of training time (scoring included, evaluation excluded); 0 for no limit"""
     log_every: int = 5
@@ -119,11 +121,9 @@ class Args:
     # ---- the curriculum and the selection ----
     selection: Literal["cropi", "full", "random", "pass-rate"] = "cropi"
     """how each stage's prompts are chosen: influence (CROPI), all of the pool, random, or learnability p(1-p)"""
-    stages: int = 6
-    """curriculum stages; every stage re-scores the whole pool with the current policy"""
     steps_per_stage: int = 16
-    """GRPO steps per stage (one rollout batch and --minibatches optimizer steps each); 16 x 16 prompts are
-    drawn, with replacement, from the stage's selection (340 prompts: 10% of the chain pool)"""
+    """GRPO steps per curriculum stage; every stage re-scores the whole pool with the current policy; 16 x 16
+    prompts are drawn, with replacement, from the stage's selection (340 prompts: 10% of the chain pool)"""
     select_ratio: float = 0.1
     """rho: share of the pool selected per stage"""
     pool_responses: int = 8
@@ -159,8 +159,8 @@ def check_args(args: Args, world: int):
     """Reject bad settings with a one-line error naming the flag."""
     if args.n < 2:
         fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
-    check_flags(args, positive=("batch_prompts", "minibatches", "stages", "steps_per_stage", "eval_every", "log_every",
-                                "eval_prompts", "temperature", "lr", "max_grad_norm", "eps_low", "eps_high",
+    check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",
+                                "temperature", "lr", "max_grad_norm", "eps_low", "eps_high", "steps_per_stage",
                                 "store_temperature", "proj_dim", "val_prompts", "score_batch"),
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
                               "popi_clip"),
@@ -497,7 +497,7 @@ def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict
 def main(args: Args):
     session = open_session(args, "cropi", check_args)
     model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
-    n, rank, world, pool, total = args.n, session.rank, session.world, task.train, args.stages * args.steps_per_stage
+    n, rank, world, pool = args.n, session.rank, session.world, task.train
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
     skills = target_skills(task, args)
@@ -519,9 +519,9 @@ def main(args: Args):
                            rank, world, run.generator("eval-target", step, device=device))  # fmt: skip
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
-    run = Run(session, args, optimizer, total)  # with --resume: the optimizer, step and training time come back
+    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
     run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
-              f" | selection {args.selection}, {args.stages} stages x {args.steps_per_stage} steps"
+              f" | selection {args.selection}, a stage every {args.steps_per_stage} steps"
               f" | {len(val_sets)} validation set(s)")  # fmt: skip
     pool_store, val_stores, store_seconds = offline_store(model, tokenizer, task, val_sets, args, run)
     run.open()  # the run folder is made now, after every start-up check (the store's included)
@@ -532,7 +532,7 @@ def main(args: Args):
     pool_rewards = gather_strided(torch.stack([g["rewards"] for g in pool_store]).to(device), len(pool)).cpu()
     selected, seen = run.state.get("selected"), set(run.state.get("seen", []))  # seen: selected at some stage
     stage_info = {}  # a stage's selection figures, logged with its first step
-    for step in range(run.start, total):
+    for step in range(run.start, args.steps):
         stage = step // args.steps_per_stage
         # 0. At a stage start: score the whole pool with the current policy and select (the curriculum).
         if step % args.steps_per_stage == 0 or selected is None:
@@ -565,9 +565,9 @@ def main(args: Args):
         run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
                                 "stage": stage}, scored)  # fmt: skip
         stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
-        if done % args.eval_every == 0 or done == total or stop:
+        if done % args.eval_every == 0 or done == args.steps or stop:
             run.evaluate(done, evaluate_target(done))
-        if (args.save_every and done % args.save_every == 0) or done == total or stop:
+        if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:
             run.save(done, {"selected": selected, "seen": sorted(seen)})
         if stop:
             break

@@ -346,10 +346,10 @@ def influence_metrics(verdicts, influence, kept, weights, val_loss) -> dict:
         (dropped & correct).sum().item(), correct.sum().item(), (dropped & unfaithful).sum().item(),
         unfaithful.sum().item(), (dropped & ~correct).sum().item(), (~correct).sum().item(),
     ])  # fmt: skip
-    kept, total, positive, drop_c, n_c, drop_u, n_u, drop_w, n_w = sums
+    n_kept, total, positive, drop_c, n_c, drop_u, n_u, drop_w, n_w = sums
     return {
-        "influence/kept_frac": kept / total,
-        "influence/mean_pos_score": positive / max(1.0, kept),
+        "influence/kept_frac": n_kept / total,
+        "influence/mean_pos_score": positive / max(1.0, n_kept),
         "influence/max_weight": all_reduce_max(weights.max().item() if kept.any() else 0.0),
         "influence/dropped_correct": drop_c / max(1.0, n_c),
         "influence/dropped_correct_unfaithful": drop_u / max(1.0, n_u),

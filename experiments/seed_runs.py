@@ -21,10 +21,10 @@ def run(out: str, name: str, command: list[str], steps: int) -> str:
     return f"{name}: " + ("done" if result.returncode == 0 else f"failed\n{result.stderr[-2000:]}")
 
 
-def run_all(out: str, arms: dict, seeds, steps: int, flags: list[str], pass_steps: bool = True):
+def run_all(out: str, arms: dict, seeds, steps: int, flags: list[str]):
     """`arms` maps a name to its command (script and flags); `flags` are added to every run. `steps` is the last
-    step of a finished run, passed as --steps unless `pass_steps` is False (cropi.py counts stages instead)."""
-    steps_flag = ["--steps", str(steps)] if pass_steps else []
+    step of a finished run, passed as --steps."""
+    steps_flag = ["--steps", str(steps)]
     jobs = [(f"{arm}_s{seed}", [*command, *flags, *steps_flag, "--seed", str(seed)])
             for seed in seeds for arm, command in arms.items()]  # seed by seed, so the arms run interleaved
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -29,7 +29,7 @@ SCRIPTS = {"grpo": grpo, "pods": pods, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=1, batch_prompts=2, n=2, eval_prompts=2, eval_every=1, max_new_tokens=4)
 SCRIPT_SMALL = {"grpo": SMALL, "pods": {**SMALL, "m": 2},
                 "ippo": {**SMALL, "val_prompts": 2, "score_batch": 2},
-                "cropi": {**{k: v for k, v in SMALL.items() if k != "steps"}, "stages": 1, "steps_per_stage": 1,
+                "cropi": {**SMALL, "steps_per_stage": 1,
                           "pool_responses": 2, "val_responses": 2, "val_prompts": 2, "score_batch": 4}}  # fmt: skip
 
 

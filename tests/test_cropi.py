@@ -112,7 +112,7 @@ def test_pass_rate_selection_prefers_half_solved():
         (dict(proj_ratio=0.0), "--proj-ratio"),
         (dict(proj_ratio=2.0), "--proj-ratio"),
         (dict(proj_dim=0), "--proj-dim"),
-        (dict(stages=0), "--stages"),
+        (dict(steps=0), "--steps"),
         (dict(steps_per_stage=0), "--steps-per-stage"),
         (dict(grad_params="("), "--grad-params"),
     ],
@@ -148,7 +148,7 @@ def test_help_documents_every_flag():
     check_help("cropi.py", cropi.Args)
 
 
-SMALL = ["--stages", "2", "--steps-per-stage", "1", "--batch-prompts", "2", "--n", "2", "--pool-responses", "2",
+SMALL = ["--steps", "2", "--steps-per-stage", "1", "--batch-prompts", "2", "--n", "2", "--pool-responses", "2",
          "--val-responses", "4", "--eval-prompts", "4", "--eval-every", "1", "--max-new-tokens", "16",
          "--proj-dim", "32", "--score-batch", "8"]  # fmt: skip
 

@@ -213,7 +213,7 @@ SCRIPT_FLAGS = {
     "grpo": ["--steps", "2"],
     "pods": ["--steps", "2", "--n", "4", "--m", "2"],
     "dppo": ["--steps", "2", "--trust-region", "topk-tv", "--top-k", "4"],
-    "cropi": ["--stages", "2", "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "8",
+    "cropi": ["--steps", "2", "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "8",
               "--val-prompts", "4", "--proj-dim", "64", "--score-batch", "4", "--grad-params", r"layers\.29\."],
     "ippo": ["--steps", "2", "--n", "4", "--epochs", "1", "--val-prompts", "2", "--score-batch", "4",
              "--grad-params", r"layers\.29\."],

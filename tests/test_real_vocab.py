@@ -105,7 +105,7 @@ def test_cropi_projects_gradients_at_the_qwen_vocabulary(qwen_coin_model_dir, tm
     path.write_text("".join(json.dumps({"question": f"What is {a}-{a - 1}?", "answer": "1"}) + "\n"
                             for a in range(1, 101)))  # fmt: skip
     out = run_command([sys.executable, "cropi.py", "--model", qwen_coin_model_dir, "--task", str(path),
-                       "--output-dir", str(tmp_path), "--run-name", "r", *SMALL, "--stages", "1",
+                       "--output-dir", str(tmp_path), "--run-name", "r", *SMALL, "--steps", "1",
                        "--steps-per-stage", "1", "--pool-responses", "2", "--val-responses", "8", "--val-prompts",
                        "4", "--proj-dim", "64", "--score-batch", "8", "--grad-params", r"layers\.1\."])  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
