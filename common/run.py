@@ -1,5 +1,6 @@
 """Seeding, torchrun helpers, the run folder (args, metrics.jsonl, TensorBoard, samples), progress, checkpoints."""
 
+import atexit
 import hashlib
 import json
 import math
@@ -97,6 +98,7 @@ def setup_distributed(device: str = "auto"):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)  # a group left alive can abort the process as it exits
     return rank, world, torch.device(device)
 
 
