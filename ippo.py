@@ -507,10 +507,9 @@ def main(args: Args):
         if args.influence:
             shown["dropped-correct"] = metrics["influence/dropped_correct"]
         run.log(done, metrics, shown, scored)
-        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
-        if none_left and not stop:
-            stop = (f"{int(kept_total)} of {int(total)} episodes scored positive, fewer than --min-keep"
-                    f" {args.min_keep}; no update taken (I-PPO's early stop)")  # fmt: skip
+        early_stop = (f"{int(kept_total)} of {int(total)} episodes scored positive, fewer than --min-keep"
+                      f" {args.min_keep}; no update taken (I-PPO's early stop)")  # fmt: skip
+        stop = run.stop_reason(done, metrics, early_stop if none_left else None)  # also Ctrl-C, --max-time, ...
         if done % args.eval_every == 0 or done == args.steps or stop:
             run.evaluate(done)
         if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:

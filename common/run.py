@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import tempfile
@@ -53,12 +54,18 @@ def creation_problem(folder: str) -> str | None:
 
 
 def check_flags(args, positive=(), non_negative=(), below_one=(), may_be_infinite=()):
-    """One-line errors for a flag that must be > 0, >= 0 or < 1, and for any float flag that is not finite (NaN,
-    or infinite unless listed in `may_be_infinite`): `--lr -1.0: must be positive`, `--lr inf: must be finite`."""
+    """One-line errors for a flag that must be > 0, >= 0 or < 1, for any float flag that is not finite (NaN, or
+    infinite unless listed in `may_be_infinite`), and for a `*_params` pattern that is not a regular expression:
+    `--lr -1.0: must be positive`, `--lr inf: must be finite`."""
     for field in fields(args):
         value = getattr(args, field.name)
         if isinstance(value, float) and (math.isnan(value) or math.isinf(value) and field.name not in may_be_infinite):
             fail(f"{flag(field.name)} {value}: must be finite")
+        if field.name.endswith("_params") and isinstance(value, str):  # --grad-params, --train-params: patterns
+            try:
+                re.compile(value)
+            except re.error as e:
+                fail(f"{flag(field.name)} {value!r}: not a regular expression ({e})")
     rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative"),
              (below_one, lambda v: v < 1, "below 1"))  # fmt: skip
     for names, ok, word in rules:

@@ -441,10 +441,11 @@ class Run:
                 self.logger.samples(step, [{"question": question, "completion": t, "reward": v.reward}
                                            for t, v in zip(scored.texts[:4], scored.verdicts[:4])])  # fmt: skip
 
-    def stop_reason(self, step: int, metrics: dict) -> str | None:
+    def stop_reason(self, step: int, metrics: dict, own: str | None = None) -> str | None:
         """Why the run should stop after this step, if it should: Ctrl-C (every rank agrees on the step),
-        --max-time, or several steps in a row whose gradient was not finite (those steps were skipped by
-        `optimizer_step`). Also warns when every group's rewards have been equal for a while."""
+        several steps in a row whose gradient was not finite (those steps were skipped by `optimizer_step`),
+        the script's `own` reason (I-PPO's early stop), or --max-time. Also warns when every group's rewards
+        have been equal for a while."""
         skipped = metrics.get("train/skipped_steps", 0)
         self.non_finite_run = self.non_finite_run + 1 if skipped else 0
         if skipped:
@@ -458,6 +459,7 @@ class Run:
         reason = None
         if self.args.max_time and self.train_time >= self.args.max_time:
             reason = f"--max-time {self.args.max_time:g}s of training reached"
+        reason = own or reason
         if self.non_finite_run >= NON_FINITE_STOP:
             reason = (f"{NON_FINITE_STOP} steps in a row had a non-finite gradient; the checkpoint holds the last good"
                       " parameters (lower --lr, or look at the data)")  # fmt: skip

@@ -65,8 +65,8 @@ CASES = [
     ("temperature-100", "grpo", lambda d: dict(temperature=100.0), "warning", "--temperature 100: sampling temp"),
     ("beta-1e10", "grpo", lambda d: dict(beta=1e10), "warning", "--beta 1e\\+10: a KL coefficient this large"),
     ("beta-ippo", "ippo", lambda d: dict(beta=5.0, influence=False), "warning", "--beta 5: a KL coefficient"),
-    ("proj-dim-cropi", "cropi", lambda d: dict(proj_dim=10**9, selection="random"), "warning",
-     "--proj-dim 1000000000: not below the"),
+    ("proj-dim-cropi", "cropi", lambda d: dict(proj_dim=10**9, selection="random", task=jsonl(d / "c.jsonl", rows())),
+     "warning", "--proj-dim 1000000000: not below the"),
     # ---- the run folder ----
     ("output-dir-proc", "grpo", lambda d: dict(output_dir="/proc/tinyrlvr"), "error",
      "--output-dir: cannot create /proc/tinyrlvr/r"),

@@ -63,7 +63,7 @@ def test_popi_matches_finite_differences_on_a_model(random_model_dir):
     rewards, mask = torch.tensor([1.0, 0.0, 0.0, 1.0]), rollout.completion_mask.double()
     weight = model.get_output_embeddings().weight
     objective = lambda: cropi.popi_objective(
-        token_logprobs(model, rollout, 0.5), rollout.logprobs.double(), rewards, mask
+        token_logprobs(model, rollout, 0.5), rollout.old_logprobs.double(), rewards, mask
     )
     (grad,) = torch.autograd.grad(objective(), weight)
     direction = torch.randn_like(weight)

@@ -167,11 +167,10 @@ def test_aggregations_on_a_ragged_batch():
 
 
 def test_group_advantages_subtract_the_mean_without_std():
-    """DPPO's default advantages are mean-centred only (no division by the group's std)."""
+    """The paper's advantages (--no-scale-rewards) are mean-centred only (no division by the group's std)."""
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
-    assert not Args().scale_rewards
     expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.25] * 3 + [-0.75]])
-    torch.testing.assert_close(group_advantages(rewards, Args().scale_rewards), expected)
+    torch.testing.assert_close(group_advantages(rewards, Args(scale_rewards=False).scale_rewards), expected)
 
 
 def test_is_cap_truncates_the_weight():
@@ -185,7 +184,8 @@ def test_is_cap_truncates_the_weight():
 def test_thresholds_defaults():
     assert thresholds(Args(trust_region="binary-tv")) == (0.15, 0.15)
     assert thresholds(Args(trust_region="topk-kl")) == (0.05, 0.05)
-    assert thresholds(Args(trust_region="ratio")) == (0.2, 0.28)
+    assert thresholds(Args(trust_region="ratio")) == (0.2, 0.2)
+    assert thresholds(Args(trust_region="ratio", eps_high=0.28)) == (0.2, 0.28)
     assert thresholds(Args(trust_region="binary-tv", delta_low=0.1, delta_high=0.2)) == (0.1, 0.2)
     assert thresholds(Args(trust_region="none")) == (math.inf, math.inf)
 
