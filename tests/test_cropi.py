@@ -136,7 +136,8 @@ def test_target_defaults_to_the_weak_skill_and_bad_targets_are_refused():
     few = type(task)(**{**task.__dict__, "validation": of_skills(task.validation, ["words"])[:5]})
     with pytest.raises(SystemExit, match="--target-skills words: only 5 validation prompts of that skill"):
         cropi.validation_sets(few, ["words"], world=1)
-    plain = type(task)("file.jsonl", task.train, [{"question": "q", "answer": "1"}] * 20, task.test)
+    rows = [{"question": "q", "answer": "1"}] * 20  # a data file without a `skill` field, in every split
+    plain = type(task)("file.jsonl", rows, rows, rows)
     assert cropi.validation_sets(plain, cropi.target_skills(plain, cropi.Args()), 1) == [plain.validation]
     with pytest.raises(SystemExit, match="have no `skill` field"):
         cropi.target_skills(plain, cropi.Args(target_skills=("words",)))
