@@ -1,15 +1,6 @@
-"""Load a policy and its tokenizer (hub id or local folder), format prompts, and build the `tiny` model.
+"""Load a policy and its tokenizer (hub id, local folder, GGUF file or a built-in name) and format prompts.
 
-`tiny` is a small Qwen2-architecture causal LM with a byte-level BPE tokenizer, both made here, then
-warmed up with a short supervised run on `chain` solutions from a deliberately flawed teacher:
-- it meets the skills in other shares than the pool has them (the target skill `words` barely at all);
-- most of its solutions *slip* out of habit: one step's result is written one too high but the chain goes
-  on from the true value, so the answer is right and only the steps are unfaithful (the outcome reward
-  cannot see it);
-- a few carry a wrong result to a wrong answer, some misread an operand, and over half of its `times`
-  solutions read the opening a*b as a+b, a misconception the outcome reward does see and can correct.
-So the base model starts well below its ceiling, greedy decoding included, differs widely by skill, and
-writes unfaithful chains that still earn full reward.
+The built-in `tiny` model is made by the world (`common/world/tiny.py`) and cached here, as a GGUF's conversion is.
 """
 
 import contextlib
@@ -17,180 +8,32 @@ import hashlib
 import importlib.util
 import io
 import json
-import math
 import os
-import random
 import re
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.data import (
-    SKILLS,
-    carried_solution,
-    make_chain,
-    misread_solution,
-    plus_for_times_solution,
-    slipped_solution,
-)
 from common.run import creation_problem, fail
 
 transformers.utils.logging.disable_progress_bar()  # no loading and saving bars between the run's own lines
 transformers.utils.logging.set_verbosity_error()  # nor notices about deprecated arguments; errors still show
 
-EOS = "<|endoftext|>"
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """Everything that determines the tiny model; its hash names the cache folder."""
-
-    vocab_size: int = 320
-    hidden_size: int = 64
-    layers: int = 4
-    heads: int = 4
-    sft_steps: int = 1200
-    sft_batch: int = 64
-    sft_lr: float = 3e-3
-    # Share of each skill in the warm-up data: the target skill `words` is nearly absent (1.5%), so the base
-    # model is weak on it but not blind to it; `times` is under-represented and often misread (below).
-    warmup_shares: tuple = (("short", 0.33), ("long", 0.45), ("times", 0.205), ("words", 0.015))
-    slip_fraction: float = 0.7  # one step result written one too high, the chain goes on from the true value
-    carry_fraction: float = 0.02  # one wrong step result carried through to a wrong answer
-    misread_fraction: float = 0.2  # one operand misread, every step consistent with it: a wrong answer
-    plus_for_times: float = 0.55  # share of `times` solutions that read the opening a*b as a+b (a misconception)
-    seed: int = 0
-    recipe: int = 7  # bump when the warm-up data or training code changes, so old caches are not reused
-
 
 def cache_root() -> str:
+    """Where built and converted models are kept: $TINYRLVR_CACHE, else ~/.cache/tinyrlvr."""
     return os.environ.get("TINYRLVR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tinyrlvr"))
-
-
-def tiny_folder(spec: TinySpec = TinySpec()) -> str:
-    key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(cache_root(), f"tiny-{key}")
-
-
-def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (round-trips any text, spaces included) with digits kept as single tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,  # its progress bars print blank lines when the output is not a terminal
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
-
-
-def tiny_config(tokenizer, spec: TinySpec) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=4 * spec.hidden_size,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def random_model(tokenizer, spec: TinySpec = TinySpec()):
-    torch.manual_seed(spec.seed)
-    return AutoModelForCausalLM.from_config(tiny_config(tokenizer, spec))
-
-
-def warmup_texts(spec: TinySpec):
-    """(prompt, completion) pairs from the chain train split, drawn by the spec's skill shares, with its
-    shares of flawed solutions: slipped (unfaithful, right answer), carried and misread (wrong answers),
-    and for `times` the plus-for-times misconception."""
-    rng = random.Random(spec.seed)
-    train = make_chain().train
-    by_skill = {name: [e for e in train if e["skill"] == name] for name in SKILLS}
-    names, shares = zip(*spec.warmup_shares)
-    pairs = []
-    for name in rng.choices(names, weights=shares, k=len(train)):
-        ex = rng.choice(by_skill[name])
-        u = rng.random()
-        if ex["skill"] == "times" and rng.random() < spec.plus_for_times:
-            solution = plus_for_times_solution(ex)
-        elif u < spec.slip_fraction:
-            solution = slipped_solution(ex, rng)
-        elif u < spec.slip_fraction + spec.carry_fraction:
-            solution = carried_solution(ex, rng)
-        elif u < spec.slip_fraction + spec.carry_fraction + spec.misread_fraction:
-            solution = misread_solution(ex, rng)
-        else:
-            solution = ex["solution"]
-        pairs.append((ex["question"] + "\n", solution + EOS))
-    return pairs
-
-
-def supervised_warmup(model, tokenizer, pairs, spec: TinySpec, log=print):
-    """Next-token loss on completion tokens only, AdamW with cosine decay."""
-    g = torch.Generator().manual_seed(spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
-    encoded = [(tokenizer(p)["input_ids"], tokenizer(c)["input_ids"]) for p, c in pairs]
-    model.train()
-    for step in range(spec.sft_steps):
-        idx = torch.randint(len(encoded), (spec.sft_batch,), generator=g).tolist()
-        seqs = [encoded[i][0] + encoded[i][1] for i in idx]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-        labels, attention = torch.full_like(ids, -100), torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            p, c = encoded[i]
-            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-            labels[row, len(p) : len(p) + len(c)] = torch.tensor(c)  # loss on the completion only
-            attention[row, : len(p) + len(c)] = 1
-        for group in opt.param_groups:
-            group["lr"] = spec.sft_lr * 0.5 * (1 + math.cos(math.pi * step / spec.sft_steps))
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0 or step == spec.sft_steps - 1:
-            log(f"  warm-up step {step:4d}/{spec.sft_steps}  loss {loss.item():.3f}")
-    model.eval()
-
-
-def build_tiny(folder: str, spec: TinySpec = TinySpec(), log=print):
-    """Tokenizer + random Qwen2 + supervised warm-up, saved with save_pretrained into `folder`."""
-    start = time.time()
-    torch.manual_seed(spec.seed)
-    pairs = warmup_texts(spec)
-    tokenizer = train_tokenizer((p + c for p, c in pairs), spec.vocab_size)
-    model = random_model(tokenizer, spec)
-    log(f"building the tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) in {folder}")
-    supervised_warmup(model, tokenizer, pairs, spec, log)
-    tmp = folder + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "tiny_spec.json"), "w") as f:
-        json.dump(asdict(spec), f, indent=1)
-    os.replace(tmp, folder)  # atomic: a half-built folder is never mistaken for a model
-    log(f"tiny model built in {time.time() - start:.0f}s")
 
 
 def resolve_model(name: str, log=print) -> str:
     """`tiny` -> its cache folder (built on first use); `smollm2` or a .gguf file -> an ordinary transformers
     folder converted from the GGUF once and cached; otherwise the name unchanged."""
     if name == "tiny":
-        return cached_build(tiny_folder(), lambda folder: build_tiny(folder, log=log))
+        from common.world import tiny  # only when asked for: the world is built on this module (cache_root)
+
+        return cached_build(tiny.tiny_folder(), lambda folder: tiny.build_tiny(folder, log=log))
     if name == "smollm2":
         name = smollm2_gguf()
     elif name.endswith(".gguf"):

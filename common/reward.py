@@ -1,13 +1,11 @@
-"""Answer extraction, normalisation and checking; the per-step faithfulness check of the `chain` task."""
+"""Answer extraction, normalisation and checking: the reward of a response, and for `chain` whether its steps
+are faithful (checked by the world, `common/world/chain.py`)."""
 
 import re
 from collections import namedtuple
 from fractions import Fraction
 
-from common.data import apply, chain_steps, parse_chain_question
-
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
-STEP = re.compile(r"(-?\d+)([+*-])(\d+)=(-?\d+)")
 
 
 def last_boxed(text: str):
@@ -60,21 +58,6 @@ def is_correct(response: str, gold: str) -> bool:
     return pred != "" and pred == gold
 
 
-def chain_faithful(question: str, response: str) -> bool:
-    """True iff the response's steps are exactly the question's chain, each arithmetically valid, each
-    starting from the previous result, and the final answer is the last step's result."""
-    operands, ops = parse_chain_question(question)
-    written = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP.findall(response.split("####")[0])]
-    if written != chain_steps(operands, ops):
-        return False
-    return normalize(extract_answer(response)) == normalize(str(written[-1][3]))
-
-
-def has_wrong_step(response: str) -> bool:
-    """True iff some written step `a op b = c` is arithmetically wrong (a slip, whatever the answer)."""
-    return any(apply(int(a), op, int(b)) != int(c) for a, op, b, c in STEP.findall(response.split("####")[0]))
-
-
 Score = namedtuple("Score", "reward correct faithful")  # faithful is None where the task cannot check steps
 
 
@@ -82,7 +65,11 @@ def score(task_name: str, example: dict, response: str) -> Score:
     """The verifiable reward of one response (1 if its final answer is right, else 0), and whether its
     written steps are faithful to the question (`chain` only)."""
     correct = is_correct(response, example["answer"])
-    faithful = chain_faithful(example["question"], response) if task_name == "chain" else None
+    faithful = None
+    if task_name == "chain":
+        from common.world.chain import chain_faithful  # here: the world is built on this module (normalize)
+
+        faithful = chain_faithful(example["question"], response)
     return Score(float(correct), correct, faithful)
 
 

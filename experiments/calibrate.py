@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 import tyro
 
-from common.data import SKILLS, load_task
+from common.data import load_task
 from common.model import load_policy, resolve_model
-from common.reward import has_wrong_step, score
+from common.reward import score
 from common.session import rollout_texts
+from common.world.chain import SKILLS, has_wrong_step
 
 
 @dataclass

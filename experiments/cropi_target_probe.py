@@ -18,8 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 import cropi
-from common.data import TARGET_SKILL, load_task
+from common.data import load_task
 from common.model import load_policy, matching_parameters, resolve_model
+from common.world.chain import TARGET_SKILL
 
 
 def main(run_dir: str):

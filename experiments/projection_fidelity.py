@@ -13,8 +13,9 @@ import time
 import torch
 
 import cropi
-from common.data import TARGET_SKILL, load_task, of_skills
+from common.data import load_task, of_skills
 from common.model import load_policy, matching_parameters, resolve_model
+from common.world.chain import TARGET_SKILL
 from kernels.projection import project
 
 

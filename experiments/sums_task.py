@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.data import CHAIN_INSTRUCTION  # noqa: E402
+from common.world.chain import CHAIN_INSTRUCTION  # noqa: E402
 
 
 def examples(top: int = 20) -> list[dict]:

