@@ -19,7 +19,7 @@ def main(run_dir: str, out: str, title: str = ""):
     ax.plot(steps, [r["eval/acc_greedy"] for r in evals], "k--", lw=1.5, label="all skills, greedy")
     for key in sorted(k for k in evals[0] if k.startswith("eval/acc_sampled/")):
         ax.plot(steps, [r[key] for r in evals], lw=1, marker=".", label=key.split("/")[-1] + ", sampled")
-    ax.set(xlabel="optimizer step", ylabel="held-out accuracy", ylim=(0, 1.02))
+    ax.set(xlabel="training step (one rollout batch each)", ylabel="held-out accuracy", ylim=(0, 1.02))
     ax.set_title(title or os.path.basename(run_dir))
     ax.grid(alpha=0.3)
     ax.legend(title="one run, no band", title_fontsize=8, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
