@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import tyro
 
-from common.data import TARGET_SKILL, check_skills, of_skills
+from common.data import check_skills, of_skills
 from common.model import load_policy, matching_parameters
 from common.reward import score
 from common.rollout import Rollout, sample, token_logprobs
@@ -381,11 +381,11 @@ def pass_rate_histogram(pool_rewards: torch.Tensor, selected: torch.Tensor) -> d
 
 
 def target_skills(task, args) -> list[str]:
-    """The skills CROPI targets: --target-skills, else the built-in target skill for `chain`; [] = no skills
-    (the whole validation split is the one target)."""
+    """The skills CROPI targets: --target-skills, else the task's own target skills (`words` for `chain`); [] =
+    no skills (the whole validation split is the one target)."""
     if args.target_skills:
         return check_skills(task, args.target_skills, "--target-skills")
-    return [TARGET_SKILL] if task.name == "chain" else []
+    return list(task.target_skills)
 
 
 def validation_sets(task, skills, world) -> list[list[dict]]:

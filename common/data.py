@@ -208,13 +208,3 @@ def load_task(
             fail(f"--task {name}: no such file")
         return make_file_task(name, question_field, answer_field, solution_field, seed)
     fail(f"--task {name!r}: unknown task; expected 'chain', 'gsm8k' or a path to a .json/.jsonl/.parquet file")
-
-
-def __getattr__(name: str):
-    """`from common.data import TARGET_SKILL`, the `chain` task's target skill, still works; new code reads
-    `task.target_skills`. It is looked up when first asked for, because the world imports this module."""
-    if name == "TARGET_SKILL":
-        from common.world.chain import TARGET_SKILL
-
-        return TARGET_SKILL
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

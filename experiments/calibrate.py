@@ -1,37 +1,44 @@
 """What the base model can and cannot do on the `chain` test split, skill by skill.
 
-Greedy accuracy, sampled accuracy (`--samples` draws per prompt at `--temperature`), the unfaithful share
-among correct sampled answers (right `####` answer, steps not the question's faithful chain), and
-P(correct | flawed chain): of the sampled responses with an arithmetically wrong written step, the share
-that still ends in the right answer. Where that share is high, the outcome reward cannot see step errors.
+By default it is the step-0 evaluation of every script: the first 200 test prompts, greedy decoding and one
+sample each at temperature 1, drawn from the evaluation stream of seed 1, so its `all` row equals the step-0
+line a default run prints. Per skill: greedy accuracy, sampled accuracy, the unfaithful share among correct
+sampled answers (right `####` answer, steps not the question's faithful chain), the flawed share (an
+arithmetically wrong written step) and P(correct | flawed). Where that last share is high, the outcome reward
+cannot see step errors. It also prints cropi.py's step-0 target evaluation: all test prompts of `words`.
 
     python -m experiments.calibrate                 # the built-in tiny model (built on first use)
     python -m experiments.calibrate --model runs/pods__s1__.../checkpoints/step_000200
+    python -m experiments.calibrate --prompts 300 --samples 4     # less noise, not the scripts' protocol
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import torch
 import tyro
 
-from common.data import load_task
+from common.data import load_task, of_skills
 from common.model import load_policy, resolve_model
 from common.reward import score
-from common.session import rollout_texts
+from common.run import seeded_generator
+from common.session import evaluate, rollout_texts
 from common.world.chain import SKILLS, has_wrong_step
+
+MAX_NEW_TOKENS = 48  # what the scripts use on `chain`
 
 
 @dataclass
 class Args:
     model: str = "tiny"
     """`tiny` (built-in), or a local folder such as a run's checkpoint"""
-    samples: int = 4
-    """sampled responses per test prompt"""
+    prompts: int = 200
+    """the first this many test prompts (the scripts' --eval-prompts)"""
+    samples: int = 1
+    """sampled responses per prompt; 1 is the scripts' evaluation"""
     temperature: float = 1.0
     """sampling temperature (the scripts' default)"""
-    seed: int = 0
-    """seeds the sampler; the test split is fixed"""
+    seed: int = 1
+    """the run seed whose step-0 evaluation stream draws the samples (the scripts' default is 1)"""
 
 
 def tally(examples, texts) -> dict:
@@ -55,17 +62,17 @@ def main(args: Args):
     task = load_task("chain")
     model, tokenizer = load_policy(resolve_model(args.model))
     model.eval()
-    generator = torch.Generator().manual_seed(args.seed)
-    examples = task.test
-    questions = [e["question"] for e in examples]
-    greedy = tally(examples, rollout_texts(model, tokenizer, questions, "", 48, 1.0, True, generator)[0])
+    examples = task.test[: args.prompts]
+    # the scripts' evaluation: one generator per (seed, "eval", step, rank), greedy first (it draws nothing)
+    generator = seeded_generator(args.seed, "eval", 0, 0)
+    texts = lambda exs, greedy: rollout_texts(model, tokenizer, [e["question"] for e in exs], task.instruction,
+                                              MAX_NEW_TOKENS, args.temperature, greedy, generator)[0]  # fmt: skip
+    greedy = tally(examples, texts(examples, True))
     repeated = [e for e in examples for _ in range(args.samples)]
-    texts = rollout_texts(model, tokenizer, [e["question"] for e in repeated], "", 48, args.temperature, False,
-                          generator)[0]  # fmt: skip
-    sampled = tally(repeated, texts)
+    sampled = tally(repeated, texts(repeated, False))
     ratio = lambda a, b: a / b if b else float("nan")
-    print(f"model {args.model} | chain test split, {len(examples)} prompts | {args.samples} samples per prompt"
-          f" at T={args.temperature}\n")  # fmt: skip
+    print(f"model {args.model} | chain: the first {len(examples)} test prompts | greedy, and {args.samples}"
+          f" sample(s) per prompt at T={args.temperature} | seed {args.seed}\n")  # fmt: skip
     header = (f"{'skill':8} {'prompts':>7} {'greedy':>7} {'sampled':>8} {'unfaithful|correct':>19} {'flawed':>7}"
               f" {'P(correct|flawed)':>18}")  # fmt: skip
     print(header)
@@ -75,9 +82,14 @@ def main(args: Args):
         print(f"{key:8} {g['n']:7d} {ratio(g['correct'], g['n']):7.3f} {ratio(s['correct'], s['n']):8.3f}"
               f" {ratio(s['unfaithful'], s['correct']):19.3f} {ratio(s['flawed'], s['n']):7.3f}"
               f" {ratio(s['flawed_correct'], s['flawed']):18.3f}")  # fmt: skip
-    s = sampled["all"]
-    print(f"\nflawed chains: {s['flawed']} of {s['n']} sampled responses ({ratio(s['flawed'], s['n']):.3f});"
-          f" done in {time.time() - start:.0f}s")  # fmt: skip
+    g = greedy["all"]
+    print(f"\nunfaithful among correct greedy answers: {ratio(g['unfaithful'], g['correct']):.3f}")
+    target = replace(task, test=of_skills(task.test, ["words"]))
+    t = evaluate(model, tokenizer, target, len(target.test), MAX_NEW_TOKENS, args.temperature, 0, 1,
+                 seeded_generator(args.seed, "eval-target", 0, 0))  # fmt: skip
+    words = f"greedy {t['eval/acc_greedy']:.3f}, sampled {t['eval/acc_sampled']:.3f}"
+    print(f"cropi.py's target evaluation, all {len(target.test)} `words` test prompts: {words}")
+    print(f"done in {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ selection.
 
 import numpy as np
 from cropi_summary import SELECTIONS, curves, rows_of
-from plots import band, plt, save
+from plots import band, legend, plt, save
 
 
 def main():
@@ -20,7 +20,7 @@ def main():
             band(ax, steps, values, selection, alpha=0.15)
         ax.set(xlabel="GRPO step (6 stages x 16)", ylabel=label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper left")
+        legend(ax, loc="upper left" if key.startswith("eval_target") else "lower right")
     for selection in SELECTIONS:
         shares = np.array([[r["select/target_share"] for r in rows if "select/target_share" in r]
                            for rows in rows_of(selection)])  # fmt: skip
@@ -30,7 +30,7 @@ def main():
     axes[2].axhline(pool, color="gray", ls="--", label="share of the pool")
     axes[2].set(xlabel="stage", ylabel="target skill's share of the stage's selection", ylim=(0, None))
     axes[2].grid(alpha=0.3)
-    axes[2].legend(fontsize=8)
+    axes[2].legend(title="mean over seeds", title_fontsize=7, fontsize=7, loc="lower right")
     save(fig, "cropi_compare.png")
 
 

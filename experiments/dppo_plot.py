@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 from dppo_summary import MISMATCH, ROOT, TOPK
-from plots import band, plt, save
+from plots import band, legend, plt, save
 from run_metrics import finished_runs, load
 
 
@@ -18,7 +18,7 @@ def accuracy(ax, folder, arms):
              alpha=0.15)
     ax.set(xlabel="training step (one rollout batch each)", ylabel="held-out accuracy, sampled", ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    legend(ax, loc="lower left")
 
 
 def drift(ax, folder, arms, smooth=10):
@@ -30,6 +30,7 @@ def drift(ax, folder, arms, smooth=10):
         band(ax, np.arange(values.shape[1]) + smooth, values, arm, alpha=0.15)
     ax.set(xlabel="training step", ylabel=f"mean |pi - mu| per token ({smooth}-step running mean)")
     ax.grid(alpha=0.3)
+    legend(ax, loc="upper left")
 
 
 def main():

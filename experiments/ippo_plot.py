@@ -7,7 +7,7 @@ unfaithful share among correct held-out answers, per arm of experiments/ippo_com
 import os
 
 import numpy as np
-from plots import ROOT, band, plt, save
+from plots import ROOT, band, legend, plt, save
 from run_metrics import finished_runs, load
 
 ARMS = {"ppo": "PPO (--no-influence)", "ippo": "I-PPO", "filter": "I-PPO filter-only (--no-reweight)"}
@@ -26,7 +26,7 @@ def main():
             band(ax, *curves(arm, key), name)
         ax.set(xlabel="PPO iteration (one rollout buffer, 4 epochs x 4 mini-batches)", ylabel=label, ylim=(0, 1))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+        legend(ax, loc="lower right" if key == "eval/acc_sampled" else "upper right")
     save(fig, "ippo_compare.png")
 
 

@@ -1,5 +1,5 @@
-"""What the plot scripts share: a mean curve over seeds with a band of one standard deviation, and saving a
-figure into docs/. Files only, no screen."""
+"""What the plot scripts share: a mean curve over seeds with a band of one standard deviation, a legend on
+every panel that says so, and saving a figure into docs/. Files only, no screen."""
 
 import os
 
@@ -16,6 +16,11 @@ def band(ax, x, values, label, alpha=0.2, seeds=True):
     mean, sd = values.mean(0), values.std(0)
     ax.plot(x, mean, lw=2, label=f"{label} ({len(values)} seeds)" if seeds else label)
     ax.fill_between(x, mean - sd, mean + sd, alpha=alpha)
+
+
+def legend(ax, **kwargs):
+    """The panel's legend, titled with what its curves and bands are."""
+    ax.legend(title="mean over seeds, band: one standard deviation", title_fontsize=7, fontsize=7, **kwargs)
 
 
 def save(fig, name):
