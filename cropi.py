@@ -23,7 +23,7 @@ import tyro
 
 from common.data import check_skills, of_skills
 from common.model import load_policy, matching_parameters
-from common.reward import score
+from common.reward import verify
 from common.rollout import Rollout, sample, token_logprobs
 from common.run import (
     Totals,
@@ -278,7 +278,7 @@ def collect_store(model, tokenizer, task, examples, K, args, generator) -> list[
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         for i, example in enumerate(chunk):
             rows = torch.arange(i * K, (i + 1) * K, device=rollout.input_ids.device)
-            rewards = torch.tensor([score(task.name, example, t)[0] for t in texts[i * K : (i + 1) * K]])
+            rewards = torch.tensor([verify(task.name, example, t)[0] for t in texts[i * K : (i + 1) * K]])
             store.append({"rollout": trim(rollout.select(rows)), "rewards": rewards})
     return store
 

@@ -58,10 +58,10 @@ def is_correct(response: str, gold: str) -> bool:
     return pred != "" and pred == gold
 
 
-Score = namedtuple("Score", "reward correct faithful")  # faithful is None where the task cannot check steps
+Verdict = namedtuple("Verdict", "reward correct faithful")  # faithful is None where the task cannot check steps
 
 
-def score(task_name: str, example: dict, response: str) -> Score:
+def verify(task_name: str, example: dict, response: str) -> Verdict:
     """The verifiable reward of one response (1 if its final answer is right, else 0), and whether its
     written steps are faithful to the question (`chain` only)."""
     correct = is_correct(response, example["answer"])
@@ -70,7 +70,7 @@ def score(task_name: str, example: dict, response: str) -> Score:
         from common.world.chain import chain_faithful  # here: the world is built on this module (normalize)
 
         faithful = chain_faithful(example["question"], response)
-    return Score(float(correct), correct, faithful)
+    return Verdict(float(correct), correct, faithful)
 
 
 def count_correct_unfaithful(scores) -> tuple[int, int]:

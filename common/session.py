@@ -13,7 +13,7 @@ import torch
 
 from common.data import Task, load_task
 from common.model import first_line, load_policy, prompt_text, read_policy, resolve_model
-from common.reward import count_correct_unfaithful, score
+from common.reward import count_correct_unfaithful, verify
 from common.rollout import sample
 from common.run import (
     PhaseTimer,
@@ -247,7 +247,7 @@ Scored = namedtuple("Scored", "examples texts verdicts rewards")  # rewards [pro
 def score_groups(task: Task, tokenizer, examples, rollout, n: int) -> Scored:
     """Decode a rollout of n completions per example (side by side) and score each with the verifier."""
     texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-    scores = [score(task.name, examples[i // n], text) for i, text in enumerate(texts)]
+    scores = [verify(task.name, examples[i // n], text) for i, text in enumerate(texts)]
     return Scored(examples, texts, scores, torch.tensor([s.reward for s in scores]).view(len(examples), n))
 
 
@@ -303,7 +303,7 @@ def evaluate(model, tokenizer, task, n_prompts, max_new_tokens, temperature, ran
         questions = [e["question"] for e in examples]
         texts, _ = rollout_texts(model, tokenizer, questions, task.instruction, max_new_tokens, temperature,
                                  mode == "greedy", generator)  # fmt: skip
-        scores = [score(task.name, e, t) for e, t in zip(examples, texts)]
+        scores = [verify(task.name, e, t) for e, t in zip(examples, texts)]
         counts = []
         for skill in [None, *skills]:
             chosen = [s for e, s in zip(examples, scores) if skill is None or e.get("skill") == skill]

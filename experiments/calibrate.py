@@ -19,7 +19,7 @@ import tyro
 
 from common.data import load_task, of_skills
 from common.model import load_policy, resolve_model
-from common.reward import score
+from common.reward import verify
 from common.run import seeded_generator
 from common.session import evaluate, rollout_texts
 from common.world.chain import SKILLS, has_wrong_step
@@ -45,7 +45,7 @@ def tally(examples, texts) -> dict:
     """Per skill and overall ('all'): counts of responses, correct, correct-but-unfaithful, flawed, flawed-correct."""
     counts = {}
     for e, text in zip(examples, texts):
-        _, correct, faithful = score("chain", e, text)
+        _, correct, faithful = verify("chain", e, text)
         flawed = has_wrong_step(text)
         for key in ("all", e["skill"]):
             c = counts.setdefault(key, dict(n=0, correct=0, unfaithful=0, flawed=0, flawed_correct=0))

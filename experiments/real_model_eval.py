@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.data import load_task  # noqa: E402
 from common.model import load_policy, resolve_model  # noqa: E402
-from common.reward import score  # noqa: E402
+from common.reward import verify  # noqa: E402
 from common.session import rollout_texts  # noqa: E402
 
 ANSWER_FORM = re.compile(r"####\s*-?\d")
@@ -30,7 +30,7 @@ def figures(model, tokenizer, task, max_new_tokens: int) -> tuple[dict, list[str
     for mode in ("greedy", "sampled"):
         texts, _ = rollout_texts(model, tokenizer, questions, task.instruction, max_new_tokens, 1.0, mode == "greedy",
                                  torch.Generator().manual_seed(0))  # fmt: skip
-        correct = [score(task.name, e, t).correct for e, t in zip(task.test, texts)]
+        correct = [verify(task.name, e, t).correct for e, t in zip(task.test, texts)]
         result[f"acc_{mode}"] = sum(correct) / len(texts)
         result[f"form_{mode}"] = sum(bool(ANSWER_FORM.search(t)) for t in texts) / len(texts)
         if mode == "sampled":

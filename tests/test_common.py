@@ -11,7 +11,7 @@ from conftest import run_command
 
 from common.data import check_skills, load_task, of_skills
 from common.model import load_policy, prompt_text
-from common.reward import extract_answer, is_correct, normalize, score
+from common.reward import extract_answer, is_correct, normalize, verify
 from common.rollout import sample, token_logprobs
 from common.world.chain import (
     CHAIN_SKILLS,
@@ -80,7 +80,7 @@ QUESTION = "What is 12+7-5+3?"
 def test_chain_faithfulness_checker(response, correct, faithful):
     assert is_correct(response, "17") is correct
     assert chain_faithful(QUESTION, response) is faithful
-    assert score("chain", {"question": QUESTION, "answer": "17"}, response) == (float(correct), correct, faithful)
+    assert verify("chain", {"question": QUESTION, "answer": "17"}, response) == (float(correct), correct, faithful)
 
 
 def test_chain_generator():
@@ -328,7 +328,7 @@ def test_gsm8k_offline_gives_a_clear_error():
 
 
 def test_count_correct_unfaithful():
-    from common.reward import Score, count_correct_unfaithful
+    from common.reward import Verdict, count_correct_unfaithful
 
-    scores = [Score(1.0, True, True), Score(1.0, True, False), Score(0.0, False, False), Score(1.0, True, None)]
+    scores = [Verdict(1.0, True, True), Verdict(1.0, True, False), Verdict(0.0, False, False), Verdict(1.0, True, None)]
     assert count_correct_unfaithful(scores) == (3, 1)  # None (steps not checkable) is not unfaithful

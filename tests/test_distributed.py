@@ -11,7 +11,7 @@ from conftest import metric_rows, run_command
 import common.session
 import grpo
 import ippo
-from common.reward import Score
+from common.reward import Verdict
 
 
 def parameter_change(mode, model_dir, out, world, aggregation):
@@ -40,12 +40,12 @@ def without_times(rows):
 
 def varying_reward(task, example, text):
     """A random model rarely answers right; a reward that varies within a group gives every step a signal."""
-    return Score(float(len(text) % 2), len(text) % 2 == 1, None)
+    return Verdict(float(len(text) % 2), len(text) % 2 == 1, None)
 
 
 @pytest.mark.parametrize("script", [grpo, ippo])
 def test_resume_equals_uninterrupted(script, random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(common.session, "score", varying_reward)
+    monkeypatch.setattr(common.session, "verify", varying_reward)
     base = dict(model=random_model_dir, output_dir=str(tmp_path), batch_prompts=2, n=4, eval_prompts=4,
                 eval_every=2, log_every=1, max_new_tokens=10)  # fmt: skip
     if script is ippo:

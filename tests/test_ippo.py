@@ -11,7 +11,7 @@ from conftest import ROOT, check_help, check_per_skill_eval, metric_rows, run_co
 import common.session
 import ippo
 from common.model import load_policy, matching_parameters
-from common.reward import Score
+from common.reward import Verdict
 from common.rollout import Rollout, token_logprobs
 
 # Gold pairs of different question and solution lengths: laid out as a buffer they need left padding
@@ -161,7 +161,7 @@ def test_whitening_is_over_the_valid_tokens_of_the_buffer():
 @pytest.mark.parametrize("a", [1.0, 0.5, -1.0])
 def test_sign_of_the_score(policy, a):
     """Validation set = one gold sequence; an episode with the same tokens and advantage a on every token has
-    g_i = a * g_val, so Score = a ||g_val||^2: kept for a > 0, dropped for a < 0."""
+    g_i = a * g_val, so Score_i = a ||g_val||^2: kept for a > 0, dropped for a < 0."""
     model, tok = policy
     gold = buffer(tok, EXAMPLES[1:2])
     names = all_names(model)
@@ -247,7 +247,7 @@ def _args(model_dir, tmp_path, **kw):
 def varying_reward(task, example, text):
     """A random model rarely answers right; a reward by the parity of the text's length mostly varies within
     a group (and with a critic the advantages are non-zero even where it does not)."""
-    return Score(float(len(text) % 2), len(text) % 2 == 1, None)
+    return Verdict(float(len(text) % 2), len(text) % 2 == 1, None)
 
 
 def same_parameters(folder, reference) -> bool:
@@ -256,7 +256,7 @@ def same_parameters(folder, reference) -> bool:
 
 
 def test_all_negative_buffer_takes_no_step_and_stops(random_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common.session, "score", varying_reward)
+    monkeypatch.setattr(common.session, "verify", varying_reward)
     monkeypatch.setattr(ippo, "influence_scores", lambda model, names, rollout, adv, *a: -torch.ones(len(adv)))
     ippo.main(_args(random_model_dir, tmp_path, run_name="neg", steps=5))
     train = metric_rows(tmp_path / "neg", "reward/mean")
@@ -269,7 +269,7 @@ def test_all_negative_buffer_takes_no_step_and_stops(random_model_dir, tmp_path,
 
 
 def test_update_changes_parameters_and_resumes(random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(common.session, "score", varying_reward)
+    monkeypatch.setattr(common.session, "verify", varying_reward)
     # every episode scored positive, so an update is certain whatever the draw (the filter has its own tests)
     monkeypatch.setattr(ippo, "influence_scores", lambda model, names, rollout, adv, *a: torch.ones(len(adv)))
     ippo.main(_args(random_model_dir, tmp_path, run_name="r", steps=1))
@@ -280,7 +280,7 @@ def test_update_changes_parameters_and_resumes(random_model_dir, tmp_path, monke
 
 
 def test_same_seed_same_metrics(random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(common.session, "score", varying_reward)
+    monkeypatch.setattr(common.session, "verify", varying_reward)
     runs = []
     for name in ("a", "b"):
         ippo.main(_args(random_model_dir, tmp_path, run_name=name, steps=2))
@@ -396,8 +396,8 @@ SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--epochs", "1", "-
 # signs, episodes are both kept and dropped, and the update runs (the script itself is unchanged).
 WRAPPER = """import tyro, ippo
 import common.session
-from common.reward import Score
-common.session.score = lambda task, example, text: Score(float(len(text) % 2), len(text) % 2 == 1, None)
+from common.reward import Verdict
+common.session.verify = lambda task, example, text: Verdict(float(len(text) % 2), len(text) % 2 == 1, None)
 ippo.main(tyro.cli(ippo.Args))
 """
 

@@ -16,7 +16,7 @@ from conftest import ROOT, metric_rows, run_command
 import common.session
 import grpo
 from common.model import load_policy
-from common.reward import Score
+from common.reward import Verdict
 from common.run import complete_checkpoints
 
 SMALL = ["--batch-prompts", "2", "--n", "4", "--eval-prompts", "4", "--eval-every", "3", "--log-every", "1",
@@ -117,7 +117,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(random_model_dir, tmp_pa
 
 
 def test_no_learning_signal_is_warned_about(random_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common.session, "score", lambda task, example, text: Score(0.0, False, None))
+    monkeypatch.setattr(common.session, "verify", lambda task, example, text: Verdict(0.0, False, None))
     grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", batch_prompts=2, n=4,
                         eval_prompts=4, steps=10, eval_every=10, max_new_tokens=6))  # fmt: skip
     out = capsys.readouterr()
