@@ -5,8 +5,11 @@
   from mu. `none` (PG-IS), `ratio` (clip-higher 0.2 / 0.28), `binary-tv` and `binary-kl`, 10 seeds, 120 steps.
 - mismatch-fast (runs/dppo_mismatch_fast): the same at lr 1.5e-4, 5 seeds, where the policy drifts from step to
   step as well as within a batch.
-- topk (runs/dppo_topk): no mismatch, the defaults (4 mini-batches, lr 5e-5, 150 steps); `binary-tv` against
-  `topk-tv` with K = 20, 5 seeds.
+- topk (runs/dppo_topk): no mismatch, 4 mini-batches, lr 5e-5, 150 steps; `binary-tv` against `topk-tv` with
+  K = 20, 5 seeds.
+
+Every part uses the paper's advantage and loss (`PAPER`: mean-centred advantages, the fixed-horizon sum of token
+losses, DAPO's clip-higher for `ratio`).
 
     python experiments/dppo_compare.py            # about 75 minutes on 2 CPU cores: two runs at a time, one core each
     python experiments/dppo_compare.py mismatch   # one part: mismatch, mismatch-fast or topk
@@ -21,10 +24,11 @@ import sys
 
 from seed_runs import ROOT, run_all
 
-MISMATCH = {tr: ["dppo.py", "--trust-region", tr] for tr in ("none", "ratio", "binary-tv", "binary-kl")}
+PAPER = ["--no-scale-rewards", "--aggregation", "seq-mean-token-sum-norm", "--eps-high", "0.28"]
+MISMATCH = {tr: ["dppo.py", "--trust-region", tr, *PAPER] for tr in ("none", "ratio", "binary-tv", "binary-kl")}
 MISMATCH_FLAGS = ["--sampler-temperature", "0.6", "--lr", "1e-4", "--minibatches", "8", "--eval-every", "15",
                   "--log-every", "40"]  # fmt: skip
-TOPK = {tr: ["dppo.py", "--trust-region", tr, "--top-k", "20"] for tr in ("binary-tv", "topk-tv")}
+TOPK = {tr: ["dppo.py", "--trust-region", tr, "--top-k", "20", *PAPER] for tr in ("binary-tv", "topk-tv")}
 
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["mismatch", "topk", "mismatch-fast"]
@@ -34,4 +38,5 @@ if __name__ == "__main__":
         fast = [*MISMATCH_FLAGS[:2], "--lr", "1.5e-4", *MISMATCH_FLAGS[4:]]
         run_all(os.path.join(ROOT, "runs", "dppo_mismatch_fast"), MISMATCH, range(1, 6), 120, fast)
     if "topk" in parts:
-        run_all(os.path.join(ROOT, "runs", "dppo_topk"), TOPK, range(1, 6), 150, ["--log-every", "50"])
+        run_all(os.path.join(ROOT, "runs", "dppo_topk"), TOPK, range(1, 6), 150,
+                ["--eval-every", "15", "--log-every", "50"])  # fmt: skip
