@@ -15,6 +15,7 @@ Reinforcement Learning", arXiv 2602.04879.
     torchrun --nproc_per_node 2 -- dppo.py
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -136,6 +137,10 @@ class Args:
     """mismatch injection: the sampler draws (and records mu) at this temperature while the trainer keeps
     --temperature, so pi != mu before any update, as with an inference engine whose numerics differ from the
     trainer's; 0 (default) = --temperature, no mismatch"""
+    sampler_bits: int = 0
+    """mismatch as weight-quantized rollout engines make it: the sampler is the policy with every weight matrix
+    rounded per output channel to this many bits (refreshed each step), mu its record, pi the full-precision
+    trainer's; 0 (default) = the policy itself"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """Top-K divergence implementation: `auto` = the Triton kernel on CUDA and the PyTorch reference elsewhere"""
 
@@ -164,6 +169,8 @@ def check_args(args: Args, world: int):
     for name in ("delta_low", "delta_high"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"{flag(name)} {getattr(args, name)}: must be positive")
+    if args.sampler_bits and not 2 <= args.sampler_bits <= 16:
+        fail(f"--sampler-bits {args.sampler_bits}: must be between 2 and 16 (or 0: no quantized sampler)")
     if args.trust_region.startswith("topk") and args.top_k < 1:
         fail(f"--top-k {args.top_k}: a top-K trust region needs K >= 1")
     if args.batch_prompts % world:
@@ -266,6 +273,23 @@ def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normal
     if aggregation == "seq-mean-token-sum-norm":  # a fixed horizon instead of the length: no length bias
         return per_token.sum() / horizon / normaliser
     return per_token.sum() / normaliser  # token-mean: every token weighs the same
+
+
+# ---- the sampler of --sampler-bits: the policy with its weights rounded, as a quantized rollout engine has it ----
+
+
+def round_per_channel(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric round-to-nearest quantization, one scale per output channel (row): s = max |w_row| / (2^(b-1) - 1),
+    w -> s * round(w / s). The error of each weight is at most s / 2."""
+    scale = weight.abs().amax(1, keepdim=True).clamp(min=1e-12) / (2 ** (bits - 1) - 1)
+    return (weight / scale).round() * scale
+
+
+@torch.no_grad()
+def refresh_sampler(sampler, model, bits: int):
+    """The sampler's weights := the policy's, every matrix rounded per channel (vectors, e.g. norms, kept)."""
+    for target, source in zip(sampler.parameters(), model.parameters()):
+        target.copy_(round_per_channel(source, bits) if source.dim() == 2 else source)
 
 
 # ---- mu's top-K, recorded at sampling time for the topk-* trust regions -------------------------------------
@@ -386,10 +410,12 @@ def main(args: Args):
         fail(f"--top-k {top_k}: larger than the vocabulary ({model.config.vocab_size} tokens)")
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
+    sampler = copy.deepcopy(model).eval() if args.sampler_bits else model  # a second copy of the weights
     run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
     run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
               f" | trust region {args.trust_region} (low, high) = {thresholds(args)}"
-              f" | sampler T {sampler_temperature}, trainer T {args.temperature}")  # fmt: skip
+              f" | sampler T {sampler_temperature}, {args.sampler_bits or 'full'}-bit weights;"
+              f" trainer T {args.temperature}")  # fmt: skip
     run.open()  # the run folder is made now, after every start-up check
     if run.start == 0:
         run.evaluate(0)
@@ -401,7 +427,9 @@ def main(args: Args):
         with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             record = TopKRecord(top_k) if top_k else None
-            rollout = sample(model, group_prompts, args.max_new_tokens, sampler_temperature, tokenizer.eos_token_id,
+            if args.sampler_bits:
+                refresh_sampler(sampler, model, args.sampler_bits)
+            rollout = sample(sampler, group_prompts, args.max_new_tokens, sampler_temperature, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator=run.generator("sample", step, device=device),
                              on_token=record)  # fmt: skip
             if record:

@@ -10,7 +10,7 @@ from conftest import ROOT, check_help, check_per_skill_eval, metric_rows, run_co
 
 import dppo
 from common.model import load_policy
-from common.rollout import sample
+from common.rollout import sample, token_logprobs
 
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--minibatches", "2", "--eval-prompts", "4",
          "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "10"]  # fmt: skip
@@ -121,6 +121,7 @@ def test_topk_divergence_in_training_matches_the_reference(random_model_dir):
         (["--trust-region", "topk-tv", "--top-k", "0"], "--top-k 0"),
         (["--trust-region", "topk-kl", "--top-k", "100000"], "larger than the vocabulary"),
         (["--minibatches", "3"], "--minibatches 3 does not divide"),
+        (["--sampler-bits", "1"], "--sampler-bits 1: must be between 2 and 16"),
     ],
 )
 def test_bad_input_gets_a_one_line_error(flags, message, random_model_dir, tmp_path):
@@ -157,3 +158,42 @@ def test_kernel_benchmark_without_gpu_says_so():
         pytest.skip("a GPU is present: the benchmark would run for minutes")
     out = run_command([sys.executable, "-m", "kernels.bench"])
     assert out.returncode == 0 and "no CUDA GPU" in out.stdout
+
+
+# ---- --sampler-bits: a sampler whose weights are rounded, as a quantized rollout engine has them ------------
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_round_per_channel_is_a_per_row_grid_within_half_a_step(bits):
+    row_scales = torch.tensor([[0.01], [1], [3], [0.2], [5], [1e-3]])
+    weight = torch.randn(6, 50, generator=torch.Generator().manual_seed(bits)) * row_scales
+    rounded = dppo.round_per_channel(weight, bits)
+    scale = weight.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+    levels = rounded / scale
+    torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)  # every weight on its row's grid
+    assert (levels.abs() <= 2 ** (bits - 1) - 1 + 1e-4).all()
+    assert ((rounded - weight).abs() <= scale / 2 + 1e-6).all()  # round to nearest: at most half a step
+    assert torch.equal(dppo.round_per_channel(rounded, bits), rounded)  # rounding twice changes nothing
+
+
+def test_the_quantized_sampler_records_its_own_mu_and_differs_from_pi(random_model_dir):
+    model, tok = load_policy(random_model_dir)
+    sampler = load_policy(random_model_dir)[0]
+    dppo.refresh_sampler(sampler, model, 4)
+    for (name, p), q in zip(model.named_parameters(), sampler.parameters()):
+        assert torch.equal(q, dppo.round_per_channel(p, 4) if p.dim() == 2 else p), name
+    prompts = [tok("What is 1+2?\n")["input_ids"]] * 8
+    rollout = sample(sampler, prompts, 8, 1.0, tok.eos_token_id, tok.pad_token_id,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        mu, pi = token_logprobs(sampler, rollout), token_logprobs(model, rollout)
+    torch.testing.assert_close(rollout.old_logprobs, mu, atol=1e-5, rtol=0)  # mu is the sampler's own
+    assert (pi - mu).abs().max() > 1e-3, "4-bit weights compute other probabilities than the trainer's"
+
+
+def test_smoke_run_with_a_quantized_sampler(random_model_dir, tmp_path):
+    out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "r", *SMALL,
+               "--sampler-bits", "4"])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [r["step"] for r in train_rows(tmp_path / "r")] == [1, 2]
+    assert "4-bit weights" in out.stdout + out.stderr
