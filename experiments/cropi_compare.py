@@ -19,4 +19,4 @@ ARMS = {selection: ["cropi.py", "--selection", selection] for selection in SELEC
 
 if __name__ == "__main__":
     run_all(os.path.join(ROOT, "runs", "cropi_compare"), ARMS, seeds=range(1, 6), steps=96,
-            flags=["--log-every", "48"])  # fmt: skip
+            flags=["--eval-every", "8", "--log-every", "48"])  # fmt: skip
