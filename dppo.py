@@ -411,11 +411,11 @@ def main(args: Args):
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     sampler = copy.deepcopy(model).eval() if args.sampler_bits else model  # a second copy of the weights
+    sampler_weights = f"weights rounded to {args.sampler_bits} bits" if args.sampler_bits else "the policy's weights"
     run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
     run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
               f" | trust region {args.trust_region} (low, high) = {thresholds(args)}"
-              f" | sampler T {sampler_temperature}, {args.sampler_bits or 'full'}-bit weights;"
-              f" trainer T {args.temperature}")  # fmt: skip
+              f" | sampler T {sampler_temperature}, {sampler_weights}; trainer T {args.temperature}")  # fmt: skip
     run.open()  # the run folder is made now, after every start-up check
     if run.start == 0:
         run.evaluate(0)

@@ -196,4 +196,4 @@ def test_smoke_run_with_a_quantized_sampler(random_model_dir, tmp_path):
                "--sampler-bits", "4"])  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert [r["step"] for r in train_rows(tmp_path / "r")] == [1, 2]
-    assert "4-bit weights" in out.stdout + out.stderr
+    assert "weights rounded to 4 bits" in out.stdout + out.stderr
