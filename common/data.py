@@ -95,6 +95,10 @@ def jsonl_rows(path: str, text: str) -> list[tuple[str, object]]:
     return rows
 
 
+JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
 def json_rows(path: str, text: str) -> list[tuple[str, object]]:
     """A .json file: a list of rows, an object of equal-length columns, or JSON Lines."""
     try:
@@ -109,7 +113,8 @@ def json_rows(path: str, text: str) -> list[tuple[str, object]]:
             fail(f"--task {path}: its columns have different lengths ({lengths})")
         data = [dict(zip(data, values)) for values in zip(*data.values())]
     if not isinstance(data, list):
-        fail(f"--task {path}: expected a list of rows or an object of columns, found a JSON {type(data).__name__}")
+        kind = JSON_KINDS.get(type(json.loads(text)), "value")  # numbers were read as text above: ask again
+        fail(f"--task {path}: expected a list of rows or an object of columns, found a JSON {kind}")
     return [(f"row {i}", row) for i, row in enumerate(data, 1)]
 
 

@@ -99,7 +99,7 @@ CASES = [
     ("json-columns-unequal", "grpo", lambda d: dict(task=write(d / "c.json", '{"question": ["a", "b"], "answer": []}')),
      "error", "c.json: its columns have different lengths \\(question 2, answer 0\\)"),
     ("json-scalar", "grpo", lambda d: dict(task=write(d / "s.json", "42")), "error",
-     "s.json: expected a list of rows or an object of columns, found a JSON str"),
+     "s.json: expected a list of rows or an object of columns, found a JSON number"),
     ("parquet-damaged", "grpo", lambda d: dict(task=write(d / "p.parquet", "not parquet")), "error",
      "p.parquet: could not read the file"),
     ("task-missing", "grpo", lambda d: dict(task=str(d / "none.jsonl")), "error", "none.jsonl: no such file"),
