@@ -25,28 +25,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cropi  # noqa: E402
+import ippo  # noqa: E402
 from common.data import load_task, of_skills  # noqa: E402
 from common.model import load_policy, matching_parameters, resolve_model  # noqa: E402
 from common.reward import verify  # noqa: E402
-from common.rollout import Rollout, left_pad, sample, token_logprobs  # noqa: E402
+from common.rollout import sample, token_logprobs  # noqa: E402
 from common.run import seeded_generator  # noqa: E402
 from common.session import prompt_ids, rollout_texts, score_groups  # noqa: E402
 
 SAMPLES_PER_TEST_PROMPT = 8
-
-
-def gold_rollout(tokenizer, examples) -> Rollout:
-    """Gold (question, solution) pairs laid out as sampled completions, to read their log-likelihood."""
-    prompts = prompt_ids(tokenizer, [e["question"] for e in examples])
-    answers = [tokenizer(e["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-               for e in examples]  # fmt: skip
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    completion = torch.full((len(answers), max(map(len, answers))), tokenizer.pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros_like(completion)
-    for i, a in enumerate(answers):
-        completion[i, : len(a)], completion_mask[i, : len(a)] = torch.tensor(a), 1
-    return Rollout(torch.cat([ids, completion], 1), torch.cat([mask, completion_mask], 1), completion_mask,
-                   torch.zeros(completion.shape), ids.shape[1])  # fmt: skip
 
 
 @torch.no_grad()
@@ -106,7 +93,7 @@ def main(target: str, seeds: int):
     print(f"scored the pool in {time.time() - start:.0f}s: {len(scored)} of {len(task.train)} prompts have a"
           f" gradient; target `{target}`")  # fmt: skip
     test = of_skills(task.test, [target])
-    gold = gold_rollout(tokenizer, test)
+    gold = ippo.gold_rollout(tokenizer, test, task.instruction, "cpu")  # questions with their gold solutions
     base_loglik, base_acc = target_figures(model, tokenizer, task, gold, test)
     arms = {f"decile {d + 1}": decile for d, decile in enumerate(deciles)}
     shuffled = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(0))
