@@ -138,9 +138,9 @@ class Args:
     --temperature, so pi != mu before any update, as with an inference engine whose numerics differ from the
     trainer's; 0 (default) = --temperature, no mismatch"""
     sampler_bits: int = 0
-    """mismatch as weight-quantized rollout engines make it: the sampler is the policy with every weight matrix
-    rounded per output channel to this many bits (refreshed each step), mu its record, pi the full-precision
-    trainer's; 0 (default) = the policy itself"""
+    """mismatch as weight-quantized rollout engines make it: the sampler is a second copy of the policy with every
+    weight matrix rounded per output channel to this many bits (refreshed each step), mu its record, pi the
+    full-precision trainer's; 0 (default) = the policy itself"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """Top-K divergence implementation: `auto` = the Triton kernel on CUDA and the PyTorch reference elsewhere"""
 
