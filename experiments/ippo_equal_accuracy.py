@@ -56,7 +56,7 @@ def plot(arms: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for (name, runs), color in zip(arms.items(), ("tab:blue", "tab:orange", "tab:green")):
         points = [(r["eval/acc_sampled"], r["eval/unfaithful_sampled"]) for run in runs for r in run[1:]]
         ax.scatter(*zip(*points), s=12, alpha=0.5, color=color, label=f"{name}: every evaluation, every seed")
@@ -68,7 +68,8 @@ def plot(arms: dict, path: str):
         ax.plot(*zip(*means), color=color, marker="s", label=f"{name}: mean per accuracy band")
     ax.set(xlabel="held-out accuracy, sampled (first 200 test prompts)", ylabel="unfaithful share among correct",
            title="I-PPO's claim at equal accuracy")  # fmt: skip
-    ax.legend(fontsize=7, title="5 seeds; no band: points are single evaluations", title_fontsize=7)
+    ax.legend(fontsize=7, title="5 seeds; no band: points are single evaluations", title_fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes, clear of the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
