@@ -253,6 +253,12 @@ def run_folder(output_dir: str, run_name: str | None, script: str, seed: int) ->
     return os.path.join(os.path.expanduser(output_dir), name)
 
 
+def refuse_existing(folder: str):
+    """The one-line error for a --run-name whose folder holds a run (or anything else) already."""
+    fail(f"--run-name: {folder} already exists; choose another name, or continue it with"
+         f" --resume {shlex.quote(folder)}")  # fmt: skip
+
+
 def lock_folder(path: str) -> int | None:
     """An open descriptor of `path` holding an exclusive lock on it, or None when another process holds one.
     The operating system drops the lock when its process ends, however it ends (kill -9 included)."""
@@ -305,8 +311,7 @@ def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[s
             fail(f"--run-name: {folder} is in use by another run right now; choose another name")
         if not stopped_before_saving(folder):
             os.close(lock)
-            fail(f"--run-name: {folder} already exists; choose another name, or continue it with"
-                 f" --resume {shlex.quote(folder)}")  # fmt: skip
+            refuse_existing(folder)
         warn(f"replacing {folder}: its run stopped before its first checkpoint, so it cannot be resumed")
         for entry in os.listdir(folder):
             path = os.path.join(folder, entry)

@@ -28,6 +28,7 @@ from common.run import (
     flag,
     is_main,
     read_trainer_state,
+    refuse_existing,
     restore_trainer_state,
     run_folder,
     save_checkpoint,
@@ -156,9 +157,9 @@ def open_session(args, script: str, check_args) -> Session:
                      getattr(args, "solution_field", "solution"))  # fmt: skip
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     run_dir = args.resume or run_folder(args.output_dir, args.run_name, script, args.seed)
-    if not args.resume and os.path.exists(run_dir) and not stopped_before_saving(run_dir):  # early; the claim decides
-        fail(f"--run-name: {run_dir} already exists; choose another name, or continue it with"
-             f" --resume {shlex.quote(run_dir)}")  # fmt: skip
+    named = args.run_name and not args.resume  # a default name never collides: the claim numbers it
+    if named and os.path.exists(run_dir) and not stopped_before_saving(run_dir):  # early; the claim decides
+        refuse_existing(run_dir)
     problem = creation_problem(run_dir)
     if problem:
         fail(f"{'--resume' if args.resume else '--output-dir'}: cannot create {run_dir} ({problem})")
