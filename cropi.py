@@ -135,6 +135,9 @@ class Args:
     target_skills: tuple[str, ...] = ()
     """skills whose validation prompts are the target, one set each, fused by reciprocal rank; empty = the
     task's weak target skill (`words` for chain), or the whole validation split for a task without skills"""
+    target_samples: int = 8
+    """samples per target-skill test prompt in each evaluation (`eval_target/acc_sampled`): 8 keep one evaluation's
+    sd under 0.03 on chain's 42-60 prompts of a skill"""
     store_temperature: float = 0.5
     """temperature of the behaviour policy mu that wrote the store (POPI's log-probs use it too)"""
     proj_dim: int = 1024
@@ -160,7 +163,7 @@ def check_args(args: Args, world: int):
     if args.n < 2:
         fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
     check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",
-                                "temperature", "lr", "max_grad_norm", "eps_low", "eps_high", "steps_per_stage",
+                                "target_samples", "temperature", "lr", "max_grad_norm", "eps_low", "eps_high", "steps_per_stage",
                                 "store_temperature", "proj_dim", "val_prompts", "score_batch"),
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
                               "popi_clip"),
@@ -516,7 +519,7 @@ def main(args: Args):
         if not skills:
             return {}
         metrics = evaluate(model, tokenizer, target_task, len(target_task.test), args.max_new_tokens, args.temperature,
-                           rank, world, run.generator("eval-target", step, device=device))  # fmt: skip
+                           rank, world, run.generator("eval-target", step, device=device), args.target_samples)  # fmt: skip
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
     run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back

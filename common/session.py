@@ -293,14 +293,16 @@ def rollout_texts(model, tokenizer, questions, instruction, max_new_tokens, temp
     return texts, tokens
 
 
-def evaluate(model, tokenizer, task, n_prompts, max_new_tokens, temperature, rank, world, generator) -> dict:
-    """`eval/acc_greedy` and `eval/acc_sampled` (one sample at `temperature`) on the first `n_prompts` test
-    prompts, sharded over ranks, the same per skill (`eval/acc_sampled/<skill>`) where examples have one, and
-    for `chain` the unfaithful share of the correct answers."""
-    examples = task.test[:n_prompts][rank::world]
+def evaluate(model, tokenizer, task, n_prompts, max_new_tokens, temperature, rank, world, generator,
+             samples=1) -> dict:
+    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` samples per prompt at `temperature`) on the first
+    `n_prompts` test prompts, sharded over ranks, the same per skill (`eval/acc_sampled/<skill>`) where examples
+    have one, and for `chain` the unfaithful share of the correct answers."""
     skills = sorted({e["skill"] for e in task.test[:n_prompts] if "skill" in e})  # the same on every rank
     metrics = {}
     for mode in ("greedy", "sampled"):
+        repeats = samples if mode == "sampled" else 1  # greedy decoding gives the same answer every time
+        examples = [e for e in task.test[:n_prompts] for _ in range(repeats)][rank::world]
         questions = [e["question"] for e in examples]
         texts, _ = rollout_texts(model, tokenizer, questions, task.instruction, max_new_tokens, temperature,
                                  mode == "greedy", generator)  # fmt: skip

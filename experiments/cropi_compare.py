@@ -1,22 +1,35 @@
 """CROPI against its baselines on the built-in world: the same GRPO (6 stages x 16 steps, B = 16, n = 8) on the
 whole pool (`full`), on a random 10% per stage (`random`), on the 10% with the highest stored p(1 - p)
-(`pass-rate`), and on the 10% CROPI's influence scores pick for the weak target skill `words` (`cropi`),
-5 seeds each, held-out evaluation every 8 steps.
+(`pass-rate`), and on the 10% CROPI's influence scores pick for a target skill (`cropi`), 5 seeds each,
+held-out evaluation every 8 steps. Two parts, each into its own folder:
 
-    python experiments/cropi_compare.py           # about 40 minutes on 2 CPU cores: two runs at a time, one core each
-    python experiments/cropi_summary.py           # the tables
-    python experiments/cropi_plot.py              # docs/cropi_compare.png
+- times (runs/cropi_times): target `times`, weak but learnable (a misconception RL corrects); seeds 101-105,
+  fixed before any run of this part; every target test prompt sampled 8 times per evaluation.
+- words (runs/cropi_compare): target `words`, weak and barely learnable; seeds 1-5, one sample per target
+  test prompt (as these runs were made).
 
-Runs go to runs/cropi_compare/<selection>_s<seed>; a finished run is not run again.
+    python experiments/cropi_compare.py times     # about 50 minutes on 2 CPU cores: two runs at a time, one core each
+    python experiments/cropi_compare.py words     # about 40 minutes
+    python experiments/cropi_summary.py times     # the tables (or words)
+    python experiments/cropi_plot.py times        # docs/cropi_times.png (words: docs/cropi_compare.png)
+
+A finished run is not run again.
 """
 
 import os
+import sys
 
 from seed_runs import ROOT, run_all
 
 SELECTIONS = ("full", "random", "pass-rate", "cropi")
-ARMS = {selection: ["cropi.py", "--selection", selection] for selection in SELECTIONS}
+PARTS = {  # folder, target skill, seeds, flags of the part
+    "times": ("cropi_times", "times", range(101, 106), ["--eval-prompts", "100", "--target-samples", "8"]),
+    "words": ("cropi_compare", "words", range(1, 6), ["--target-samples", "1"]),
+}
 
 if __name__ == "__main__":
-    run_all(os.path.join(ROOT, "runs", "cropi_compare"), ARMS, seeds=range(1, 6), steps=96,
-            flags=["--eval-every", "8", "--log-every", "48"])  # fmt: skip
+    for part in sys.argv[1:] or ["times"]:
+        folder, skill, seeds, flags = PARTS[part]
+        arms = {selection: ["cropi.py", "--selection", selection, "--target-skills", skill] for selection in SELECTIONS}
+        run_all(os.path.join(ROOT, "runs", folder), arms, seeds=seeds, steps=96,
+                flags=[*flags, "--eval-every", "8", "--log-every", "48"])  # fmt: skip

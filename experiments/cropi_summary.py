@@ -1,23 +1,24 @@
-"""The tables of experiments/cropi_compare.py from its run folders (runs/cropi_compare/<selection>_s<seed>).
+"""The tables of one part of experiments/cropi_compare.py from its run folders (<folder>/<selection>_s<seed>).
 
-    python experiments/cropi_summary.py [--metric eval_target/acc_sampled]
+    python experiments/cropi_summary.py times [--metric eval_target/acc_sampled]     # or words
 
 The paper's metric: the first evaluation step at which a selection's mean curve over seeds reaches full GRPO's
 mean final value of the metric (the target skill's held-out accuracy), and the training seconds to that step
 (the stage scoring included; the offline store, collected once before training, listed apart). It is read on
-the mean curve as measured and on its trailing mean over 3 evaluations (the target skill has 42 test prompts).
+the mean curve as measured and on its trailing mean over 3 evaluations (a target skill has 42-60 test prompts).
 """
 
 import os
 import sys
 
 import numpy as np
+from cropi_compare import PARTS, SELECTIONS
 from run_metrics import finished_runs, load, mean_sd, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FOLDER = os.path.join(ROOT, "runs", "cropi_compare")
-SELECTIONS = ("full", "random", "pass-rate", "cropi")
 SKILLS = ("short", "long", "times", "words")
+PART = next((a for a in sys.argv[1:] if a in PARTS), "times")  # the part read, from the command line
+FOLDER = os.path.join(ROOT, "runs", PARTS[PART][0])
 
 
 def curves(selection, key):
@@ -80,7 +81,7 @@ def reach_table(metric, window=3):
 
 
 def overall_table():
-    print("\nheld-out accuracy on the first 200 test prompts at the end (mean +- sd over seeds):\n")
+    print("\nheld-out accuracy on the first --eval-prompts test prompts at the end (mean +- sd over seeds):\n")
     print("| selection | sampled | greedy | unfaithful among correct | " + " | ".join(SKILLS) + " |")
     print("|---|---|---|---|" + "---|" * len(SKILLS))
     for selection in SELECTIONS:
@@ -104,7 +105,7 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     metric = argv[argv.index("--metric") + 1] if "--metric" in argv else "eval_target/acc_sampled"
     if not all(finished_runs(FOLDER, s) for s in SELECTIONS):
-        sys.exit("not every selection has a finished run yet: python experiments/cropi_compare.py")
+        sys.exit(f"not every selection has a finished run yet: python experiments/cropi_compare.py {PART}")
     reach_table(metric)
     overall_table()
     share_table()

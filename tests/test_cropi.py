@@ -143,6 +143,27 @@ def test_target_defaults_to_the_weak_skill_and_bad_targets_are_refused():
         cropi.target_skills(plain, cropi.Args(target_skills=("words",)))
 
 
+def test_target_evaluation_samples_each_prompt_k_times(monkeypatch):
+    """--target-samples k: greedy answers each prompt once, sampling answers it k times, and the accuracy is
+    over every sample (here prompt a is always right, b right in 1 of 3 samples: (3 + 1) / 6)."""
+    import common.session
+
+    seen = []
+
+    def answers(model, tokenizer, questions, instruction, max_new_tokens, temperature, greedy, generator):
+        seen.append((greedy, list(questions)))
+        right = {"a": iter(["#### 1"] * 3), "b": iter(["#### 2", "#### 0", "#### 0"])}
+        return [next(right[q]) if not greedy else "#### 1" for q in questions], 0
+
+    monkeypatch.setattr(common.session, "rollout_texts", answers)
+    task = type(make_chain(seed=0))("file.jsonl", [], [], [{"question": "a", "answer": "1", "skill": "x"},
+                                                          {"question": "b", "answer": "2", "skill": "y"}])
+    metrics = common.session.evaluate(None, None, task, 2, 8, 1.0, 0, 1, None, samples=3)
+    assert seen == [(True, ["a", "b"]), (False, ["a", "a", "a", "b", "b", "b"])]
+    assert metrics["eval/acc_greedy"] == 0.5 and metrics["eval/acc_sampled"] == pytest.approx(4 / 6)
+    assert metrics["eval/acc_sampled/x"] == 1.0 and metrics["eval/acc_sampled/y"] == pytest.approx(1 / 3)
+
+
 # ---- end to end -----------------------------------------------------------------------------------------
 
 
