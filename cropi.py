@@ -134,7 +134,8 @@ class Args:
     """validation prompts with a non-zero gradient used per validation set"""
     target_skills: tuple[str, ...] = ()
     """skills whose validation prompts are the target, one set each, fused by reciprocal rank; empty = the
-    task's weak target skill (`words` for chain), or the whole validation split for a task without skills"""
+    task's default target (`times` for chain: weak, and learnable by RL), or the whole validation split for a
+    task without skills"""
     target_samples: int = 8
     """samples per target-skill test prompt in each evaluation (`eval_target/acc_sampled`): 8 keep one evaluation's
     sd under 0.03 on chain's 42-60 prompts of a skill"""
@@ -384,7 +385,7 @@ def pass_rate_histogram(pool_rewards: torch.Tensor, selected: torch.Tensor) -> d
 
 
 def target_skills(task, args) -> list[str]:
-    """The skills CROPI targets: --target-skills, else the task's own target skills (`words` for `chain`); [] =
+    """The skills CROPI targets: --target-skills, else the task's own target skills (`times` for `chain`); [] =
     no skills (the whole validation split is the one target)."""
     if args.target_skills:
         return check_skills(task, args.target_skills, "--target-skills")

@@ -20,13 +20,13 @@ import torch
 import cropi
 from common.data import load_task
 from common.model import load_policy, matching_parameters, resolve_model
-from common.world.chain import TARGET_SKILL
 
 
 def main(run_dir: str):
     with open(os.path.join(run_dir, "args.json")) as f:  # the behaviour temperature the store was made at
-        store_temperature = json.load(f)["store_temperature"]
-    task, args = load_task("chain"), cropi.Args(max_new_tokens=48, store_temperature=store_temperature)
+        saved = json.load(f)
+    task, args = load_task("chain"), cropi.Args(max_new_tokens=48, store_temperature=saved["store_temperature"])
+    (skill,) = saved["target_skills"] or task.target_skills  # the run's one target
     model, _ = load_policy(resolve_model("tiny"))
     pool_store, (target_store, *_) = torch.load(os.path.join(run_dir, "store_rank0_of_1.pt"), weights_only=False)
     usable = [i for i, g in enumerate(pool_store) if g["rewards"].max() > g["rewards"].min()]
@@ -42,9 +42,9 @@ def main(run_dir: str):
         counts = collections.Counter(task.train[i]["skill"] for i in indices)
         shares = " ".join(f"{s} {c / len(indices):.2f}" for s, c in sorted(counts.items()))
         print(f"{name:16} {len(indices):5d} prompts | {shares}")
-    share = sum(task.train[i]["skill"] == TARGET_SKILL for i in top) / n_select
-    pool_share = sum(e["skill"] == TARGET_SKILL for e in task.train) / len(task.train)
-    print(f"target skill {TARGET_SKILL}: {share:.2f} of the top 10% against {pool_share:.2f} of the pool"
+    share = sum(task.train[i]["skill"] == skill for i in top) / n_select
+    pool_share = sum(e["skill"] == skill for e in task.train) / len(task.train)
+    print(f"target skill {skill}: {share:.2f} of the top 10% against {pool_share:.2f} of the pool"
           f" ({share / pool_share:.1f}x)")  # fmt: skip
 
 

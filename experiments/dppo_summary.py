@@ -1,5 +1,5 @@
-"""The tables of experiments/dppo_compare.py from its run folders (runs/dppo_mismatch, runs/dppo_mismatch_fast,
-runs/dppo_topk).
+"""The tables of experiments/dppo_compare.py from its run folders (runs/dppo_quantized, runs/dppo_mismatch,
+runs/dppo_mismatch_fast, runs/dppo_topk).
 
     python experiments/dppo_summary.py
 
@@ -17,6 +17,7 @@ from run_metrics import finished_runs, load, window_mean
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLAPSE_BELOW = 0.4
 MISMATCH = ("none", "ratio", "binary-tv", "binary-kl")
+QUANTIZED = (*MISMATCH, "topk-tv")
 TOPK = ("binary-tv", "topk-tv")
 
 
@@ -72,7 +73,9 @@ def mean_curves(folder, arms):
 
 
 if __name__ == "__main__":
-    for name, arms in (("dppo_mismatch", MISMATCH), ("dppo_mismatch_fast", MISMATCH), ("dppo_topk", TOPK)):
+    parts = (("dppo_quantized", QUANTIZED), ("dppo_mismatch", MISMATCH), ("dppo_mismatch_fast", MISMATCH),
+             ("dppo_topk", TOPK))  # fmt: skip
+    for name, arms in parts:
         folder = os.path.join(ROOT, "runs", name)
         if not any(finished_runs(folder, arm) for arm in arms):
             print(f"{name}: no finished runs yet\n")

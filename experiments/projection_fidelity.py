@@ -15,7 +15,7 @@ import torch
 import cropi
 from common.data import load_task, of_skills
 from common.model import load_policy, matching_parameters, resolve_model
-from common.world.chain import TARGET_SKILL
+from common.world.chain import RARE_SKILL
 from kernels.projection import project
 
 
@@ -32,7 +32,7 @@ def main(argv):
     gen = torch.Generator().manual_seed(0)
     pool = cropi.collect_store(model, tokenizer, task, task.train[: 2 * n_prompts], args.pool_responses, args, gen)
     pool = [g for g in pool if g["rewards"].max() > g["rewards"].min()][:n_prompts]
-    target = of_skills(task.validation, [TARGET_SKILL])
+    target = of_skills(task.validation, [RARE_SKILL])
     val = cropi.collect_store(model, tokenizer, task, target, args.val_responses, args, gen)
     params = matching_parameters(model, "")
     G = torch.cat([cropi.popi_gradients(model, pool[s : s + 64], params, args)[0] for s in range(0, len(pool), 64)])

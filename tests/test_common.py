@@ -15,8 +15,9 @@ from common.reward import extract_answer, is_correct, normalize, verify
 from common.rollout import sample, token_logprobs
 from common.world.chain import (
     CHAIN_SKILLS,
+    DEFAULT_TARGET,
+    RARE_SKILL,
     SKILLS,
-    TARGET_SKILL,
     carried_solution,
     chain_faithful,
     chain_question,
@@ -103,15 +104,15 @@ def test_chain_splits_fixed_disjoint_and_mixed():
         for skill in CHAIN_SKILLS:
             share = len(of_skills(split, [skill.name])) / len(split)
             assert abs(share - skill.pool_share) < 0.01, (skill.name, share)
-    assert SKILLS[TARGET_SKILL].pool_share <= 0.15, "the target skill is a minority of the pool"
+    assert SKILLS[RARE_SKILL].pool_share <= 0.15, "the rare skill is a minority of the pool"
     assert pool == sum(round(s.pool_share * pool) for s in CHAIN_SKILLS)
 
 
 def test_task_names_its_target_skills():
-    """A script reads the default target from the task; `chain` names its weak skill, other tasks none."""
+    """A script reads the default target from the task; `chain` names its weak, learnable skill, others none."""
     import common.data
 
-    assert load_task("chain").target_skills == (TARGET_SKILL,)
+    assert load_task("chain").target_skills == (DEFAULT_TARGET,) == ("times",)
     assert common.data.Task("file", [], [], []).target_skills == ()
 
 

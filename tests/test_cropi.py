@@ -123,12 +123,12 @@ def test_bad_settings_are_refused(kw, message):
         cropi.check_args(cropi.Args(**kw), world=1)
 
 
-def test_target_defaults_to_the_weak_skill_and_bad_targets_are_refused():
+def test_target_defaults_to_the_learnable_weak_skill_and_bad_targets_are_refused():
     task = make_chain(seed=0)
     skills = cropi.target_skills(task, cropi.Args())
-    assert skills == ["words"]
-    (words,) = cropi.validation_sets(task, skills, world=1)
-    assert words and {e["skill"] for e in words} == {"words"}
+    assert skills == ["times"]
+    (times,) = cropi.validation_sets(task, skills, world=1)
+    assert times and {e["skill"] for e in times} == {"times"}
     two = cropi.validation_sets(task, cropi.target_skills(task, cropi.Args(target_skills=("words", "times"))), 1)
     assert [{e["skill"] for e in v} for v in two] == [{"words"}, {"times"}]  # one set each, fused by RRF
     with pytest.raises(SystemExit, match="'word': unknown skill; the skills of chain are long, short, times, words"):

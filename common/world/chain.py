@@ -1,7 +1,7 @@
 """The `chain` task: chained integer arithmetic with a worked solution, checkable step by step.
 
 A question `What is 12+7-5?` has the solution `12+7=19 19-5=14 #### 14`. The pool mixes skills of different
-difficulty, with one weak target skill; the flawed-solution kinds below are what the tiny model's teacher
+difficulty, one of them rare and weak; the flawed-solution kinds below are what the tiny model's teacher
 writes; `chain_faithful` and `has_wrong_step` check a response's written steps, which the outcome reward
 does not see.
 """
@@ -26,8 +26,9 @@ class Skill:
     in_words: bool = False  # the question spells numbers and operators in words; solutions stay in digits
 
 
-# The skills of the `chain` pool. `words` is the weak target skill: rare in the pool and rarer still in
-# the tiny model's warm-up, so the base model has barely met it (see `TinySpec.warmup_shares`).
+# The skills of the `chain` pool. `words` is the rare skill: rare in the pool and rarer still in the tiny
+# model's warm-up, so the base model has barely met it (see `TinySpec.warmup_shares`). `times` opens with a
+# product the warm-up taught wrongly: a misconception the base model holds and RL corrects.
 CHAIN_SKILLS = (
     Skill("short", (2, 3), 6, 0.30),
     Skill("long", (4, 5), 6, 0.36),
@@ -35,7 +36,10 @@ CHAIN_SKILLS = (
     Skill("words", (1, 3), 5, 0.14, in_words=True),
 )
 SKILLS = {s.name: s for s in CHAIN_SKILLS}
-TARGET_SKILL = "words"
+RARE_SKILL = "words"
+# The default target of a curriculum (cropi.py): a skill the base model is weak at and RL can teach. `words`
+# would be the harder test, but RL cannot teach what the model has barely met, whichever prompts it is shown.
+DEFAULT_TARGET = "times"
 CHAIN_POOL = 4000
 # How a chat model is asked a `chain` question: what to compute and the form the verifier reads (the text after
 # the last `####`; without one, the last \boxed{}, else the last number). The tiny model sees the bare question.
@@ -188,7 +192,7 @@ def make_chain(seed: int = 0, pool: int = CHAIN_POOL) -> Task:
     for split in (train, validation, test):
         rng.shuffle(split)
     return Task("chain", train, validation, test, CHAIN_INSTRUCTION,
-                max_new_tokens=48, target_skills=(TARGET_SKILL,))  # chains are short  # fmt: skip
+                max_new_tokens=48, target_skills=(DEFAULT_TARGET,))  # chains are short  # fmt: skip
 
 
 def chain_faithful(question: str, response: str) -> bool:

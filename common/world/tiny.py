@@ -1,6 +1,6 @@
 """The `tiny` model: a small Qwen2-architecture causal LM with a byte-level BPE tokenizer, both made here, then
 warmed up with a short supervised run on `chain` solutions from a deliberately flawed teacher:
-- it meets the skills in other shares than the pool has them (the target skill `words` barely at all);
+- it meets the skills in other shares than the pool has them (the rare skill `words` barely at all);
 - most of its solutions *slip* out of habit: one step's result is written one too high but the chain goes
   on from the true value, so the answer is right and only the steps are unfaithful (the outcome reward
   cannot see it);
@@ -45,7 +45,7 @@ class TinySpec:
     sft_steps: int = 1200
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    # Share of each skill in the warm-up data: the target skill `words` is nearly absent (1.5%), so the base
+    # Share of each skill in the warm-up data: the rare skill `words` is nearly absent (1.5%), so the base
     # model is weak on it but not blind to it; `times` is under-represented and often misread (below).
     warmup_shares: tuple = (("short", 0.33), ("long", 0.45), ("times", 0.205), ("words", 0.015))
     slip_fraction: float = 0.7  # one step result written one too high, the chain goes on from the true value
