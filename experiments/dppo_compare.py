@@ -43,8 +43,9 @@ TOPK = {tr: ["dppo.py", "--trust-region", tr, "--top-k", "20", *PAPER] for tr in
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["quantized", "mismatch", "topk", "mismatch-fast"]
     if "quantized" in parts:
-        run_all(os.path.join(ROOT, "runs", "dppo_quantized"), QUANTIZED, range(1, 11), 120,
-                ["--sampler-bits", "3", "--lr", "4e-5", "--eval-every", "15", "--log-every", "40"])  # fmt: skip
+        flags = ["--sampler-bits", "3", "--lr", "4e-5", "--eval-every", "15", "--log-every", "40"]
+        for arms in (MISMATCH, {"topk-tv": QUANTIZED["topk-tv"]}):  # Top-K TV last: the paper's comparison first
+            run_all(os.path.join(ROOT, "runs", "dppo_quantized"), arms, range(1, 11), 120, flags)
     if "mismatch" in parts:
         run_all(os.path.join(ROOT, "runs", "dppo_mismatch"), MISMATCH, range(1, 11), 120, MISMATCH_FLAGS)
     if "mismatch-fast" in parts:
