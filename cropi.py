@@ -72,6 +72,8 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """parameter dtype of the policy"""
+    fsdp: bool = False
+    """shard the model over the ranks with FSDP2: not supported by cropi.py yet (an error says why)"""
     output_dir: str = "runs"
     """run folders go here"""
     run_name: str | None = None
@@ -161,6 +163,9 @@ class Args:
 
 def check_args(args: Args, world: int):
     """Reject bad settings with a one-line error naming the flag."""
+    if args.fsdp:
+        fail("--fsdp: cropi.py cannot shard yet: its scores take per-prompt gradients through the whole weights"
+             " (torch.func), and its store gives ranks uneven numbers of prompts to sample")  # fmt: skip
     if args.n < 2:
         fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
     check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",

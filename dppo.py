@@ -36,6 +36,7 @@ from common.run import (
     flag,
     grad_norm_metrics,
     optimizer_step,
+    shard,
     world_size,
 )
 from common.session import (
@@ -70,6 +71,9 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """parameter dtype of the policy"""
+    fsdp: bool = False
+    """under torchrun, shard the policy (and the reference) over the ranks with FSDP2: each rank holds 1/ranks of
+    the weights, gradients and AdamW state, in float32, and computes in --dtype"""
     output_dir: str = "runs"
     """run folders go here"""
     run_name: str | None = None
@@ -169,6 +173,9 @@ def check_args(args: Args, world: int):
     for name in ("delta_low", "delta_high"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"{flag(name)} {getattr(args, name)}: must be positive")
+    if args.fsdp and args.sampler_bits:
+        fail("--fsdp with --sampler-bits: the quantized sampler is a second, whole copy of the policy; use one or the"
+             " other")  # fmt: skip
     if args.sampler_bits and not 2 <= args.sampler_bits <= 16:
         fail(f"--sampler-bits {args.sampler_bits}: must be between 2 and 16 (or 0: no quantized sampler)")
     if args.trust_region.startswith("topk") and args.top_k < 1:
@@ -409,6 +416,7 @@ def main(args: Args):
     if top_k > model.config.vocab_size:
         fail(f"--top-k {top_k}: larger than the vocabulary ({model.config.vocab_size} tokens)")
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     sampler = copy.deepcopy(model).eval() if args.sampler_bits else model  # a second copy of the weights
     sampler_weights = f"weights rounded to {args.sampler_bits} bits" if args.sampler_bits else "the policy's weights"

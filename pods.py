@@ -28,6 +28,7 @@ from common.run import (
     fail,
     grad_norm_metrics,
     optimizer_step,
+    shard,
     world_size,
 )
 from common.session import (
@@ -58,6 +59,9 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """parameter dtype of the policy"""
+    fsdp: bool = False
+    """under torchrun, shard the policy (and the reference) over the ranks with FSDP2: each rank holds 1/ranks of
+    the weights, gradients and AdamW state, in float32, and computes in --dtype"""
     output_dir: str = "runs"
     """run folders go here"""
     run_name: str | None = None
@@ -269,6 +273,7 @@ def main(args: Args):
     model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
     B, n, m = args.batch_prompts // session.world, args.n, args.m
     ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
     run.print(f"{session.describe()} | B={args.batch_prompts} n={n} m={m} rule={args.rule}"

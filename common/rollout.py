@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common.run import gathered
+
 
 @dataclass
 class Rollout:
@@ -58,7 +60,14 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, 
            on_token=None) -> Rollout:  # fmt: skip
     """Sample one completion per prompt (token id lists); stop a row at its first EOS. `on_token(logp, token)`,
     if given, sees each position's full log-probability rows [N, V] and the tokens drawn from them (pad where
-    a row has ended), while they exist: a script records from them what it needs beyond the sampled token."""
+    a row has ended), while they exist: a script records from them what it needs beyond the sampled token.
+    A sharded model's weights are gathered once for the whole generation."""
+    with gathered(model):
+        return sample_tokens(model, prompts, max_new_tokens, temperature, eos_id, pad_id, greedy, generator, on_token)
+
+
+def sample_tokens(model, prompts, max_new_tokens, temperature, eos_id, pad_id, greedy, generator, on_token):
+    """`sample`'s loop: a prefill of the prompts, then one forward pass per token with the KV cache."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -124,10 +133,16 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
     temperature, no gradient) for the flat completion positions start, start + 1, ...: statistics
     such as the entropy or a top-K divergence are computed there, while the chunk exists.
     """
-    hidden = model.base_model(
-        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-        position_ids=positions(rollout.attention_mask),
-    ).last_hidden_state  # fmt: skip
+    # The model's own forward (where a sharded model gathers its weights), with the logits of one position only:
+    # the backbone's output is kept on its way, and the logits are made below, a chunk at a time.
+    kept = []
+    hook = model.base_model.register_forward_hook(lambda module, args, out: kept.append(out.last_hidden_state))
+    try:
+        model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+              position_ids=positions(rollout.attention_mask), logits_to_keep=1)  # fmt: skip
+    finally:
+        hook.remove()
+    hidden = kept[0]
     P = rollout.prompt_len
     hidden = hidden[:, P - 1 : -1]  # the state before each completion token predicts it
     targets = rollout.completion_ids

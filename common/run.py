@@ -1,6 +1,7 @@
 """Seeding, torchrun helpers, the run folder (args, metrics.jsonl, TensorBoard, samples), progress, checkpoints."""
 
 import atexit
+import contextlib
 import hashlib
 import json
 import math
@@ -21,6 +22,14 @@ except ImportError:  # Windows: run folders are still created atomically, but no
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 
 def fail(message: str):
@@ -183,9 +192,12 @@ def all_reduce_mean(metrics: dict) -> dict:
 def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     """Average gradients over ranks, clip their norm, and step; returns the norm before clipping. A gradient
     that is not finite (NaN or inf) is dropped instead of stepped on: the parameters stay the last good ones,
-    and the NaN norm returned lets the caller count the skip. Every rank sees the same norm, so all agree."""
-    average_gradients(model)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    and the NaN norm returned lets the caller count the skip. Every rank sees the same norm, so all agree.
+    A sharded model's gradients were averaged by the backward pass; their norm is over all the shards."""
+    if not isinstance(model, FSDPModule):
+        average_gradients(model)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
     if math.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad()
@@ -232,6 +244,53 @@ def average_gradients(model):
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad /= world_size()
+
+
+def shard(model, args):
+    """--fsdp under torchrun: FSDP2 (`fully_shard`) splits the weights, and with them the gradients and AdamW's
+    moments, over the ranks. Each decoder layer is one unit and the root holds the rest (embeddings, final norm,
+    output layer); a unit's full weights are gathered for its forward and backward and freed after, and the
+    backward's reduce-scatter leaves each rank the average gradient of its shard. The shards stay float32 (the
+    policy is loaded so); with --dtype bfloat16 each unit computes in bfloat16 and reduces in float32. Returns
+    the model (sharded in place); without --fsdp, or in one process, unchanged."""
+    if model is None or not getattr(args, "fsdp", False):
+        return model
+    kinds = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not layers:
+        fail(f"--fsdp: found no decoder layers in {type(model).__name__} (none of the classes its _no_split_modules"
+             " names), so it cannot be sharded per layer")  # fmt: skip
+    if world_size() == 1:
+        return model
+    mesh = dist.device_mesh.init_device_mesh(next(model.parameters()).device.type, (world_size(),))
+    bf16 = args.dtype == "bfloat16"
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    for unit in [*layers, model]:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Every rank holds a sharded model's full weights for the whole block: one all-gather per unit, then no
+    communication at all, however many forward passes each rank makes (sampling makes one per token, and ranks
+    stop at different lengths). Nothing to do for a model that is not sharded, or is gathered already."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units or getattr(model, "is_gathered", False):
+        yield
+        return
+    for unit in units:
+        unit.unshard()
+    model.set_reshard_after_forward(False)  # the forward passes find the weights gathered and leave them so
+    model.is_gathered = True
+    try:
+        yield
+    finally:
+        model.is_gathered = False
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # FSDP's default: the root keeps its weights
+        for unit in units:
+            unit.reshard()
 
 
 # ---- run folder, logging, checkpoints ------------------------------------------------------------------
@@ -455,14 +514,21 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
     `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes, into a temporary folder
     renamed when complete, so a kill during a save never leaves a checkpoint that looks complete."""
     folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+    weights, optimizer_state = None, optimizer.state_dict()
+    if isinstance(model, FSDPModule):  # every rank sends its shards; rank 0 gets the whole of each
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, optimizer_state = get_model_state_dict(model, options=whole), get_optimizer_state_dict(
+            model, optimizer, options=whole)  # fmt: skip
+        own = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}  # a tied weight once
+        weights = {name: w for name, w in weights.items() if name in own}
     if not is_main():
         return folder
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    model.save_pretrained(partial, state_dict=weights)
     tokenizer.save_pretrained(partial)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **state}, f"{partial}/trainer_state.pt")
+    torch.save({"step": step, "optimizer": optimizer_state, "rng": rng, **state}, f"{partial}/trainer_state.pt")
     shutil.rmtree(folder, ignore_errors=True)  # the same step saved by an earlier attempt of this run
     os.replace(partial, folder)
     return folder
@@ -496,9 +562,12 @@ def read_trainer_state(checkpoint: str) -> dict:
     return state
 
 
-def restore_trainer_state(state: dict, optimizer):
-    """Put a checkpoint's optimizer and random states back."""
-    optimizer.load_state_dict(state["optimizer"])
+def restore_trainer_state(state: dict, model, optimizer):
+    """Put a checkpoint's optimizer and random states back (a sharded model's optimizer takes its shard)."""
+    if isinstance(model, FSDPModule):
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])

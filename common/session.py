@@ -26,6 +26,7 @@ from common.run import (
     creation_problem,
     fail,
     flag,
+    gathered,
     is_main,
     read_trainer_state,
     refuse_existing,
@@ -151,6 +152,8 @@ def open_session(args, script: str, check_args) -> Session:
         fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
     rank, world, device = setup_distributed(args.device)
     check_args(args, world)
+    if getattr(args, "fsdp", False) and world == 1:
+        warn("--fsdp: one process holds the whole model, nothing is sharded; launch with torchrun to shard")
     warn_unusual(args)
     seed_everything(args.seed)
     task = load_task(args.task, args.seed, args.question_field, args.answer_field,
@@ -167,7 +170,8 @@ def open_session(args, script: str, check_args) -> Session:
         resolve_model(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
     barrier()
     model_path = resolve_model(args.model)
-    dtype = getattr(torch, args.dtype)
+    sharded = getattr(args, "fsdp", False) and world > 1
+    dtype = torch.float32 if sharded else getattr(torch, args.dtype)  # --fsdp: fp32 shards, --dtype computes
     if args.resume:
         checkpoint, model, tokenizer, state = newest_loadable_checkpoint(run_dir, dtype, device)
     else:
@@ -379,7 +383,7 @@ class Run:
         self.session, self.args, self.optimizer, self.total = session, args, optimizer, total_steps
         self.state = session.trainer_state or {"step": 0, "train_time": 0.0}
         if session.checkpoint:
-            restore_trainer_state(self.state, optimizer)
+            restore_trainer_state(self.state, session.model, optimizer)
         self.start, self.train_time = self.state["step"], self.state["train_time"]
         if session.checkpoint and self.start >= total_steps:
             more = f"; to train further, resume with --steps above {self.start}" if hasattr(args, "steps") else ""
@@ -418,8 +422,9 @@ class Run:
         if self.interrupted:
             return
         s, a = self.session, self.args
-        metrics = evaluate(s.model, s.tokenizer, s.task, a.eval_prompts, a.max_new_tokens, a.temperature, s.rank,
-                           s.world, self.generator("eval", step, device=s.device))  # fmt: skip
+        with gathered(s.model):  # a sharded model's weights, gathered once for the whole evaluation
+            metrics = evaluate(s.model, s.tokenizer, s.task, a.eval_prompts, a.max_new_tokens, a.temperature, s.rank,
+                               s.world, self.generator("eval", step, device=s.device))  # fmt: skip
         metrics |= more or {}
         self.logger.log(step, {**metrics, "time/train_elapsed": self.train_time})
         self.print(eval_line(step, metrics))

@@ -3,6 +3,7 @@ torchrun: several). Rank r trains on its share of the batch's prompts; rank 0 sa
 
     python tests/one_step.py grpo MODEL_DIR OUT.pt [aggregation]
     python -m torch.distributed.run --nproc_per_node 2 tests/one_step.py grpo MODEL_DIR OUT.pt
+    python -m torch.distributed.run --nproc_per_node 2 tests/one_step.py grpo MODEL_DIR OUT.pt seq-mean-token-mean fsdp
 
 Plain SGD with lr 1 and no gradient clipping, so the parameter change is the gradient itself (Adam's first
 step, about lr * sign(gradient), would hide a wrongly scaled gradient).
@@ -10,14 +11,16 @@ step, about lr * sign(gradient), would hide a wrongly scaled gradient).
 
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
 from common.model import load_policy  # noqa: E402
 from common.rollout import sample, token_logprobs  # noqa: E402
-from common.run import setup_distributed  # noqa: E402
+from common.run import setup_distributed, shard  # noqa: E402
 from common.session import prompt_ids  # noqa: E402
 from common.world.chain import make_chain  # noqa: E402
 
@@ -60,10 +63,11 @@ def ippo_step(model_dir, model, tokenizer, optimizer, rollout, rewards, rank, wo
     return critic
 
 
-def main(mode, model_dir, out, aggregation="seq-mean-token-mean"):
+def main(mode, model_dir, out, aggregation="seq-mean-token-mean", sharding=""):
     rank, world, _ = setup_distributed("cpu")
     model, tokenizer = load_policy(model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    shard(model, SimpleNamespace(fsdp=sharding == "fsdp", dtype="float32"))
     questions = [e["question"] for e in make_chain().train[:PROMPTS]]
     ids = [p for p in prompt_ids(tokenizer, questions) for _ in range(N)]
     rollout = sample(model, ids, TOKENS, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
@@ -77,8 +81,9 @@ def main(mode, model_dir, out, aggregation="seq-mean-token-mean"):
         ippo_step(model_dir, model, tokenizer, optimizer, local, rewards, rank, world)
     else:
         grpo_like_step(__import__(mode), model, optimizer, local, rewards, aggregation)
+    after = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        torch.save({k: v - before[k] for k, v in model.state_dict().items()}, out)
+        torch.save({k: v - before[k] for k, v in after.items()}, out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, metric_rows, run_command
 
 import cropi
+import dppo
 import grpo
 import ippo
 import pods
@@ -25,9 +26,9 @@ from common.data import Task, check_skills, load_task
 from common.reward import is_correct
 from common.run import claim_run_folder
 
-SCRIPTS = {"grpo": grpo, "pods": pods, "cropi": cropi, "ippo": ippo}
+SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=1, batch_prompts=2, n=2, eval_prompts=2, eval_every=1, max_new_tokens=4)
-SCRIPT_SMALL = {"grpo": SMALL, "pods": {**SMALL, "m": 2},
+SCRIPT_SMALL = {"grpo": SMALL, "pods": {**SMALL, "m": 2}, "dppo": SMALL,
                 "ippo": {**SMALL, "val_prompts": 2, "score_batch": 2},
                 "cropi": {**SMALL, "steps_per_stage": 1,
                           "pool_responses": 2, "val_responses": 2, "val_prompts": 2, "score_batch": 4}}  # fmt: skip
@@ -115,6 +116,14 @@ CASES = [
     ("every-prompt-too-long", "grpo", lambda d: dict(task=jsonl(d / "p.jsonl", rows(answer=lambda i: "1",
                                                                                      question="9" * 400))),
      "error", "every train prompt is longer than 252 tokens"),
+    # ---- --fsdp ----
+    ("fsdp-one-process", "grpo", lambda d: dict(fsdp=True), "warning", "--fsdp: one process holds the whole model"),
+    ("fsdp-no-layers", "grpo", lambda d: dict(fsdp=True, model=layerless_model(d)), "error",
+     "--fsdp: found no decoder layers in Qwen2ForCausalLM"),
+    ("fsdp-sampler-bits", "dppo", lambda d: dict(fsdp=True, sampler_bits=8), "error",
+     "--fsdp with --sampler-bits: the quantized sampler is a second, whole copy"),
+    ("fsdp-cropi", "cropi", lambda d: dict(fsdp=True), "error", "--fsdp: cropi.py cannot shard yet: its scores take"),
+    ("fsdp-ippo", "ippo", lambda d: dict(fsdp=True), "error", "--fsdp: ippo.py cannot shard yet: the influence takes"),
     ("cropi-no-validation-signal", "cropi", lambda d: dict(task=jsonl(d / "z.jsonl", rows(answer=lambda i: "123457"))),
      "error", "validation set 0: every prompt's 2 stored responses have equal rewards"),
 ]
@@ -127,6 +136,17 @@ def truncated_model(folder):
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return str(copy)
+
+
+def layerless_model(folder):
+    """The random model's configuration with no decoder layers: nothing to shard per layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(RANDOM_MODEL[0])
+    config.num_hidden_layers, config.layer_types = 0, []
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder / "layerless")
+    AutoTokenizer.from_pretrained(RANDOM_MODEL[0]).save_pretrained(folder / "layerless")
+    return str(folder / "layerless")
 
 
 RANDOM_MODEL = []  # the session's random model folder, for the table's lambdas
