@@ -3,14 +3,17 @@ rollout engine does (`dppo.py --sampler-bits`): no update has been taken, so eve
 is the sampler's numerics.
 
 The base `tiny` policy samples 64 train prompts x 4 completions (48 tokens, T = 1) with its weights rounded per
-output channel to 8, 6 and 4 bits, recording mu (and mu's top-20); the fp32 trainer recomputes pi on the same
+output channel to 8, 6, 4 and 3 bits, recording mu (and mu's top-20); the fp32 trainer recomputes pi on the same
 tokens. For each trust region at its default threshold (the ratio clip at 0.2, Binary TV 0.15, Binary KL 0.05,
 Top-K TV 0.15), and for each bin of mu (the sampled token's probability under the sampler): the share of tokens
 past the region's threshold, the share whose update it blocks (its mask is 0: past the threshold, and moved the
-way the token's advantage pushes), and the mean |pi - mu| of the blocked tokens.
+way the token's advantage pushes), and the mean |pi - mu| of the blocked tokens. Then, over all tokens with
+A != 0, the share of the updates each region keeps that move pi towards mu (A > 0 on a token pi gives less
+than mu, or A < 0 on one it gives more), by count and weighted by |pi - mu|: a mask blocks only updates away
+from mu, so what it keeps leans towards the sampler.
 
     python experiments/dppo_mechanism.py        # about a minute on one CPU core; prints the tables
-                                                # and draws docs/dppo_mechanism.png (6 and 4 bits)
+                                                # and draws docs/dppo_mechanism.png (6, 4 and 3 bits)
 """
 
 import copy
@@ -30,7 +33,7 @@ from common.session import prompt_ids, score_groups  # noqa: E402
 
 REGIONS = {"ratio clip 0.2": "ratio", "binary TV 0.15": "binary-tv", "binary KL 0.05": "binary-kl",
            "top-K TV 0.15": "topk-tv"}  # fmt: skip
-BITS = (8, 6, 4)
+BITS = (8, 6, 4, 3)
 PROMPTS, SAMPLES, TOKENS, K = 64, 4, 48, 20
 
 
@@ -54,12 +57,22 @@ def by_mu_bin(bits: int, model, tokenizer, task) -> dict:
     valid = rollout.completion_mask.bool()
     mu, pi = rollout.old_logprobs.exp()[valid], logprobs.exp()[valid]
     bins = [(mu >= low) & (mu < high) for low, high in zip(BINS, BINS[1:])]
-    result = {"tokens": [int(b.sum()) for b in bins], "largest": (pi - mu).abs().max().item()}
+    result = {"tokens": [int(b.sum()) for b in bins], "largest": (pi - mu).abs().max().item(), "towards": {}}
+    A = advantages[:, None].expand_as(valid)[valid]
+    towards = ((A > 0) & (pi < mu)) | ((A < 0) & (pi > mu))  # the update moves pi(token) towards mu(token)
+    gap = (pi - mu).abs()  # weighting by |pi - mu|: how far each kept update pulls
+
+    def towards_share(kept):  # (share of kept tokens, share of their |pi - mu|) moved towards mu
+        return towards[kept].float().mean().item(), (gap * towards)[kept].sum().item() / gap[kept].sum().item()
+
+    result["towards"]["none (kept: all)"] = towards_share(A != 0)
     for name, region in REGIONS.items():
         D = dppo.token_divergence(region, logprobs, rollout.old_logprobs, extra)
         low, high = dppo.thresholds(dppo.Args(trust_region=region))
         past = (D > min(low, high))[valid]
         blocked = (dppo.trust_region_mask(D, logprobs, rollout.old_logprobs, advantages, low, high) == 0)[valid]
+        kept = ~blocked & (A != 0)
+        result["towards"][name] = towards_share(kept)
         result[name] = [(past[b].float().mean().item(), blocked[b].float().mean().item(),
                          (pi - mu).abs()[b & blocked].mean().item() if (b & blocked).any() else float("nan"))
                         for b in bins]  # fmt: skip
@@ -75,6 +88,8 @@ def table(bits: int, result: dict) -> str:
         cells = [f"{past:.1%} / {blocked:.1%} ({change:.3f})" for past, blocked, change in
                  (result[name][k] for name in REGIONS)]  # fmt: skip
         lines.append(f"| {low:g}-{min(high, 1):g} | {result['tokens'][k]} | " + " | ".join(cells) + " |")
+    lines.append("kept updates that move pi towards mu, by tokens / by |pi - mu|: "
+                 + ", ".join(f"{name} {n:.1%} / {w:.1%}" for name, (n, w) in result["towards"].items()))  # fmt: skip
     return "\n".join(lines)
 
 
