@@ -31,7 +31,8 @@ def run(script: str) -> float:
     if result.returncode:
         sys.exit(f"{script}.py failed:\n{result.stderr[-3000:]}")
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() + result.stdout.splitlines()
-             if line.strip() and line.startswith(("run folder", "step", "stage", "offline", "stopping", "done", "    "))]  # fmt: skip
+             if line.strip() and line.startswith(("run folder", "step", "stage", "offline", "stopping", "done",
+                                                   "    "))]  # fmt: skip
     open(os.path.join(folder, "console.txt"), "w").write("\n".join(lines) + "\n")
     open(os.path.join(folder, "wall_clock.txt"), "w").write(f"{seconds:.1f}")
     return seconds
