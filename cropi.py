@@ -169,8 +169,8 @@ def check_args(args: Args, world: int):
     if args.n < 2:
         fail(f"--n {args.n}: need at least 2 rollouts per prompt for a group-relative advantage")
     check_flags(args, positive=("batch_prompts", "minibatches", "steps", "eval_every", "log_every", "eval_prompts",
-                                "target_samples", "temperature", "lr", "max_grad_norm", "eps_low", "eps_high", "steps_per_stage",
-                                "store_temperature", "proj_dim", "val_prompts", "score_batch"),
+                                "target_samples", "temperature", "lr", "max_grad_norm", "eps_low", "eps_high",
+                                "steps_per_stage", "store_temperature", "proj_dim", "val_prompts", "score_batch"),
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
                               "popi_clip"),
                 below_one=("eps_low",))  # fmt: skip
@@ -524,8 +524,9 @@ def main(args: Args):
     def evaluate_target(step) -> dict:  # accuracy on the test prompts of the target skills
         if not skills:
             return {}
+        generator = run.generator("eval-target", step, device=device)
         metrics = evaluate(model, tokenizer, target_task, len(target_task.test), args.max_new_tokens, args.temperature,
-                           rank, world, run.generator("eval-target", step, device=device), args.target_samples)  # fmt: skip
+                           rank, world, generator, samples=args.target_samples)  # fmt: skip
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
     run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
