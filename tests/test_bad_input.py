@@ -124,6 +124,8 @@ CASES = [
      "--fsdp with --sampler-bits: the quantized sampler is a second, whole copy"),
     ("fsdp-cropi", "cropi", lambda d: dict(fsdp=True), "error", "--fsdp: cropi.py cannot shard yet: its scores take"),
     ("fsdp-ippo", "ippo", lambda d: dict(fsdp=True), "error", "--fsdp: ippo.py cannot shard yet: the influence takes"),
+    ("cropi-target-samples-zero", "cropi", lambda d: dict(target_samples=0), "error",
+     "--target-samples 0: must be positive"),
     ("cropi-no-validation-signal", "cropi", lambda d: dict(task=jsonl(d / "z.jsonl", rows(answer=lambda i: "123457"))),
      "error", "validation set 0: every prompt's 2 stored responses have equal rewards"),
 ]
