@@ -5,7 +5,8 @@ sample each at temperature 1, drawn from the evaluation stream of seed 1, so its
 line a default run prints. Per skill: greedy accuracy, sampled accuracy, the unfaithful share among correct
 sampled answers (right `####` answer, steps not the question's faithful chain), the flawed share (an
 arithmetically wrong written step) and P(correct | flawed). Where that last share is high, the outcome reward
-cannot see step errors. It also prints cropi.py's step-0 target evaluation: all test prompts of `words`.
+cannot see step errors. It also prints cropi.py's step-0 target evaluation: all test prompts of its default
+target `times`, greedy and 8 samples each.
 
     python -m experiments.calibrate                 # the built-in tiny model (built on first use)
     python -m experiments.calibrate --model runs/pods__s1__.../checkpoints/step_000200
@@ -84,11 +85,12 @@ def main(args: Args):
               f" {ratio(s['flawed_correct'], s['flawed']):18.3f}")  # fmt: skip
     g = greedy["all"]
     print(f"\nunfaithful among correct greedy answers: {ratio(g['unfaithful'], g['correct']):.3f}")
-    target = replace(task, test=of_skills(task.test, ["words"]))
+    target = replace(task, test=of_skills(task.test, task.target_skills))
     t = evaluate(model, tokenizer, target, len(target.test), MAX_NEW_TOKENS, args.temperature, 0, 1,
-                 seeded_generator(args.seed, "eval-target", 0, 0))  # fmt: skip
-    words = f"greedy {t['eval/acc_greedy']:.3f}, sampled {t['eval/acc_sampled']:.3f}"
-    print(f"cropi.py's target evaluation, all {len(target.test)} `words` test prompts: {words}")
+                 seeded_generator(args.seed, "eval-target", 0, 0), samples=8)  # cropi.py's --target-samples
+    figures = f"greedy {t['eval/acc_greedy']:.3f}, sampled (8 each) {t['eval/acc_sampled']:.3f}"
+    skills = " ".join(task.target_skills)
+    print(f"cropi.py's target evaluation, all {len(target.test)} `{skills}` test prompts: {figures}")
     print(f"done in {time.time() - start:.1f}s")
 
 
