@@ -23,7 +23,7 @@ losses, DAPO's clip-higher for `ratio`).
     python experiments/dppo_compare.py            # every part: about 2 hours
     python experiments/dppo_compare.py mismatch   # one part: quantized, mismatch, mismatch-fast or topk
     python experiments/dppo_summary.py            # the tables
-    python experiments/dppo_plot.py               # docs/dppo_mismatch.png, docs/dppo_topk.png
+    python experiments/dppo_plot.py               # docs/dppo_quantized.png (and the other parts' figures)
 
 A finished run is not run again.
 """
