@@ -514,15 +514,16 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
     `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes, into a temporary folder
     renamed when complete, so a kill during a save never leaves a checkpoint that looks complete."""
     folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-    weights, optimizer_state = None, optimizer.state_dict()
+    weights = optimizer_state = None  # unsharded: the model's and the optimizer's own state_dict(), on rank 0
     if isinstance(model, FSDPModule):  # every rank sends its shards; rank 0 gets the whole of each
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights, optimizer_state = get_model_state_dict(model, options=whole), get_optimizer_state_dict(
-            model, optimizer, options=whole)  # fmt: skip
+        weights = get_model_state_dict(model, options=whole)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=whole)
         own = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}  # a tied weight once
         weights = {name: w for name, w in weights.items() if name in own}
     if not is_main():
         return folder
+    optimizer_state = optimizer_state or optimizer.state_dict()
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, state_dict=weights)

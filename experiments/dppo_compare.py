@@ -35,16 +35,17 @@ from seed_runs import ROOT, run_all
 
 PAPER = ["--no-scale-rewards", "--aggregation", "seq-mean-token-sum-norm", "--eps-high", "0.28"]
 MISMATCH = {tr: ["dppo.py", "--trust-region", tr, *PAPER] for tr in ("none", "ratio", "binary-tv", "binary-kl")}
-QUANTIZED = {**MISMATCH, "topk-tv": ["dppo.py", "--trust-region", "topk-tv", "--top-k", "20", *PAPER]}
 MISMATCH_FLAGS = ["--sampler-temperature", "0.6", "--lr", "1e-4", "--minibatches", "8", "--eval-every", "15",
                   "--log-every", "40"]  # fmt: skip
 TOPK = {tr: ["dppo.py", "--trust-region", tr, "--top-k", "20", *PAPER] for tr in ("binary-tv", "topk-tv")}
+TOPK_TV = {"topk-tv": TOPK["topk-tv"]}
+QUANTIZED = {**MISMATCH, **TOPK_TV}
 
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["quantized", "mismatch", "topk", "mismatch-fast"]
     if "quantized" in parts:
         flags = ["--sampler-bits", "3", "--lr", "4e-5", "--eval-every", "15", "--log-every", "40"]
-        for arms in (MISMATCH, {"topk-tv": QUANTIZED["topk-tv"]}):  # Top-K TV last: the paper's comparison first
+        for arms in (MISMATCH, TOPK_TV):  # Top-K TV last: the paper's comparison first
             run_all(os.path.join(ROOT, "runs", "dppo_quantized"), arms, range(1, 11), 120, flags)
     if "mismatch" in parts:
         run_all(os.path.join(ROOT, "runs", "dppo_mismatch"), MISMATCH, range(1, 11), 120, MISMATCH_FLAGS)

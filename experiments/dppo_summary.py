@@ -11,14 +11,14 @@ the masked shares are means over all training steps, the masked share of A > 0 (
 
 import os
 
+import dppo_compare
 import numpy as np
 from run_metrics import finished_runs, load, window_mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLAPSE_BELOW = 0.4
-MISMATCH = ("none", "ratio", "binary-tv", "binary-kl")
-QUANTIZED = (*MISMATCH, "topk-tv")
-TOPK = ("binary-tv", "topk-tv")
+# the arms' names, from the commands that ran them
+MISMATCH, QUANTIZED, TOPK = map(tuple, (dppo_compare.MISMATCH, dppo_compare.QUANTIZED, dppo_compare.TOPK))
 
 
 def per_run(run_dir):
