@@ -19,36 +19,15 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-import tyro
 
 from common.data import check_skills, of_skills
+from common.errors import check_flags, fail, flag, warn
 from common.model import load_policy, matching_parameters
-from common.reward import verify
-from common.rollout import Rollout, sample, token_logprobs
-from common.run import (
-    Totals,
-    all_reduce_mean,
-    all_reduce_sum,
-    check_flags,
-    fail,
-    flag,
-    gather_strided,
-    grad_norm_metrics,
-    optimizer_step,
-    seeded_generator,
-    warn,
-    world_size,
-)
-from common.session import (
-    Run,
-    draw_prompts,
-    evaluate,
-    open_session,
-    prompt_ids,
-    rollout_metrics,
-    score_groups,
-    shown_value,
-)
+from common.run import Run, evaluate, parse_args, shown_value
+from common.sampling import Rollout, Scored, draw_prompts, prompt_ids, rollout_metrics, sample, seeded_generator
+from common.sampling import token_logprobs
+from common.torchrun import Totals, all_reduce, gather_strided, grad_norm_metrics, optimizer_step, world_size
+from common.verifier import is_correct
 from kernels.projection import project, triton_usable
 
 MIN_TARGET_PROMPTS = 8  # fewest validation prompts a target skill may have (its gradient is their mean)
@@ -187,6 +166,15 @@ def check_args(args: Args, world: int):
         fail(f"--minibatches {args.minibatches} does not divide the {rows} sequences per rank (batch-prompts x n)")
 
 
+# ---- the reward ------------------------------------------------------------------------------------------
+
+
+def reward(example: dict, completion: str) -> float:
+    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0. Training, the logged
+    samples and the held-out evaluation all read this one value: a different reward is an edit here."""
+    return float(is_correct(completion, example["answer"]))
+
+
 # ---- advantages: each completion against its own group ---------------------------------------------------
 
 
@@ -220,7 +208,7 @@ def loss_normaliser(completion_mask, aggregation: str) -> float:
     micro-batches) gives the global value: sequences per rank (every rank holds the same number), or for
     `token-mean` the global token count / ranks."""
     if aggregation == "token-mean":
-        return all_reduce_sum([completion_mask.sum().item()])[0] / world_size()
+        return all_reduce(completion_mask.sum().item()) / world_size()
     return completion_mask.shape[0]
 
 
@@ -243,14 +231,14 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
     ratio is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
     model.train()
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
-    totals, grad_norms = Totals("tokens", "clipped", "kl", "loss"), []
+    totals, grad_norms = Totals("tokens", "clipped", "kl", "entropy", "loss"), []
     for minibatch in order.chunk(args.minibatches):
         normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
         optimizer.zero_grad()
         for rows in minibatch.split(args.micro_batch or len(minibatch)):
             micro, A = rollout.select(rows), advantages[rows]
             valid = micro.completion_mask.float()
-            logprobs = token_logprobs(model, micro, args.temperature)
+            logprobs, entropy = token_logprobs(model, micro, args.temperature, entropy=True)
             per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low, args.eps_high)
             kl = torch.zeros_like(logprobs)
             if ref_model is not None:
@@ -259,13 +247,15 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
                 kl = kl_k3(logprobs, ref_logprobs)
             loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
             loss.backward()
-            totals.add(tokens=valid, clipped=clipped * valid, kl=kl.detach() * valid, loss=loss.detach())
+            totals.add(tokens=valid, clipped=clipped * valid, kl=kl.detach() * valid, entropy=entropy * valid,
+                       loss=loss.detach())  # fmt: skip
         grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
     t = totals.over_ranks()
     return {
-        "loss/policy": t["loss"] / world_size() / args.minibatches,
+        "loss/clipped_surrogate": t["loss"] / world_size() / args.minibatches,
         "policy/clip_frac": t["clipped"] / max(1.0, t["tokens"]),
+        "policy/entropy": t["entropy"] / max(1.0, t["tokens"]),
         **({"policy/kl_ref": t["kl"] / max(1.0, t["tokens"])} if ref_model is not None else {}),
         **grad_norm_metrics(grad_norms),
         "train/update_tokens": t["tokens"] / world_size(),
@@ -287,7 +277,7 @@ def collect_store(model, tokenizer, task, examples, K, args, generator) -> list[
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         for i, example in enumerate(chunk):
             rows = torch.arange(i * K, (i + 1) * K, device=rollout.input_ids.device)
-            rewards = torch.tensor([verify(task.name, example, t)[0] for t in texts[i * K : (i + 1) * K]])
+            rewards = torch.tensor([reward(example, t) for t in texts[i * K : (i + 1) * K]])
             store.append({"rollout": trim(rollout.select(rows)), "rewards": rewards})
     return store
 
@@ -412,7 +402,7 @@ def validation_sets(task, skills, world) -> list[list[dict]]:
 # ---- one stage's selection -------------------------------------------------------------------------------
 
 
-def shard(items, rank, world):
+def rank_part(items, rank, world):
     return items[rank::world]
 
 
@@ -423,8 +413,8 @@ def validation_targets(model, val_stores, params, args, world) -> torch.Tensor:
     for local in val_stores:
         usable = [g for g in local if g["rewards"].max() > g["rewards"].min()][: -(-args.val_prompts // world)]
         z, _, _ = projected_gradients(model, usable, params, args)
-        count = all_reduce_sum([len(usable)])[0]  # > 0: checked when the store was made (check_validation_signal)
-        total = torch.tensor(all_reduce_sum(z.sum(0).tolist()), device=z.device)
+        count = all_reduce(len(usable))  # > 0: checked when the store was made (check_validation_signal)
+        total = torch.tensor(all_reduce(z.sum(0).tolist()), device=z.device)
         targets.append(total / count)
     return torch.stack(targets)
 
@@ -445,7 +435,7 @@ def select_prompts(model, pool_store, val_stores, pool_rewards, params, args, st
     z = gather_strided(z_local, N)  # projected vectors only; full gradients never leave a rank
     scores = torch.stack([cosine_scores(z, v) for v in targets]).cpu()
     selected = reciprocal_rank_fusion(scores, n_select)
-    zero_total, abs_total = all_reduce_sum([zero, abs_log_ratio])
+    zero_total, abs_total = all_reduce([zero, abs_log_ratio])
     metrics = {"score/zero_gradient_prompts": zero_total, "score/abs_log_ratio": abs_total / world,
                "score/mean_cosine_selected": scores[:, selected].mean().item()}  # fmt: skip
     return selected, metrics
@@ -455,14 +445,14 @@ def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, li
     """This rank's strided shard of the pool's and of every validation set's stored responses: collected once
     per run (not counted as training time) and checked, or read back from the run folder on --resume. Also
     the seconds it took to collect (None when read back)."""
-    rank, world = run.session.rank, run.session.world
-    store_file = os.path.join(run.session.run_dir, f"store_rank{rank}_of_{world}.pt")
+    rank, world = run.run.rank, run.run.world
+    store_file = os.path.join(run.run.run_dir, f"store_rank{rank}_of_{world}.pt")
     if os.path.exists(store_file):
         return *torch.load(store_file, weights_only=False), None
     start, generator = time.perf_counter(), run.generator("store", device=model.device)
-    pool_store = collect_store(model, tokenizer, task, shard(task.train, rank, world), args.pool_responses, args,
+    pool_store = collect_store(model, tokenizer, task, rank_part(task.train, rank, world), args.pool_responses, args,
                                generator)  # fmt: skip
-    val_stores = [collect_store(model, tokenizer, task, shard(v, rank, world), args.val_responses, args, generator)
+    val_stores = [collect_store(model, tokenizer, task, rank_part(v, rank, world), args.val_responses, args, generator)
                   for v in val_sets]  # fmt: skip
     check_validation_signal(val_stores, args)
     return pool_store, val_stores, time.perf_counter() - start
@@ -470,9 +460,9 @@ def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, li
 
 def save_store(run, pool_store, val_stores, seconds: float, args):
     """Keep the store in the run folder, for --resume."""
-    store_file = os.path.join(run.session.run_dir, f"store_rank{run.session.rank}_of_{run.session.world}.pt")
+    store_file = os.path.join(run.run.run_dir, f"store_rank{run.run.rank}_of_{run.run.world}.pt")
     torch.save((pool_store, val_stores), store_file)
-    run.logger.log(0, {"time/store": seconds})
+    run.record(0, {"time/store": seconds})
     run.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"
               f" at T={args.store_temperature} in {seconds:.0f}s -> {store_file}")  # fmt: skip
 
@@ -480,7 +470,7 @@ def save_store(run, pool_store, val_stores, seconds: float, args):
 def check_validation_signal(val_stores, args):
     """A one-line error, before the run folder is made, when a validation set has no prompt whose stored
     responses differ in reward: its validation gradient would be zero at every stage."""
-    mixed = all_reduce_sum([sum(bool(g["rewards"].max() > g["rewards"].min()) for g in local) for local in val_stores])
+    mixed = all_reduce([sum(bool(g["rewards"].max() > g["rewards"].min()) for g in local) for local in val_stores])
     for b, count in enumerate(mixed):
         if count == 0 and args.selection == "cropi":
             fail(f"validation set {b}: every prompt's {args.val_responses} stored responses have equal rewards, so no"
@@ -504,9 +494,9 @@ def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict
 
 
 def main(args: Args):
-    session = open_session(args, "cropi", check_args)
-    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
-    n, rank, world, pool = args.n, session.rank, session.world, task.train
+    run = Run(args, "cropi", check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
+    n, rank, world, pool = args.n, run.rank, run.world, task.train
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
     skills = target_skills(task, args)
@@ -517,7 +507,7 @@ def main(args: Args):
     scored = sum(p.numel() for _, p in params)
     if args.proj_dim >= scored:
         warn(f"--proj-dim {args.proj_dim}: not below the {scored} scored parameters; the projection compresses nothing")
-    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    ref_model = load_policy(run.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     target_task = replace(task, test=of_skills(task.test, skills))
 
@@ -529,8 +519,8 @@ def main(args: Args):
                            rank, world, generator, samples=args.target_samples)  # fmt: skip
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
-    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
-    run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
+    run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
+    run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
               f" | selection {args.selection}, a stage every {args.steps_per_stage} steps"
               f" | {len(val_sets)} validation set(s)")  # fmt: skip
     pool_store, val_stores, store_seconds = offline_store(model, tokenizer, task, val_sets, args, run)
@@ -560,7 +550,9 @@ def main(args: Args):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
-        scored = score_groups(task, tokenizer, examples, rollout, n)
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rewards = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)]).view(-1, n)
+        scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
         # 3. Clipped-surrogate steps on the whole batch.
@@ -571,7 +563,7 @@ def main(args: Args):
         stage_info = {}
         # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
         done = step + 1
-        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **stats, **run.timer.pop()})
+        metrics = all_reduce({**rollout_metrics(task, scored, rollout), **stats}, "mean")
         run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
                                 "stage": stage}, scored)  # fmt: skip
         stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
@@ -585,4 +577,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args(Args))

@@ -21,32 +21,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-import tyro
 
+from common.errors import check_flags, fail, flag
 from common.model import load_policy, trainable_parameters
-from common.rollout import Rollout, sample, token_logprobs
-from common.run import (
-    Totals,
-    all_reduce_max,
-    all_reduce_mean,
-    all_reduce_sum,
-    check_flags,
-    fail,
-    flag,
-    grad_norm_metrics,
-    optimizer_step,
-    shard,
-    world_size,
-)
-from common.session import (
-    Run,
-    draw_prompts,
-    open_session,
-    peak_memory_gb,
-    rollout_metrics,
-    score_groups,
-)
+from common.run import Run, parse_args
+from common.sampling import Rollout, Scored, draw_prompts, rollout_metrics, sample, token_logprobs
+from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, peak_memory_gb, shard, world_size
+from common.verifier import is_correct
 from kernels.topk_divergence import topk_divergence, triton_usable
 
 TrustRegion = Literal["binary-tv", "binary-kl", "topk-tv", "topk-kl", "ratio", "none"]
@@ -187,6 +168,15 @@ def check_args(args: Args, world: int):
         fail(f"--minibatches {args.minibatches} does not divide the {rows} sequences per rank (batch-prompts x n)")
 
 
+# ---- the reward ------------------------------------------------------------------------------------------
+
+
+def reward(example: dict, completion: str) -> float:
+    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0. Training, the logged
+    samples and the held-out evaluation all read this one value: a different reward is an edit here."""
+    return float(is_correct(completion, example["answer"]))
+
+
 # ---- advantages: each completion against its own group ---------------------------------------------------
 
 
@@ -268,7 +258,7 @@ def loss_normaliser(completion_mask, aggregation: str) -> float:
     micro-batches) gives the global value: sequences per rank (every rank holds the same number), or for
     `token-mean` the global token count / ranks."""
     if aggregation == "token-mean":
-        return all_reduce_sum([completion_mask.sum().item()])[0] / world_size()
+        return all_reduce(completion_mask.sum().item()) / world_size()
     return completion_mask.shape[0]
 
 
@@ -327,28 +317,22 @@ class TopKRecord:
 
 
 def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, dict]:
-    """log pi of the sampled tokens [N, L] (differentiable) and, from the same logits chunks without
-    gradient: the entropy of pi and, for the topk-* trust regions, the Top-K TV and KL to the recorded mu."""
-    topk = args.trust_region.startswith("topk")  # then the rollout holds mu's top-K (TopKRecord)
+    """log pi of the sampled tokens [N, L] (differentiable) and, without gradient: the entropy of pi and, for the
+    topk-* trust regions, the Top-K TV and KL to the recorded mu, from the same logits chunks."""
     N, L = rollout.completion_mask.shape
-    extra = {k: torch.zeros(N * L, device=rollout.input_ids.device) for k in ("entropy", "tv", "kl")}
+    extra = {k: torch.zeros(N * L, device=rollout.input_ids.device) for k in ("tv", "kl")}
     valid = rollout.completion_mask.flatten().bool()
 
-    def on_logits(start, logits):
+    def topk_divergences(start, logits):  # the rollout holds mu's top-K (TopKRecord)
         rows = slice(start, start + logits.shape[0])
-        if topk:  # the kernel (or its reference) also returns the entropy, without an fp32 copy of the logits
-            ids, logprobs = rollout.topk_ids.flatten(0, 1)[rows], rollout.topk_logprobs.flatten(0, 1)[rows]
-            sampled = rollout.completion_ids.flatten()[rows]
-            div = topk_divergence(logits, ids, logprobs, sampled, args.temperature, valid[rows], args.kernels)
-            extra["tv"][rows], extra["kl"][rows], extra["entropy"][rows] = div["tv"], div["kl"], div["entropy"]
-        else:
-            logp_all = F.log_softmax(logits.float() / args.temperature, dim=-1)
-            extra["entropy"][rows] = -(logp_all.exp() * logp_all).sum(-1)
+        ids, logprobs = rollout.topk_ids.flatten(0, 1)[rows], rollout.topk_logprobs.flatten(0, 1)[rows]
+        sampled = rollout.completion_ids.flatten()[rows]
+        div = topk_divergence(logits, ids, logprobs, sampled, args.temperature, valid[rows], args.kernels)
+        extra["tv"][rows], extra["kl"][rows] = div["tv"], div["kl"]
 
-    logprobs = token_logprobs(model, rollout, args.temperature, on_logits=on_logits)
-    return logprobs, {k: v.view(N, L) for k, v in extra.items()}
-
-
+    topk = topk_divergences if args.trust_region.startswith("topk") else None
+    logprobs, entropy = token_logprobs(model, rollout, args.temperature, on_logits=topk, entropy=True)
+    return logprobs, {"entropy": entropy, **{k: v.view(N, L) for k, v in extra.items()}}
 
 
 def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
@@ -388,14 +372,14 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
     t = totals.over_ranks()
     per = lambda num, den: t[num] / max(1.0, t[den])
     return {
-        "loss/policy": t["loss"] / world_size() / args.minibatches,
-        "dppo/masked_frac": per("masked", "tokens"),
-        "dppo/masked_frac_pos": per("pos_masked", "pos"),
-        "dppo/masked_frac_neg": per("neg_masked", "neg"),
-        "dppo/D_mean": per("D", "tokens"),
-        "dppo/D_max": all_reduce_max(max_d),
-        "dppo/abs_pi_mu": per("abs_pi_mu", "tokens"),
-        "dppo/entropy": per("entropy", "tokens"),
+        "loss/masked_surrogate": t["loss"] / world_size() / args.minibatches,
+        "trust_region/masked_frac": per("masked", "tokens"),
+        "trust_region/masked_frac_pos": per("pos_masked", "pos"),
+        "trust_region/masked_frac_neg": per("neg_masked", "neg"),
+        "trust_region/divergence_mean": per("D", "tokens"),
+        "trust_region/divergence_max": all_reduce(max_d, "max"),
+        "trust_region/abs_pi_mu": per("abs_pi_mu", "tokens"),
+        "policy/entropy": per("entropy", "tokens"),
         **({"policy/kl_ref": per("kl", "tokens")} if ref_model is not None else {}),
         **grad_norm_metrics(grad_norms),
         "train/update_tokens": t["tokens"] / world_size(),
@@ -406,8 +390,8 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
 
 
 def main(args: Args):
-    session = open_session(args, "dppo", check_args)
-    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
+    run = Run(args, "dppo", check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
     n = args.n
     sampler_temperature = args.sampler_temperature or args.temperature
     top_k = args.top_k if args.trust_region.startswith("topk") else 0  # record top-K only when it is used
@@ -415,13 +399,13 @@ def main(args: Args):
         fail("--kernels triton: the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     if top_k > model.config.vocab_size:
         fail(f"--top-k {top_k}: larger than the vocabulary ({model.config.vocab_size} tokens)")
-    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    ref_model = load_policy(run.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     sampler = copy.deepcopy(model).eval() if args.sampler_bits else model  # a second copy of the weights
     sampler_weights = f"weights rounded to {args.sampler_bits} bits" if args.sampler_bits else "the policy's weights"
-    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
-    run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
+    run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
+    run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
               f" | trust region {args.trust_region} (low, high) = {thresholds(args)}"
               f" | sampler T {sampler_temperature}, {sampler_weights}; trainer T {args.temperature}")  # fmt: skip
     run.open()  # the run folder is made now, after every start-up check
@@ -430,8 +414,8 @@ def main(args: Args):
     for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored; the
         #    sampler records log mu of every sampled token, and here mu's top-K for the topk-* trust regions.
-        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, session.rank,
-                                         session.world)  # fmt: skip
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank,
+                                         run.world)  # fmt: skip
         with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             record = TopKRecord(top_k) if top_k else None
@@ -442,7 +426,9 @@ def main(args: Args):
                              on_token=record)  # fmt: skip
             if record:
                 rollout.topk_ids, rollout.topk_logprobs = record.tensors()
-        scored = score_groups(task, tokenizer, examples, rollout, n)
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rewards = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)]).view(-1, n)
+        scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
         # 3. Steps on the whole batch, each token's update masked by the trust region instead of clipped.
@@ -453,9 +439,10 @@ def main(args: Args):
         stats |= {"memory/peak_gb": peak_memory_gb(device), "memory/topk_mb": topk_mb}
         # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
         done = step + 1
-        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **stats, **run.timer.pop()})
-        run.log(done, metrics, {"reward": metrics["reward/mean"], "masked": metrics["dppo/masked_frac"],
-                                "|pi-mu|": metrics["dppo/abs_pi_mu"], "entropy": metrics["dppo/entropy"]}, scored)
+        metrics = all_reduce({**rollout_metrics(task, scored, rollout), **stats}, "mean")
+        run.log(done, metrics, {"reward": metrics["reward/mean"], "masked": metrics["trust_region/masked_frac"],
+                                "|pi-mu|": metrics["trust_region/abs_pi_mu"], "entropy": metrics["policy/entropy"]},
+                scored)  # fmt: skip
         stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
         if done % args.eval_every == 0 or done == args.steps or stop:
             run.evaluate(done)
@@ -467,4 +454,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args(Args))

@@ -17,28 +17,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 
+from common.errors import check_flags, fail
 from common.model import load_policy, trainable_parameters
-from common.rollout import sample, token_logprobs
-from common.run import (
-    Totals,
-    all_reduce_mean,
-    all_reduce_sum,
-    check_flags,
-    fail,
-    grad_norm_metrics,
-    optimizer_step,
-    shard,
-    world_size,
-)
-from common.session import (
-    Run,
-    draw_prompts,
-    open_session,
-    rollout_metrics,
-    score_groups,
-)
+from common.run import Run, parse_args
+from common.sampling import Scored, draw_prompts, rollout_metrics, sample, token_logprobs
+from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, shard, world_size
+from common.verifier import is_correct
 
 
 @dataclass
@@ -128,6 +113,15 @@ def check_args(args: Args, world: int):
         fail(f"--minibatches {args.minibatches} does not divide the {rows} sequences per rank (batch-prompts x n)")
 
 
+# ---- the reward ------------------------------------------------------------------------------------------
+
+
+def reward(example: dict, completion: str) -> float:
+    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0. Training, the logged
+    samples and the held-out evaluation all read this one value: a different reward is an edit here."""
+    return float(is_correct(completion, example["answer"]))
+
+
 # ---- advantages: each completion against its own group ---------------------------------------------------
 
 
@@ -161,7 +155,7 @@ def loss_normaliser(completion_mask, aggregation: str) -> float:
     micro-batches) gives the global value: sequences per rank (every rank holds the same number), or for
     `token-mean` the global token count / ranks."""
     if aggregation == "token-mean":
-        return all_reduce_sum([completion_mask.sum().item()])[0] / world_size()
+        return all_reduce(completion_mask.sum().item()) / world_size()
     return completion_mask.shape[0]
 
 
@@ -184,14 +178,14 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
     ratio is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
     model.train()
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
-    totals, grad_norms = Totals("tokens", "clipped", "kl", "loss"), []
+    totals, grad_norms = Totals("tokens", "clipped", "kl", "entropy", "loss"), []
     for minibatch in order.chunk(args.minibatches):
         normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
         optimizer.zero_grad()
         for rows in minibatch.split(args.micro_batch or len(minibatch)):
             micro, A = rollout.select(rows), advantages[rows]
             valid = micro.completion_mask.float()
-            logprobs = token_logprobs(model, micro, args.temperature)
+            logprobs, entropy = token_logprobs(model, micro, args.temperature, entropy=True)
             per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low, args.eps_high)
             kl = torch.zeros_like(logprobs)
             if ref_model is not None:
@@ -200,13 +194,15 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
                 kl = kl_k3(logprobs, ref_logprobs)
             loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
             loss.backward()
-            totals.add(tokens=valid, clipped=clipped * valid, kl=kl.detach() * valid, loss=loss.detach())
+            totals.add(tokens=valid, clipped=clipped * valid, kl=kl.detach() * valid, entropy=entropy * valid,
+                       loss=loss.detach())  # fmt: skip
         grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
     model.eval()
     t = totals.over_ranks()
     return {
-        "loss/policy": t["loss"] / world_size() / args.minibatches,
+        "loss/clipped_surrogate": t["loss"] / world_size() / args.minibatches,
         "policy/clip_frac": t["clipped"] / max(1.0, t["tokens"]),
+        "policy/entropy": t["entropy"] / max(1.0, t["tokens"]),
         **({"policy/kl_ref": t["kl"] / max(1.0, t["tokens"])} if ref_model is not None else {}),
         **grad_norm_metrics(grad_norms),
         "train/update_tokens": t["tokens"] / world_size(),
@@ -217,26 +213,28 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
 
 
 def main(args: Args):
-    session = open_session(args, "grpo", check_args)
-    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
+    run = Run(args, "grpo", check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
     n = args.n
-    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    ref_model = load_policy(run.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
     model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
-    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
-    run.print(f"{session.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)")
+    run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
+    run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)")
     run.open()  # the run folder is made now, after every start-up check
     if run.start == 0:
         run.evaluate(0)
     for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
-        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, session.rank,
-                                         session.world)  # fmt: skip
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank,
+                                         run.world)  # fmt: skip
         with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
-        scored = score_groups(task, tokenizer, examples, rollout, n)
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rewards = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)]).view(-1, n)
+        scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
         # 3. Clipped-surrogate steps on the whole batch.
@@ -245,7 +243,7 @@ def main(args: Args):
                                   run.generator("shuffle", step))  # fmt: skip
         # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
         done = step + 1
-        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **stats, **run.timer.pop()})
+        metrics = all_reduce({**rollout_metrics(task, scored, rollout), **stats}, "mean")
         run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
                                 "clipped": metrics["policy/clip_frac"]}, scored)  # fmt: skip
         stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
@@ -259,4 +257,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args(Args))

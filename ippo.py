@@ -20,26 +20,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 from torch.func import functional_call, grad, vmap
 
+from common.errors import check_flags, fail, warn
 from common.model import load_policy, matching_parameters
-from common.rollout import Rollout, left_pad, positions, sample, token_logprobs
-from common.run import (
-    Totals,
-    all_reduce_max,
-    all_reduce_mean,
-    all_reduce_sum,
-    all_reduce_tensors,
-    check_flags,
-    fail,
-    grad_norm_metrics,
-    optimizer_step,
-    seeded_generator,
-    warn,
-    world_size,
-)
-from common.session import Run, draw_prompts, open_session, prompt_ids, rollout_metrics, score_groups
+from common.run import Run, parse_args
+from common.sampling import Rollout, Scored, draw_prompts, left_pad, positions, prompt_ids, rollout_metrics, sample
+from common.sampling import seeded_generator, token_logprobs
+from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, world_size
+from common.verifier import is_correct
 from kernels.projection import project
 
 
@@ -160,6 +149,15 @@ def check_args(args: Args, world: int):
         fail(f"--val-prompts {args.val_prompts}: fewer validation examples than the {world} processes (ranks)")
 
 
+# ---- the reward ------------------------------------------------------------------------------------------
+
+
+def reward(example: dict, completion: str) -> float:
+    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0. Training, the logged
+    samples and the held-out evaluation all read this one value: a different reward is an edit here."""
+    return float(is_correct(completion, example["answer"]))
+
+
 # ---- PPO: per-token rewards, GAE, whitening, the clipped losses --------------------------------------------
 
 
@@ -188,7 +186,7 @@ def gae(rewards, values, mask, lam, gamma=1.0) -> tuple[torch.Tensor, torch.Tens
 def whiten(x, mask, eps=1e-8) -> torch.Tensor:
     """(x - mean) / std over every valid token of the whole buffer (all ranks), 0 on padding. Done once, on
     the buffer: an episode's advantages are never re-whitened on their own or per mini-batch."""
-    total, total_sq, count = all_reduce_sum([(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()])
+    total, total_sq, count = all_reduce([(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()])
     mean = total / max(count, 1.0)
     var = max(total_sq / max(count, 1.0) - mean**2, 0.0)
     return (x - mean) / (var + eps) ** 0.5 * mask
@@ -250,11 +248,11 @@ def validation_gradient(model, names, gold: Rollout) -> tuple[dict, float]:
     tokens masked), over the whole validation batch: each rank's token sum / the global token count, summed
     over ranks. Dropout off, temperature 1. Returns ({name: gradient}, loss)."""
     params = dict(model.named_parameters())
-    tokens = all_reduce_sum([gold.completion_mask.sum().item()])[0]
+    tokens = all_reduce(gold.completion_mask.sum().item())
     loss = -token_logprobs(model, gold).sum() / tokens
     grads = torch.autograd.grad(loss, [params[k] for k in names])
-    all_reduce_tensors(grads)  # summed over ranks
-    return dict(zip(names, grads)), all_reduce_sum([loss.item()])[0]
+    all_reduce(grads)  # summed over ranks
+    return dict(zip(names, grads)), all_reduce(loss.item())
 
 
 @contextmanager
@@ -334,19 +332,18 @@ def influence_weights(scores, reweight=True) -> tuple[torch.Tensor, torch.Tensor
     """Keep D' = {i : Score_i > 0}; w_i = Score_i / mean over D' of Score (the kept weights average 1, over
     all ranks), or 1 with reweight off; 0 for dropped episodes. Returns (kept [N] bool, weights [N])."""
     kept = scores > 0
-    total, count = all_reduce_sum([scores[kept].sum().item(), kept.sum().item()])
+    total, count = all_reduce([scores[kept].sum().item(), kept.sum().item()])
     if not reweight or count == 0:
         return kept, kept.float()
     return kept, torch.where(kept, scores / (total / count), torch.zeros_like(scores))
 
 
-def influence_metrics(verdicts, influence, kept, weights, val_loss) -> dict:
+def influence_metrics(outcome, unfaithful, influence, kept, weights, val_loss) -> dict:
     """What the filter did this iteration, over all ranks: kept share, mean positive score, and which episodes
-    it dropped (correct ones; among those, faithful and unfaithful ones; wrong ones)."""
-    correct = torch.tensor([s.correct for s in verdicts], device=kept.device)
-    unfaithful = torch.tensor([s.correct and s.faithful is False for s in verdicts], device=kept.device)
+    it dropped (rewarded ones, "correct"; among those, faithful and unfaithful ones; wrong ones)."""
+    correct, unfaithful = outcome > 0, torch.tensor(unfaithful, dtype=torch.bool, device=kept.device)
     dropped = ~kept
-    sums = all_reduce_sum([
+    sums = all_reduce([
         kept.sum().item(), len(kept), influence[kept].sum().item(),
         (dropped & correct).sum().item(), correct.sum().item(), (dropped & unfaithful).sum().item(),
         unfaithful.sum().item(), (dropped & ~correct).sum().item(), (~correct).sum().item(),
@@ -355,7 +352,7 @@ def influence_metrics(verdicts, influence, kept, weights, val_loss) -> dict:
     return {
         "influence/kept_frac": n_kept / total,
         "influence/mean_pos_score": positive / max(1.0, n_kept),
-        "influence/max_weight": all_reduce_max(weights.max().item() if kept.any() else 0.0),
+        "influence/max_weight": all_reduce(weights.max().item() if kept.any() else 0.0, "max"),
         "influence/dropped_correct": drop_c / max(1.0, n_c),
         "influence/dropped_correct_unfaithful": drop_u / max(1.0, n_u),
         "influence/dropped_correct_faithful": (drop_c - drop_u) / max(1.0, n_c - n_u),
@@ -385,7 +382,7 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
     for _ in range(args.epochs):
         order = torch.randperm(episodes, generator=generator).to(rollout.input_ids.device)
         for minibatch in order.tensor_split(args.minibatches):
-            size = all_reduce_sum([len(minibatch)])[0]
+            size = all_reduce(len(minibatch))
             if size == 0:  # fewer kept episodes than mini-batches: nothing here on any rank
                 continue
             optimizer.zero_grad()
@@ -413,7 +410,7 @@ def ppo_update(model, critic, optimizer, critic_optimizer, batch: dict, args: Ar
     critic.eval()
     t, actor, value = totals.over_ranks(), grad_norm_metrics(grad_norms), grad_norm_metrics(value_grad_norms)
     return {
-        "loss/policy": t["policy_loss"] / max(1.0, t["episodes"]),
+        "loss/clipped_surrogate_per_episode": t["policy_loss"] / max(1.0, t["episodes"]),
         "loss/value": t["value_loss"] / max(1.0, t["episodes"]),
         "policy/clip_frac": t["clipped"] / max(1.0, t["tokens"]),
         "policy/approx_kl": t["approx_kl"] / max(1.0, t["tokens"]),
@@ -433,9 +430,9 @@ def draw_validation(task, seed: int, step: int, size: int, rank: int, world: int
 
 
 def main(args: Args):
-    session = open_session(args, "ippo", check_args)
-    model, tokenizer, task, device = session.model, session.tokenizer, session.task, session.device
-    n, rank, world = args.n, session.rank, session.world
+    run = Run(args, "ippo", check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
+    n, rank, world = args.n, run.rank, run.world
     if args.influence:
         if not all(e.get("solution") for e in task.validation):
             fail(f"--task {args.task}: the validation split has no gold solutions (field {args.solution_field!r}),"
@@ -443,11 +440,11 @@ def main(args: Args):
         if args.val_prompts > len(task.validation):
             fail(f"--val-prompts {args.val_prompts}: the validation split of {task.name} has {len(task.validation)}")
     names = [name for name, _ in matching_parameters(model, args.grad_params)] if args.influence else []
-    ref_model = load_policy(session.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
-    critic = Critic(load_policy(session.model_path, model.dtype, device)[0]).eval()  # starts from the SFT model
+    ref_model = load_policy(run.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    critic = Critic(load_policy(run.model_path, model.dtype, device)[0]).eval()  # starts from the SFT model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
-    run = Run(session, args, optimizer, args.steps)  # with --resume: the optimizer, step and training time come back
+    run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
     if "critic" in run.state:  # the critic is saved beside the actor
         critic.load_state_dict(run.state["critic"])
         critic_optimizer.load_state_dict(run.state["critic_optimizer"])
@@ -456,7 +453,7 @@ def main(args: Args):
     if args.influence and args.proj_dim >= scored_params:
         warn(f"--proj-dim {args.proj_dim}: not below the {scored_params} scored parameters, so the projection"
              " compresses nothing")  # fmt: skip
-    run.print(f"{session.describe()} | {mode} | B={args.batch_prompts} n={n} epochs={args.epochs}"
+    run.print(f"{run.describe()} | {mode} | B={args.batch_prompts} n={n} epochs={args.epochs}"
               f" minibatches={args.minibatches}"
               + (f" | scoring {scored_params} parameters ({len(names)} tensors)" if args.influence else ""))
     run.open()  # the run folder is made now, after every start-up check
@@ -469,11 +466,13 @@ def main(args: Args):
             episode_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n episodes side by side
             rollout = sample(model, episode_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
-        scored = score_groups(task, tokenizer, examples, rollout, n)
-        outcome, mask = scored.rewards.flatten().to(device), rollout.completion_mask.float()
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        outcome = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)])
+        scored = Scored(examples, texts, outcome.view(-1, n))  # the one reward that training, logs and samples read
+        outcome, mask = outcome.to(device), rollout.completion_mask.float()
         # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.
         with run.timer("advantage"), torch.no_grad():
-            old_logprobs = token_logprobs(model, rollout, args.temperature)
+            old_logprobs, entropy = token_logprobs(model, rollout, args.temperature, entropy=True)
             ref_logprobs = old_logprobs if ref_model is None else token_logprobs(ref_model, rollout, args.temperature)
             values = critic(rollout)
             rewards = token_rewards(outcome, old_logprobs, ref_logprobs, mask, args.beta)
@@ -488,8 +487,8 @@ def main(args: Args):
                 g_val, val_loss = validation_gradient(model, names, gold)
                 influence = influence_scores(model, names, rollout, advantages, old_logprobs, g_val, args)
                 kept, weights = influence_weights(influence, args.reweight)
-            info = influence_metrics(scored.verdicts, influence, kept, weights, val_loss)
-        kept_total, total = all_reduce_sum([kept.sum().item(), len(kept)])
+            info = influence_metrics(outcome, scored.unfaithful(task), influence, kept, weights, val_loss)
+        kept_total, total = all_reduce([kept.sum().item(), len(kept)])
         none_left = kept_total < args.min_keep  # I-PPO's early stop: no episode left worth learning from
         # 4. PPO epochs on the kept episodes, weighted; the critic on the same episodes, unweighted.
         rows = kept.nonzero().squeeze(-1)
@@ -502,12 +501,13 @@ def main(args: Args):
                                    run.generator("shuffle", step))  # fmt: skip
         # 5. Log the step (averaged over ranks); evaluate, save and stop on their cadence, or when none is left.
         done = step + 1
-        metrics = all_reduce_mean({**rollout_metrics(task, scored, rollout), **info, **stats, **run.timer.pop(),
-                                   "train/update_tokens": batch["rollout"].completion_mask.sum().item(),
-                                   "value/mean": ((values * mask).sum() / mask.sum()).item(),
-                                   **({"policy/kl_ref": (((old_logprobs - ref_logprobs) * mask).sum()
-                                                         / mask.sum()).item()} if ref_model is not None else {}),
-                                   **({"influence/early_stop": 1.0} if none_left else {})})  # fmt: skip
+        metrics = all_reduce({**rollout_metrics(task, scored, rollout), **info, **stats,
+                              "train/update_tokens": batch["rollout"].completion_mask.sum().item(),
+                              "value/mean": ((values * mask).sum() / mask.sum()).item(),
+                              "policy/entropy": ((entropy * mask).sum() / mask.sum()).item(),
+                              **({"policy/kl_ref": (((old_logprobs - ref_logprobs) * mask).sum()
+                                                    / mask.sum()).item()} if ref_model is not None else {}),
+                              **({"influence/early_stop": 1.0} if none_left else {})}, "mean")  # fmt: skip
         shown = {"reward": metrics["reward/mean"], "kept": kept_total / total, "V": metrics["value/mean"]}
         if args.influence:
             shown["dropped-correct"] = metrics["influence/dropped_correct"]
@@ -525,4 +525,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args(Args))

@@ -1,4 +1,4 @@
-"""Tasks: `chain` (the built-in world's, made in `common/world/chain.py`), GSM8K, and local json/jsonl/parquet files.
+"""Tasks: GSM8K and local json/jsonl/parquet files (the built-in `chain` is the world's, `common/world/chain.py`).
 
 Every task yields a list of examples `{"question": str, "answer": str, "solution": str}`, where
 `answer` is the gold final answer and `solution` a worked gold solution ending in `#### <answer>`
@@ -10,9 +10,10 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from typing import Callable
 
-from common.reward import is_correct
-from common.run import fail
+from common.errors import fail
+from common.verifier import is_correct
 
 FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")
 SPLIT_SIZES = {"validation": 300, "test": 300}  # held-out sizes; the rest of the pool is `train`
@@ -27,6 +28,7 @@ class Task:
     instruction: str = ""  # appended to the question for chat models
     max_new_tokens: int = 512  # the completion length limit when --max-new-tokens is 0
     target_skills: tuple = ()  # the skills a curriculum aims at when none are given (`chain`: its weak skill)
+    check_steps: Callable | None = None  # (question, response) -> whether the written steps are faithful (`chain`)
 
 
 def of_skills(examples: list, skills) -> list:
@@ -199,12 +201,7 @@ def make_file_task(path: str, question_field: str, answer_field: str, solution_f
 def load_task(
     name: str, seed: int = 0, question_field="question", answer_field="answer", solution_field="solution"
 ) -> Task:
-    """`chain` (one fixed split, whatever the seed), `gsm8k`, or the path of a .json/.jsonl/.parquet file (split
-    by the seed)."""
-    if name == "chain":  # one fixed world for every run seed: the tiny model's warm-up used this train split
-        from common.world.chain import make_chain  # only when asked for: the world is built on this module (Task)
-
-        return make_chain()
+    """`gsm8k`, or the path of a .json/.jsonl/.parquet file (split by the seed). `chain` is the world's."""
     if name == "gsm8k":
         return make_gsm8k(seed)
     if name.endswith(FILE_EXTENSIONS):

@@ -1,6 +1,6 @@
-"""Load a policy and its tokenizer (hub id, local folder, GGUF file or a built-in name) and format prompts.
+"""Load a policy and its tokenizer (hub id, local folder, GGUF file, `smollm2`) and format prompts.
 
-The built-in `tiny` model is made by the world (`common/world/tiny.py`) and cached here, as a GGUF's conversion is.
+Built and converted models are cached (`cached_build`): a GGUF's conversion, and the world's `tiny` model.
 """
 
 import contextlib
@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.run import creation_problem, fail
+from common.errors import creation_problem, fail, first_line
 
 transformers.utils.logging.disable_progress_bar()  # no loading and saving bars between the run's own lines
 transformers.utils.logging.set_verbosity_error()  # nor notices about deprecated arguments; errors still show
@@ -28,12 +28,8 @@ def cache_root() -> str:
 
 
 def resolve_model(name: str, log=print) -> str:
-    """`tiny` -> its cache folder (built on first use); `smollm2` or a .gguf file -> an ordinary transformers
-    folder converted from the GGUF once and cached; otherwise the name unchanged."""
-    if name == "tiny":
-        from common.world import tiny  # only when asked for: the world is built on this module (cache_root)
-
-        return cached_build(tiny.tiny_folder(), lambda folder: tiny.build_tiny(folder, log=log))
+    """`smollm2` or a .gguf file -> an ordinary transformers folder converted from the GGUF once and cached;
+    otherwise the name unchanged (`tiny` is the world's: `common.run.model_folder`)."""
     if name == "smollm2":
         name = smollm2_gguf()
     elif name.endswith(".gguf"):
@@ -93,10 +89,6 @@ def check_gguf(path: str):
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     if end > os.path.getsize(path):
         fail(f"--model {path}: the file is cut short ({os.path.getsize(path)} bytes, its tensors need {end})")
-
-
-def first_line(error: Exception, width: int = 160) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:width]
 
 
 def gguf_folder(path: str) -> str:

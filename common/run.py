@@ -1,18 +1,18 @@
-"""Seeding, torchrun helpers, the run folder (args, metrics.jsonl, TensorBoard, samples), progress, checkpoints."""
+"""The run's whole life, in the order a script meets it: the command line (and a resumed run's own flags),
+start-up (the task, the policy), the run folder (claimed and locked), evaluation, logging, the stop rules,
+checkpoints and resume. The one place that plugs in the built-in world (`common/world/`)."""
 
-import atexit
 import contextlib
-import hashlib
 import json
-import math
 import os
 import random
-import re
 import shlex
 import shutil
+import signal
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
+from typing import Literal, get_args, get_origin
 
 try:
     import fcntl  # Linux and macOS: a run folder is locked while its run is alive
@@ -21,279 +21,471 @@ except ImportError:  # Windows: run folders are still created atomically, but no
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+import tyro
+
+from common.data import load_task
+from common.errors import creation_problem, fail, first_line, flag, warn
+from common.model import cached_build, load_policy, read_policy, resolve_model
+from common.sampling import Scored, prompt_ids, rollout_texts, seeded_generator, unfaithful
+from common.torchrun import all_reduce, barrier, from_main_rank, gathered, is_main, is_sharded, setup_distributed
+
+# ---- the command line, and a resumed run's own flags ------------------------------------------------------------
+
+# Flags a resumed run may change: they set how long it runs and what it logs, never what it computes.
+CHANGEABLE_ON_RESUME = ("resume", "steps", "max_time", "log_every", "eval_every", "eval_prompts", "save_every",
+                        "device")  # fmt: skip
 
 
-def fail(message: str):
-    """Stop with a one-line error for a user mistake (no traceback, exit status 1)."""
-    raise SystemExit(f"error: {message}")
+def parse_args(Args, argv=None):
+    """The command line as Args. With --resume RUN it is parsed again with the run's saved flags as the
+    defaults, so a flag left out keeps the run's value and a flag given at the run's own value changes nothing."""
+    args = tyro.cli(Args, args=argv)
+    if not args.resume:
+        return args
+    saved = saved_args(os.path.expanduser(args.resume), Args)
+    known = {f.name: f.default for f in fields(Args)}
+    own = {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in saved.items() if k in known}
+    return tyro.cli(Args, args=argv, default=replace(Args(), **own))
 
 
-def warn(message: str):
-    """A one-line warning for a value that is legal but almost surely a mistake (rank 0 prints it)."""
-    if is_main():
-        print(f"warning: {message}", flush=True)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def creation_problem(folder: str) -> str | None:
-    """Why `folder` could not be created, or None: a probe folder is made (and removed) in its nearest existing
-    parent, so nothing is left behind when a run stops at a later error."""
-    parent = os.path.abspath(folder)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is a file, not a folder"
+def saved_args(run_dir: str, Args, script: str | None = None) -> dict:
+    """The flags a run was started with (its args.json), checked: readable, an object, made by `script`, every
+    value one its flag could have had (not a hand-edited mistake)."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(path):
+        fail(f"--resume {run_dir}: no args.json there; is it a run folder?")
     try:
-        os.rmdir(tempfile.mkdtemp(dir=parent))
-    except OSError as e:
-        return e.strerror
-    return None
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        fail(f"--resume {run_dir}: args.json is damaged ({first_line(e)}); the run's flags cannot be restored")
+    if not isinstance(saved, dict):
+        fail(f"--resume {run_dir}: args.json holds a JSON {type(saved).__name__}, not the run's flags")
+    made_by, known = saved.pop("script", None), {f.name: f for f in fields(Args)}
+    if script and made_by not in (None, script):
+        fail(f"--resume {run_dir}: the run was made by {made_by}.py, not {script}.py; continue it with"
+             f" python {made_by}.py --resume {shlex.quote(run_dir)}")  # fmt: skip
+    foreign = [flag(name) for name in saved if name not in known]
+    if script and foreign:  # a run made before args.json named its script
+        fail(f"--resume {run_dir}: the run has flags {script}.py does not know ({', '.join(foreign)});"
+             " it was made by another script")  # fmt: skip
+    for name, value in saved.items():
+        field = known.get(name)
+        if field and not of_flag_type(value, field):
+            fail(f"--resume {run_dir}: args.json has {name} = {json.dumps(value)}, not a value of {flag(name)}")
+    return saved
 
 
-def check_flags(args, positive=(), non_negative=(), below_one=(), may_be_infinite=()):
-    """One-line errors for a flag that must be > 0, >= 0 or < 1, for any float flag that is not finite (NaN, or
-    infinite unless listed in `may_be_infinite`), and for a `*_params` pattern that is not a regular expression:
-    `--lr -1.0: must be positive`, `--lr inf: must be finite`."""
+def of_flag_type(value, field) -> bool:
+    if get_origin(field.type) is Literal:
+        return value in get_args(field.type)
+    kind = type(field.default)
+    if kind in (bool, int):
+        return type(value) is kind
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, list) if kind is tuple else value is None or isinstance(value, str)
+
+
+def check_resumed_args(args, run_dir: str, script: str):
+    """--resume continues the run as it was: every flag but those of CHANGEABLE_ON_RESUME must have the run's
+    value (`parse_args` gives every flag left out the run's value), or it is a one-line error."""
+    saved = saved_args(run_dir, type(args), script)
+    for name, value in saved.items():
+        if name not in CHANGEABLE_ON_RESUME and json.loads(json.dumps(getattr(args, name))) != value:
+            changeable = ", ".join(flag(f) for f in CHANGEABLE_ON_RESUME[1:])
+            fail(f"{flag(name)} {getattr(args, name)}: the resumed run has {value}; on --resume only {changeable}"
+                 " may change")  # fmt: skip
+
+
+def warn_unusual(args):
+    """Warnings for values that are legal but almost surely a mistake."""
     for field in fields(args):
         value = getattr(args, field.name)
-        if isinstance(value, float) and (math.isnan(value) or math.isinf(value) and field.name not in may_be_infinite):
-            fail(f"{flag(field.name)} {value}: must be finite")
-        if field.name.endswith("_params") and isinstance(value, str):  # --grad-params, --train-params: patterns
-            try:
-                re.compile(value)
-            except re.error as e:
-                fail(f"{flag(field.name)} {value!r}: not a regular expression ({e})")
-    rules = ((positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative"),
-             (below_one, lambda v: v < 1, "below 1"))  # fmt: skip
-    for names, ok, word in rules:
-        for name in names:
-            if not ok(getattr(args, name)):
-                fail(f"{flag(name)} {getattr(args, name)}: must be {word}")
+        if field.name.endswith("temperature") and value and not 0.1 <= value <= 5:
+            warn(f"{flag(field.name)} {value:g}: sampling temperatures are almost always between 0.1 and 5; near 0"
+                 " the log-probabilities overflow, far above 1 the samples are noise")  # fmt: skip
+        if field.name == "beta" and value > 1:
+            warn(f"{flag(field.name)} {value:g}: a KL coefficient this large outweighs the reward of 0 or 1;"
+                 " usual values are 0.001 to 0.1")  # fmt: skip
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+# ---- the built-in world plugs in here, and only here ------------------------------------------------------------
 
 
-def seeded_generator(*keys, device="cpu") -> torch.Generator:
-    """A torch generator of its own for each random stream of a run, seeded by its keys, e.g.
-    (seed, "sample", step, rank): streams never share draws, and a resumed run draws what it would have."""
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+def task_named(args):
+    """The task of --task: the world's `chain` (one fixed split, whatever the seed: the tiny model was warmed up on
+    its train split), `gsm8k` or a data file."""
+    if args.task == "chain":
+        from common.world.chain import make_chain
+
+        return make_chain()
+    return load_task(args.task, args.seed, args.question_field, args.answer_field,
+                     getattr(args, "solution_field", "solution"))  # fmt: skip
 
 
-# ---- torchrun ---------------------------------------------------------------------------------------
+def model_folder(name: str) -> str:
+    """The folder of --model: the world's `tiny` (built once, cached), a converted GGUF, or the name itself."""
+    if name == "tiny":
+        from common.world.tiny import build_tiny, tiny_folder
+
+        return cached_build(tiny_folder(), build_tiny)
+    return resolve_model(name)
 
 
-def setup_distributed(device: str = "auto"):
-    """(rank, world_size, device). Under torchrun: one process per rank, gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        fail(f"--device {device}: expected auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: this machine has no CUDA device (PyTorch sees none); use --device cpu")
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        atexit.register(dist.destroy_process_group)  # a group left alive can abort the process as it exits
-    return rank, world, torch.device(device)
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the run stops
+NO_SIGNAL_WARN = 10  # steps in a row where every group had equal rewards before a warning
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+class Run:
+    """What a script's loop calls by name at each of its stops, so that the loop itself stays in the script:
 
+        run = Run(args, "grpo", check_args)                # start-up: checks, task, policy (--resume: checkpoint)
+        run.begin(optimizer, reward)                       # --resume: the optimizer, step, train time come back
+        run.open()                                         # claims the run folder: nothing is written before
+        if run.start == 0:
+            run.evaluate(0)
+        for step in range(run.start, args.steps):
+            with run.timer("generate"): ...                # phases are timed; their sum is the training time
+            run.log(step + 1, metrics, shown, scored)      # metrics.jsonl, TensorBoard, the console line
+            stop = run.stop_reason(step + 1, metrics)      # Ctrl-C, --max-time, non-finite gradients
+            ... run.evaluate(step + 1), run.save(step + 1) on their cadence; if stop: break
+        run.finish()                                       # after Ctrl-C: the command that resumes, exit 130
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    On ranks other than 0 nothing is written or printed, so callers need no rank checks.
+    """
 
+    def __init__(self, args, script: str, check_args):
+        """Start-up: every check, the task and the policy (with --resume the newest checkpoint that loads).
+        Nothing is written: the folder is claimed by `open`, once every check has passed."""
+        self.args, self.script = args, script
+        if args.resume:
+            args.resume = os.path.expanduser(args.resume)
+            check_resumed_args(args, args.resume, script)
+        else:
+            check_run_name(args.output_dir, args.run_name)
+        if not 0 <= args.seed < 2**32:
+            fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
+        self.rank, self.world, self.device = setup_distributed(args.device)
+        check_args(args, self.world)
+        if getattr(args, "fsdp", False) and self.world == 1:
+            warn("--fsdp: one process holds the whole model, nothing is sharded; launch with torchrun to shard")
+        warn_unusual(args)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        task = task_named(args)
+        args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+        self.run_dir = args.resume or os.path.join(os.path.expanduser(args.output_dir), args.run_name or
+                                                   f"{script}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.run_name and not args.resume and os.path.exists(self.run_dir) and not never_saved(self.run_dir):
+            refuse_existing(self.run_dir)  # early; the claim decides (a default name never collides: it is numbered)
+        problem = creation_problem(self.run_dir)
+        if problem:
+            fail(f"{'--resume' if args.resume else '--output-dir'}: cannot create {self.run_dir} ({problem})")
+        if is_main():
+            model_folder(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
+        barrier()
+        self.model_path = model_folder(args.model)
+        sharded = getattr(args, "fsdp", False) and self.world > 1
+        dtype = torch.float32 if sharded else getattr(torch, args.dtype)  # --fsdp: fp32 shards, --dtype computes
+        self.checkpoint, self.state = None, {"step": 0, "train_time": 0.0}
+        if args.resume:
+            self.checkpoint, self.model, self.tokenizer, self.state = newest_loadable_checkpoint(self.run_dir, dtype,
+                                                                                                 self.device)
+        else:
+            self.model, self.tokenizer = load_policy(self.model_path, dtype, self.device)
+        self.model.eval()
+        self.task = drop_long_prompts(task, self.tokenizer, self.model, args.max_new_tokens)
+        if args.eval_prompts > len(self.task.test):
+            fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    def describe(self) -> str:
+        """The first console line of a run: where it writes, what it trains, on what."""
+        return (f"run folder {self.run_dir} | model {self.model_path} | task {self.task.name}"
+                f" ({len(self.task.train)} train prompts) | {self.world} process(es) on {self.device}")  # fmt: skip
 
+    def begin(self, optimizer, reward):
+        """The optimizer and the script's reward (which evaluation reads too). With --resume, the checkpoint's
+        optimizer and random states, step and training time come back."""
+        self.optimizer, self.reward = optimizer, reward
+        if self.checkpoint:
+            restore_trainer_state(self.state, self.model, optimizer)
+        self.start, self.train_time = self.state["step"], self.state["train_time"]
+        if self.checkpoint and self.start >= self.args.steps:
+            fail(f"--resume {self.run_dir}: the run has done all {self.args.steps} of its steps, nothing is left;"
+                 f" to train further, resume with --steps above {self.start}")  # fmt: skip
+        self.phase_seconds, self.interrupted, self.non_finite_run, self.no_signal_run = {}, False, 0, 0
+        self.files = None
+        self.previous_handler = signal.signal(signal.SIGINT, self.on_interrupt)
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a list of numbers over ranks (e.g. correct counts and totals, so every rank sees global means)."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    def open(self):
+        """Claim the run folder and open its logs, once every start-up check has passed: a run that cannot start
+        writes nothing, and a folder belongs to one run."""
+        wanted = self.run_dir
+        self.run_dir = from_main_rank(self.claim)
+        if self.run_dir != wanted:
+            self.print(f"run folder {self.run_dir} ({os.path.basename(wanted)} was taken by a run started that second)")
+        if not is_main():
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
 
+        self.bar = tqdm(total=self.args.steps, initial=self.start, desc=os.path.basename(self.run_dir),
+                        dynamic_ncols=True)  # fmt: skip
+        self.files = {name: open(os.path.join(self.run_dir, f"{name}.jsonl"), "a") for name in ("metrics", "samples")}
+        self.tb = SummaryWriter(self.run_dir, purge_step=self.start + 1 if self.start else None)
 
-def from_main_rank(make):
-    """`make()` run on rank 0 only, its result sent to every rank. A one-line error on rank 0 stops every rank
-    with it, rather than leaving the others waiting."""
-    result, error = None, None
-    if is_main():
+    def claim(self) -> str:
+        """The run folder, made and locked (a new run), or locked and its logs cut back to the checkpoint (a
+        resume; logged after the checkpoint is logged again)."""
+        record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "args": asdict(self.args)}
+        if not self.args.resume:
+            files = {"args.json": json.dumps({"script": self.script, **asdict(self.args)}, indent=1),
+                     "versions.json": json.dumps(record["versions"], indent=1)}  # fmt: skip
+            folder, self.lock = claim_run_folder(self.run_dir, files, numbered=not self.args.run_name)
+            return folder
+        self.lock = lock_folder(self.run_dir)
+        if self.lock is None:
+            fail(f"--resume {self.run_dir}: another process is running this run right now")
+        logs = [os.path.join(self.run_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
         try:
-            result = make()
-        except SystemExit as e:
-            error = e.code
-    if dist.is_initialized():
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error is not None:
-        raise SystemExit(error)
-    return result
+            kept = [rows_up_to(path, self.start) for path in logs]  # checked before anything is changed
+        except SystemExit:
+            os.close(self.lock)
+            raise
+        for path, rows in zip(logs, kept):
+            if rows is not None:
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(rows)
+                os.replace(path + ".tmp", path)
+        with open(os.path.join(self.run_dir, "resumes.jsonl"), "a") as f:
+            f.write(json.dumps({"from_step": self.start, **record}) + "\n")
+        return self.run_dir
 
+    def on_interrupt(self, signum, frame):
+        if self.interrupted:  # the second Ctrl-C
+            raise SystemExit("error: stopped at once by a second Ctrl-C; nothing saved since the last checkpoint")
+        self.interrupted = True
+        self.print("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to stop at once)")
 
-def all_reduce_max(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    def print(self, line: str):
+        if is_main():
+            from tqdm import tqdm
 
+            tqdm.write(fit(line))  # above the progress bar, once there is one
 
-def gather_strided(local: torch.Tensor, total: int) -> torch.Tensor:
-    """Rank r holds rows r, r + world, r + 2 world, ... of a [total, ...] tensor: return all of it, on every
-    rank (padded to equal shards for all_gather, then interleaved back)."""
-    world = world_size()
-    if world == 1:
-        return local
-    shard = -(-total // world)
-    padded = torch.zeros(shard, *local.shape[1:], dtype=local.dtype, device=local.device)
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.stack(parts, 1).flatten(0, 1)[:total]
+    def generator(self, stream: str, *keys, device="cpu") -> torch.Generator:
+        """This rank's generator for one random stream (e.g. "sample", step); sampling needs it on the device."""
+        return seeded_generator(self.args.seed, stream, *keys, self.rank, device=device)
 
-
-def all_reduce_mean(metrics: dict) -> dict:
-    """Average per-rank metrics (same keys on every rank) so rank 0 logs the global value."""
-    if not dist.is_initialized():
-        return metrics
-    keys = sorted(metrics)
-    means = all_reduce_sum([float(metrics[k]) for k in keys])
-    return {k: v / world_size() for k, v in zip(keys, means)}
-
-
-def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
-    """Average gradients over ranks, clip their norm, and step; returns the norm before clipping. A gradient
-    that is not finite (NaN or inf) is dropped instead of stepped on: the parameters stay the last good ones,
-    and the NaN norm returned lets the caller count the skip. Every rank sees the same norm, so all agree.
-    A sharded model's gradients were averaged by the backward pass; their norm is over all the shards."""
-    if not isinstance(model, FSDPModule):
-        average_gradients(model)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
-    if math.isfinite(norm):
-        optimizer.step()
-    optimizer.zero_grad()
-    return norm if math.isfinite(norm) else math.nan
-
-
-def grad_norm_metrics(norms: list[float]) -> dict:
-    """The mean gradient norm of a step's optimizer steps, and how many were skipped (NaN: not finite)."""
-    finite = [g for g in norms if math.isfinite(g)]
-    return {"grad_norm": sum(finite) / max(1, len(finite)), "train/skipped_steps": len(norms) - len(finite)}
-
-
-class Totals:
-    """Sums of a step's figures over its micro-batches, then over ranks: `Totals("tokens", "loss")`, then
-    `totals.add(tokens=mask, loss=loss)` adds each tensor's sum; `totals.over_ranks()` returns the global sums.
-    The names are declared first, so that a rank with nothing to add still joins the all-reduce with zeros."""
-
-    def __init__(self, *names: str):
-        self.sums = dict.fromkeys(names, 0.0)
-
-    def add(self, **values):
-        for name, value in values.items():
-            self.sums[name] += value.sum().item() if torch.is_tensor(value) else value
-
-    def over_ranks(self) -> dict:
-        return dict(zip(self.sums, all_reduce_sum(list(self.sums.values()))))
-
-
-def all_reduce_tensors(tensors):
-    """Sum tensors over ranks, in place (nothing to do in one process)."""
-    if dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t)
-
-
-def average_gradients(model):
-    """Average gradients over ranks: the same result as one process holding every rank's batch. A parameter
-    with no gradient on this rank (its share of the batch was empty) joins as zeros: every rank must take
-    part in every all-reduce."""
-    if not dist.is_initialized():
-        return
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world_size()
-
-
-def shard(model, args):
-    """--fsdp under torchrun: FSDP2 (`fully_shard`) splits the weights, and with them the gradients and AdamW's
-    moments, over the ranks. Each decoder layer is one unit and the root holds the rest (embeddings, final norm,
-    output layer); a unit's full weights are gathered for its forward and backward and freed after, and the
-    backward's reduce-scatter leaves each rank the average gradient of its shard. The shards stay float32 (the
-    policy is loaded so); with --dtype bfloat16 each unit computes in bfloat16 and reduces in float32. Returns
-    the model (sharded in place); without --fsdp, or in one process, unchanged."""
-    if model is None or not getattr(args, "fsdp", False):
-        return model
-    kinds = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
-    layers = [m for m in model.modules() if type(m).__name__ in kinds]
-    if not layers:
-        fail(f"--fsdp: found no decoder layers in {type(model).__name__} (none of the classes its _no_split_modules"
-             " names), so it cannot be sharded per layer")  # fmt: skip
-    if world_size() == 1:
-        return model
-    mesh = dist.device_mesh.init_device_mesh(next(model.parameters()).device.type, (world_size(),))
-    bf16 = args.dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
-    for unit in [*layers, model]:
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
-    return model
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """Every rank holds a sharded model's full weights for the whole block: one all-gather per unit, then no
-    communication at all, however many forward passes each rank makes (sampling makes one per token, and ranks
-    stop at different lengths). Nothing to do for a model that is not sharded, or is gathered already."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not units or getattr(model, "is_gathered", False):
+    @contextlib.contextmanager
+    def timer(self, phase: str):
+        """Wall-clock seconds of one phase of a step (`with run.timer("generate"): ...`), logged by `log` as
+        `time/<phase>`; their sum is the training time."""
+        start = time.perf_counter()
         yield
-        return
-    for unit in units:
-        unit.unshard()
-    model.set_reshard_after_forward(False)  # the forward passes find the weights gathered and leave them so
-    model.is_gathered = True
-    try:
-        yield
-    finally:
-        model.is_gathered = False
-        model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)  # FSDP's default: the root keeps its weights
-        for unit in units:
-            unit.reshard()
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def record(self, step: int, metrics: dict):
+        """One row of metrics.jsonl and TensorBoard (rank 0)."""
+        if self.files:
+            self.files["metrics"].write(json.dumps({"step": step, **metrics}) + "\n")
+            self.files["metrics"].flush()
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def evaluate(self, step: int, more: dict | None = None):
+        """Held-out accuracy (`evaluate`, under the script's reward) and any figures the script adds (`more`),
+        logged and printed. Skipped after a Ctrl-C, which asks the run to stop soon."""
+        if self.interrupted:
+            return
+        a = self.args
+        with gathered(self.model):  # a sharded model's weights, gathered once for the whole evaluation
+            metrics = evaluate(self.model, self.tokenizer, self.task, self.reward, a.eval_prompts, a.max_new_tokens,
+                               a.temperature, self.generator("eval", step, device=self.device))  # fmt: skip
+        metrics |= more or {}
+        self.record(step, {**metrics, "time/train_elapsed": self.train_time})
+        self.print(eval_line(step, metrics))
+
+    def log(self, step: int, metrics: dict, shown: dict, scored: Scored | None = None):
+        """Log a step's metrics (already averaged over ranks) with its phase times, throughput and training time
+        so far, advance the progress bar, and every --log-every steps print the `shown` figures and a few samples."""
+        times = {f"time/{phase}": s for phase, s in all_reduce(self.phase_seconds, "mean").items()}
+        self.phase_seconds = {}
+        metrics |= times
+        self.train_time += sum(times.values())
+        for phase, tokens in (("generate", "train/gen_tokens"), ("update", "train/update_tokens")):
+            if f"time/{phase}" in times and tokens in metrics:
+                metrics[f"throughput/{phase}_tokens_per_s"] = metrics[tokens] / max(metrics[f"time/{phase}"], 1e-9)
+        metrics["time/train_elapsed"] = self.train_time
+        self.record(step, metrics)
+        if not is_main():
+            return
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(shown.items())[:2]}, refresh=False)
+        self.bar.update(1)
+        if step % self.args.log_every == 0:
+            figures = " | ".join(f"{k} {shown_value(v)}" for k, v in shown.items())
+            phases = " ".join(f"{k[5:8]} {v:.2f}s" for k, v in times.items())
+            self.print(f"step {step:4d} | {figures} | {phases}")
+            if scored is not None:  # the first prompt's first completions, to read what the policy writes
+                question = scored.examples[0]["question"]
+                for text, reward in zip(scored.texts[:4], scored.rewards.flatten()[:4].tolist()):
+                    row = {"step": step, "question": question, "completion": text, "reward": reward}
+                    self.files["samples"].write(json.dumps(row) + "\n")
+                self.files["samples"].flush()
+
+    def stop_reason(self, step: int, metrics: dict, own: str | None = None) -> str | None:
+        """Why the run should stop after this step, if it should: Ctrl-C (every rank agrees on the step),
+        several steps in a row whose gradient was not finite (those steps were skipped by `optimizer_step`),
+        the script's `own` reason (I-PPO's early stop), or --max-time. Also warns when every group's rewards
+        have been equal for a while."""
+        skipped = metrics.get("train/skipped_steps", 0)
+        self.non_finite_run = self.non_finite_run + 1 if skipped else 0
+        if skipped:
+            self.print(f"step {step}: {shown_value(skipped)} optimizer step(s) skipped: the gradient was not finite")
+        self.no_signal_run = self.no_signal_run + 1 if metrics.get("reward/zero_std_frac") == 1 else 0
+        if self.no_signal_run == NO_SIGNAL_WARN:
+            self.print(f"warning: for {NO_SIGNAL_WARN} steps every group's rewards were equal (mean reward"
+                       f" {metrics['reward/mean']:.2f}): no completion beat another of its prompt, so the reward"
+                       " teaches nothing; usually the task is too hard or too easy for the model, or the policy"
+                       " collapsed (--lr too high)")  # fmt: skip
+        reason = None
+        if self.args.max_time and self.train_time >= self.args.max_time:
+            reason = f"--max-time {self.args.max_time:g}s of training reached"
+        reason = own or reason
+        if self.non_finite_run >= NON_FINITE_STOP:
+            reason = (f"{NON_FINITE_STOP} steps in a row had a non-finite gradient; the checkpoint holds the last good"
+                      " parameters (lower --lr, or look at the data)")  # fmt: skip
+        if all_reduce(float(self.interrupted), "max"):  # every rank stops at the same step
+            self.interrupted, reason = True, "interrupted (Ctrl-C)"
+        if reason and step < self.args.steps:
+            self.print(f"stopping at step {step}: {reason}")
+        return reason
+
+    def save(self, step: int, state: dict | None = None):
+        """A checkpoint of the policy (transformers format), the optimizer, the random states, the training
+        time and the script's own `state`."""
+        self.checkpoint = save_checkpoint(self.run_dir, step, self.model, self.tokenizer, self.optimizer,
+                                          {"train_time": self.train_time, **(state or {})})  # fmt: skip
+
+    def finish(self):
+        """Close the logs; after a Ctrl-C, print the command that resumes and exit with status 130."""
+        if self.files:
+            self.bar.close()
+            self.tb.close()
+            for f in self.files.values():
+                f.close()
+            os.close(self.lock)  # the run is over: another process may resume it
+            self.files = None
+        signal.signal(signal.SIGINT, self.previous_handler)
+        if self.interrupted:
+            self.print(f"saved {self.checkpoint}; continue with: python {self.script}.py --resume"
+                       f" {shlex.quote(self.run_dir)}")  # fmt: skip
+            raise SystemExit(130)
+        if is_main():
+            print(f"done: {self.run_dir} (metrics.jsonl, checkpoints/)")
 
 
-# ---- run folder, logging, checkpoints ------------------------------------------------------------------
+# ---- start-up helpers ---------------------------------------------------------------------------------------
+
+
+def drop_long_prompts(task, tokenizer, model, max_new_tokens: int):
+    """The task without the prompts that leave the model no room for --max-new-tokens (the position limit
+    counts the prompt and the completion), with a warning that counts them; an error if a split is left empty."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not positions:
+        return task
+    if max_new_tokens >= positions:
+        fail(f"--max-new-tokens {max_new_tokens}: the model's positions end at {positions} (prompt included)")
+    room, kept, dropped, first = positions - max_new_tokens, {}, [], None
+    for split in ("train", "validation", "test"):
+        examples = getattr(task, split)
+        ids = prompt_ids(tokenizer, [e["question"] for e in examples], task.instruction)
+        kept[split] = [e for e, p in zip(examples, ids) if len(p) <= room]
+        if len(kept[split]) < len(examples):
+            dropped.append(f"{len(examples) - len(kept[split])} of {len(examples)} {split}")
+            first = first or next(e for e, p in zip(examples, ids) if len(p) > room)["question"]
+        if examples and not kept[split]:
+            fail(f"--task {task.name}: every {split} prompt is longer than {room} tokens (the model's {positions}"
+                 f" positions less --max-new-tokens {max_new_tokens})")  # fmt: skip
+    if dropped:
+        warn(f"dropping prompts longer than {room} tokens (the model's {positions} positions less --max-new-tokens"
+             f" {max_new_tokens}): {', '.join(dropped)}; the first begins {first[:40]!r}")  # fmt: skip
+    return replace(task, **kept)
+
+
+def versions() -> dict:
+    """The versions a run was made with, written into its folder."""
+    import platform
+    from importlib.metadata import version  # reads the installed versions without importing the packages
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+            "datasets": version("datasets")}  # fmt: skip
+
+
+# ---- held-out evaluation -------------------------------------------------------------------------------------
+
+
+def evaluate(model, tokenizer, task, reward, n_prompts, max_new_tokens, temperature, generator, samples=1) -> dict:
+    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` samples per prompt at `temperature`): the mean of the
+    script's `reward` on the first `n_prompts` test prompts, sharded over ranks; the same per skill
+    (`eval/acc_sampled/<skill>`) where examples have one; and where the task checks steps, the unfaithful share
+    of the rewarded answers."""
+    skills = sorted({e["skill"] for e in task.test[:n_prompts] if "skill" in e})  # the same on every rank
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    metrics = {}
+    for mode in ("greedy", "sampled"):
+        repeats = samples if mode == "sampled" else 1  # greedy decoding gives the same answer every time
+        examples = [e for e in task.test[:n_prompts] for _ in range(repeats)][rank::world]
+        texts = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, max_new_tokens,
+                              temperature, mode == "greedy", generator)  # fmt: skip
+        rewards = [reward(e, t) for e, t in zip(examples, texts)]  # the script's reward, as in training
+        flawed = unfaithful(task, examples, texts, rewards)
+        sums = []
+        for skill in [None, *skills]:
+            rows = [i for i, e in enumerate(examples) if skill is None or e.get("skill") == skill]
+            sums += [sum(rewards[i] for i in rows), sum(rewards[i] > 0 for i in rows), sum(flawed[i] for i in rows),
+                     len(rows)]  # fmt: skip
+        sums = all_reduce(sums)
+        for j, skill in enumerate([None, *skills]):
+            total_reward, rewarded, unfaithful_count, total = sums[4 * j : 4 * j + 4]
+            metrics[f"eval/acc_{mode}" + (f"/{skill}" if skill else "")] = total_reward / max(1, total)
+            if task.check_steps and skill is None:
+                metrics[f"eval/unfaithful_{mode}"] = unfaithful_count / max(1, rewarded)
+    return metrics
+
+
+def eval_line(step: int, metrics: dict) -> str:
+    """The console line of an evaluation: overall figures, sampled accuracy per skill, and a target's figures."""
+    overall = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1)
+    skills = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/acc_sampled/"))
+    target = " ".join(f"{k[12:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval_target/"))
+    return (f"step {step:4d} | eval {overall}" + (f" | sampled by skill: {skills}" if skills else "")
+            + (f" | target {target}" if target else ""))  # fmt: skip
+
+
+def shown_value(v) -> str:
+    """A number for the console: integers as integers, small values in scientific notation."""
+    if isinstance(v, int) or float(v).is_integer() and abs(v) >= 1:
+        return str(int(v))
+    return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}"
+
+
+def fit(line: str, width: int = 120) -> str:
+    """Break a console line at its ` | ` separators so that no line is wider than `width`."""
+    parts, lines = line.split(" | "), []
+    for part in parts:
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " | " + part
+        else:
+            lines.append(part if not lines else "    " + part)
+    return "\n".join(lines)
+
+
+# ---- the run folder: claimed atomically, locked while its run is alive ------------------------------------------
 
 
 def check_run_name(output_dir: str, run_name: str | None):
@@ -306,14 +498,7 @@ def check_run_name(output_dir: str, run_name: str | None):
         fail(f"--run-name {run_name!r}: must be a plain folder name (no path separators, not starting with .)")
 
 
-def run_folder(output_dir: str, run_name: str | None, script: str, seed: int) -> str:
-    """The run folder: --run-name, or <script>__s<seed>__<time> (a number is added when that exists)."""
-    name = run_name or f"{script}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    return os.path.join(os.path.expanduser(output_dir), name)
-
-
 def refuse_existing(folder: str):
-    """The one-line error for a --run-name whose folder holds a run (or anything else) already."""
     fail(f"--run-name: {folder} already exists; choose another name, or continue it with"
          f" --resume {shlex.quote(folder)}")  # fmt: skip
 
@@ -322,38 +507,36 @@ def lock_folder(path: str) -> int | None:
     """An open descriptor of `path` holding an exclusive lock on it, or None when another process holds one.
     The operating system drops the lock when its process ends, however it ends (kill -9 included)."""
     fd = os.open(path, os.O_RDONLY)
-    if fcntl is None:
-        return fd
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
     except BlockingIOError:
         os.close(fd)
         return None
-    return fd
 
 
-def stopped_before_saving(run_dir: str) -> bool:
+def never_saved(run_dir: str) -> bool:
     """A run folder whose run started (args.json) but never completed a checkpoint: it cannot be resumed,
     so a new run of the same name may replace it (once no process holds it)."""
     return os.path.exists(os.path.join(run_dir, "args.json")) and not complete_checkpoints(run_dir)
 
 
 def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[str, int]:
-    """Create `run_dir` atomically with `first_files` ({name: text}) in it and lock it: the files are written
-    into a fresh hidden folder that is then renamed into place, and a rename never replaces a folder that
-    holds files. So of two runs given one name, concurrently or not, exactly one gets it; the other stops
-    with a one-line error having written nothing. `numbered` (a default name): take <run_dir>_2, _3, ...
-    instead. A folder left by a run that stopped before its first checkpoint is replaced, with a warning.
-    Returns the folder and the descriptor holding its lock (held until the process ends)."""
+    """Create `run_dir` with `first_files` ({name: text}) in it, and lock it. The files are written into a hidden
+    folder renamed into place, and a rename never replaces a folder that holds files: of two runs given one name,
+    exactly one gets it; the other stops with a one-line error having written nothing. `numbered` (a default
+    name): take <run_dir>_2, _3, ... instead. A folder whose run stopped before its first checkpoint is replaced,
+    with a warning. Returns the folder and the descriptor holding its lock (held until the process ends)."""
     parent = os.path.dirname(os.path.abspath(run_dir))
     os.makedirs(parent, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     for attempt in range(1, 1000):
         folder = run_dir if attempt == 1 else f"{run_dir}_{attempt}"
         staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
-        os.chmod(staging, 0o777 & ~current_umask())  # as os.mkdir would make it, not mkdtemp's private 0o700
-        for name, text in first_files.items():
-            with open(os.path.join(staging, name), "w") as f:
-                f.write(text)
+        os.chmod(staging, 0o777 & ~umask)  # as os.mkdir would make it, not mkdtemp's private 0o700
+        write_files(staging, first_files)
         lock = lock_folder(staging)
         try:
             os.rename(staging, folder)
@@ -368,121 +551,22 @@ def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[s
         lock = lock_folder(folder)
         if lock is None:
             fail(f"--run-name: {folder} is in use by another run right now; choose another name")
-        if not stopped_before_saving(folder):
+        if not never_saved(folder):
             os.close(lock)
             refuse_existing(folder)
         warn(f"replacing {folder}: its run stopped before its first checkpoint, so it cannot be resumed")
         for entry in os.listdir(folder):
             path = os.path.join(folder, entry)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        for name, text in first_files.items():
-            with open(os.path.join(folder, name), "w") as f:
-                f.write(text)
+        write_files(folder, first_files)
         return folder, lock
     fail(f"--output-dir: could not find a free run folder name near {run_dir}")
 
 
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-class RunLogger:
-    """`runs/<name>/`: args.json, metrics.jsonl, TensorBoard events, samples.jsonl; progress bar on rank 0.
-
-    Nothing is written until `open()`, which claims the folder (`claim_run_folder`, or the lock of the run
-    being resumed): every start-up check runs before it, so a run that fails at start-up leaves nothing.
-    On ranks other than 0 every method does nothing, so callers need no rank checks.
-    """
-
-    def __init__(self, run_dir: str, total_steps: int, start_step: int = 0):
-        self.run_dir, self.total, self.start_step, self.enabled = run_dir, total_steps, start_step, is_main()
-        self.lock = self.bar = None
-
-    def open(self, args, script: str, numbered: bool) -> str:
-        """Claim the run folder and open its logs; returns the folder (the same on every rank)."""
-        self.run_dir = from_main_rank(lambda: self.claim(args, script, numbered))
-        if not self.enabled:
-            return self.run_dir
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.total, initial=self.start_step, desc=os.path.basename(self.run_dir),
-                        dynamic_ncols=True)  # fmt: skip
-        self.metrics_file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
-        self.samples_file = open(os.path.join(self.run_dir, "samples.jsonl"), "a")
-        self.tb = SummaryWriter(self.run_dir, purge_step=self.start_step + 1 if self.start_step else None)
-        return self.run_dir
-
-    def claim(self, args, script: str, numbered: bool) -> str:
-        record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "args": asdict(args)}
-        if self.start_step == 0:
-            files = {"args.json": json.dumps({"script": script, **asdict(args)}, indent=1),
-                     "versions.json": json.dumps(record["versions"], indent=1)}  # fmt: skip
-            run_dir, self.lock = claim_run_folder(self.run_dir, files, numbered)
-            return run_dir
-        self.lock = lock_folder(self.run_dir)  # a resume: the run's own args.json stays
-        if self.lock is None:
-            fail(f"--resume {self.run_dir}: another process is running this run right now")
-        logs = [os.path.join(self.run_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
-        try:
-            kept = [rows_up_to(path, self.start_step) for path in logs]  # checked before anything is changed
-        except SystemExit:
-            os.close(self.lock)
-            raise
-        for path, rows in zip(logs, kept):  # rows logged after the checkpoint will be logged again
-            if rows is not None:
-                with open(path + ".tmp", "w") as f:
-                    f.writelines(rows)
-                os.replace(path + ".tmp", path)
-        with open(os.path.join(self.run_dir, "resumes.jsonl"), "a") as f:
-            f.write(json.dumps({"from_step": self.start_step, **record}) + "\n")
-        return self.run_dir
-
-    def log(self, step: int, metrics: dict):
-        if not self.enabled:
-            return
-        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.metrics_file.flush()
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-
-    def print(self, line: str):
-        if self.enabled:
-            from tqdm import tqdm
-
-            tqdm.write(line)  # above the progress bar, once there is one
-
-    def progress(self, **shown):
-        if self.enabled:
-            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
-            self.bar.update(1)
-
-    def samples(self, step: int, rows: list[dict]):
-        if self.enabled:
-            for row in rows:
-                self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
-            self.samples_file.flush()
-
-    def close(self):
-        if self.bar is None:  # never opened, or not rank 0
-            return
-        self.bar.close()
-        self.tb.close()
-        self.metrics_file.close()
-        self.samples_file.close()
-        os.close(self.lock)  # the run is over: another process may resume it
-        self.bar = None
-
-
-def versions() -> dict:
-    """The versions a run was made with, written into its folder."""
-    import platform
-    from importlib.metadata import version  # reads the installed versions without importing the packages
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
-            "datasets": version("datasets")}  # fmt: skip
+def write_files(folder: str, files: dict):
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
 
 
 def rows_up_to(path: str, step: int) -> list[str] | None:
@@ -509,88 +593,79 @@ def rows_up_to(path: str, step: int) -> list[str] | None:
     return rows
 
 
+# ---- checkpoints and resume -------------------------------------------------------------------------------------
+
+
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict) -> str:
     """`checkpoints/step_<N>/`: the model in save_pretrained format (loadable with transformers) plus
     `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes, into a temporary folder
     renamed when complete, so a kill during a save never leaves a checkpoint that looks complete."""
     folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     weights = optimizer_state = None  # unsharded: the model's and the optimizer's own state_dict(), on rank 0
-    if isinstance(model, FSDPModule):  # every rank sends its shards; rank 0 gets the whole of each
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=whole)
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=whole)
-        own = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}  # a tied weight once
-        weights = {name: w for name, w in weights.items() if name in own}
+    if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole of each
+        from common.fsdp import whole_state_dicts
+
+        weights, optimizer_state = whole_state_dicts(model, optimizer)
     if not is_main():
         return folder
-    optimizer_state = optimizer_state or optimizer.state_dict()
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, state_dict=weights)
     tokenizer.save_pretrained(partial)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({"step": step, "optimizer": optimizer_state, "rng": rng, **state}, f"{partial}/trainer_state.pt")
+    torch.save({"step": step, "optimizer": optimizer_state or optimizer.state_dict(), "rng": rng, **state},
+               f"{partial}/trainer_state.pt")  # fmt: skip
     shutil.rmtree(folder, ignore_errors=True)  # the same step saved by an earlier attempt of this run
     os.replace(partial, folder)
     return folder
-
-
-def is_complete(checkpoint: str) -> bool:
-    return all(os.path.exists(os.path.join(checkpoint, f)) for f in ("config.json", "trainer_state.pt"))
 
 
 def complete_checkpoints(run_dir: str, warn=lambda line: None) -> list[str]:
     """A run's checkpoints that finished saving, newest first; incomplete ones (a save that was cut off) are
     passed over with a warning."""
     folder = os.path.join(run_dir, "checkpoints")
-    names = sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []
     found = []
-    for name in names:
+    for name in sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
         if not name.startswith("step_"):
             continue
-        if name.endswith(".partial") or not is_complete(os.path.join(folder, name)):
-            warn(f"warning: skipping the incomplete checkpoint {os.path.join(folder, name)}")
+        if name.endswith(".partial") or not all(os.path.exists(os.path.join(path, f))
+                                                for f in ("config.json", "trainer_state.pt")):  # fmt: skip
+            warn(f"warning: skipping the incomplete checkpoint {path}")
             continue
-        found.append(os.path.join(folder, name))
+        found.append(path)
     return found
 
 
-def read_trainer_state(checkpoint: str) -> dict:
-    """A checkpoint's trainer_state.pt (optimizer, step, random states, the script's own state)."""
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
-        raise ValueError("trainer_state.pt lacks the step, optimizer or random states")
-    return state
+def newest_loadable_checkpoint(run_dir: str, dtype, device):
+    """(checkpoint, model, tokenizer, trainer state) of the newest complete checkpoint that loads; a damaged
+    one (a truncated file) is passed over with a warning, so the run goes on from the one before."""
+    say = lambda line: print(line, flush=True) if is_main() else None  # noqa: E731
+    for checkpoint in complete_checkpoints(run_dir, warn=say):
+        try:
+            model, tokenizer = read_policy(checkpoint, dtype, device)
+            state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+            if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
+                raise ValueError("trainer_state.pt lacks the step, optimizer or random states")
+        except Exception as e:  # a damaged file raises one of many exception types, from several libraries
+            warn(f"skipping the damaged checkpoint {checkpoint} ({type(e).__name__}: {first_line(e, 100)})")
+            continue
+        say(f"resuming {run_dir} from {os.path.basename(checkpoint)}, with the run's own settings")
+        return checkpoint, model, tokenizer, state
+    if never_saved(run_dir):
+        fail(f"--resume {run_dir}: the run stopped before its first complete checkpoint, so it cannot be resumed;"
+             f" start it again with the same --run-name, which replaces it")  # fmt: skip
+    fail(f"--resume {run_dir}: no checkpoint there loads")
 
 
 def restore_trainer_state(state: dict, model, optimizer):
     """Put a checkpoint's optimizer and random states back (a sharded model's optimizer takes its shard)."""
-    if isinstance(model, FSDPModule):
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if is_sharded(model):
+        from common.fsdp import load_optimizer_state
+
+        load_optimizer_state(model, optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
-
-
-class PhaseTimer:
-    """Wall-clock seconds per phase of a step: `with timer("generate"): ...`; `pop()` gives {"time/generate": s}
-    and starts the next step afresh."""
-
-    def __init__(self):
-        self.totals, self._phase = {}, None
-
-    def __call__(self, phase: str):
-        self._phase = phase
-        return self
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.totals[self._phase] = self.totals.get(self._phase, 0.0) + time.perf_counter() - self._start
-
-    def pop(self) -> dict:
-        totals, self.totals = self.totals, {}
-        return {f"time/{phase}": seconds for phase, seconds in totals.items()}

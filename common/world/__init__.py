@@ -2,6 +2,6 @@
 
 It exists so that every script runs by default offline, on a CPU, in minutes, under the conditions the
 papers rely on (skills of different difficulty, a rare skill and a misconception, unfaithful chains that earn full
-reward). A reader of the algorithms may skip this package: the scripts reach it only through
-`load_task("chain")`, `resolve_model("tiny")` and `score`.
+reward). A reader of the algorithms may skip this package: it plugs in from above, at one place only, the run's
+start-up (`common/run.py`), which asks it for the `chain` task and the `tiny` model; nothing below imports it.
 """

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from common.data import SPLIT_SIZES, Task
-from common.reward import extract_answer, normalize
+from common.verifier import extract_answer, normalize
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def make_chain(seed: int = 0, pool: int = CHAIN_POOL) -> Task:
     for split in (train, validation, test):
         rng.shuffle(split)
     return Task("chain", train, validation, test, CHAIN_INSTRUCTION,
-                max_new_tokens=48, target_skills=(DEFAULT_TARGET,))  # chains are short  # fmt: skip
+                max_new_tokens=48, target_skills=(DEFAULT_TARGET,), check_steps=chain_faithful)  # fmt: skip
 
 
 def chain_faithful(question: str, response: str) -> bool:

@@ -1,5 +1,7 @@
-"""Batched sampling with a KV cache, recording the behaviour log-probs at sampling time; token log-probs."""
+"""Sampling: the step's prompts, batched sampling with a KV cache that records the sampler's log-probs (mu),
+and the token log-probs (and entropy) every loss is built on."""
 
+import hashlib
 import inspect
 from dataclasses import dataclass
 
@@ -7,7 +9,30 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common.run import gathered
+from common.model import prompt_text
+from common.torchrun import gathered
+
+
+def seeded_generator(*keys, device="cpu") -> torch.Generator:
+    """A torch generator of its own for each random stream of a run, seeded by its keys, e.g.
+    (seed, "sample", step, rank): streams never share draws, and a resumed run draws what it would have."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def prompt_ids(tokenizer, questions, instruction: str = "") -> list[list[int]]:
+    """Token ids of each question as the model sees it (chat template for instruct models)."""
+    return [tokenizer(prompt_text(tokenizer, q, instruction))["input_ids"] for q in questions]
+
+
+def draw_prompts(task, tokenizer, seed: int, step: int, batch_prompts: int, rank: int, world: int, pool=None):
+    """The step's prompts: the same draw of `batch_prompts` from `pool` (default: the train split) on every
+    rank, with replacement, each rank taking its slice. Returns this rank's examples and their token ids."""
+    pool = task.train if pool is None else pool
+    draw = torch.randint(len(pool), (batch_prompts,), generator=seeded_generator(seed, "prompts", step))
+    B = batch_prompts // world
+    examples = [pool[i] for i in draw[rank * B : (rank + 1) * B].tolist()]
+    return examples, prompt_ids(tokenizer, [e["question"] for e in examples], task.instruction)
 
 
 @dataclass
@@ -108,9 +133,16 @@ def sample_tokens(model, prompts, max_new_tokens, temperature, eos_id, pad_id, g
     )
 
 
-def _chunk_logprobs(lm_head, hidden, targets, temperature):
+def chunk_logprobs(lm_head, hidden, targets, temperature, entropy: bool):
+    """One chunk's token log-probs, and (with `entropy`, no gradient) the entropy of each position's
+    distribution at the temperature, from the same logits."""
     logits = lm_head(hidden).float() / temperature
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        logp = F.log_softmax(logits, dim=-1)
+        return logprobs, -(logp.exp() * logp).sum(-1)
 
 
 LOGITS_PER_CHUNK = 2**24  # logits of one chunk of positions: 64 MB in fp32, whatever the vocabulary
@@ -122,8 +154,10 @@ def chunk_positions(vocab_size: int) -> int:
     return max(1, min(4096, LOGITS_PER_CHUNK // vocab_size))
 
 
-def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=None):
-    """log pi(completion token) [N, L] under `model` (differentiable), for every loss in the project.
+def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=None, entropy=False):
+    """log pi(completion token) [N, L] under `model` (differentiable), for every loss in the project; with
+    `entropy`, also the entropy of pi at each completion position [N, L] (at the temperature, no gradient):
+    returns (logprobs, entropy).
 
     Memory-lean: the backbone runs once; the [tokens, vocabulary] logits exist for one chunk of
     completion positions at a time and are recomputed in the backward pass (activation checkpointing)
@@ -131,7 +165,7 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
     defaults to `chunk_positions(V)`.
     `on_logits(start, logits)`, if given, sees each chunk's raw logits (model dtype, before the
     temperature, no gradient) for the flat completion positions start, start + 1, ...: statistics
-    such as the entropy or a top-K divergence are computed there, while the chunk exists.
+    such as a top-K divergence are computed there, while the chunk exists.
     """
     # The model's own forward (where a sharded model gathers its weights), with the logits of one position only:
     # the backbone's output is kept on its way, and the logits are made below, a chunk at a time.
@@ -149,14 +183,72 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
     lm_head = model.get_output_embeddings()
     chunk = chunk or chunk_positions(lm_head.weight.shape[0])
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    parts = []
+    parts, entropies = [], []
     for s in range(0, flat_t.numel(), chunk):
         h, tg = flat_h[s : s + chunk], flat_t[s : s + chunk]
         if on_logits is not None:  # one extra no-grad lm_head product per chunk, only for callers that ask
             with torch.no_grad():
                 on_logits(s, lm_head(h))
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logprobs, lm_head, h, tg, temperature, use_reentrant=False))
+            part, H = checkpoint(chunk_logprobs, lm_head, h, tg, temperature, entropy, use_reentrant=False)
         else:
-            parts.append(_chunk_logprobs(lm_head, h, tg, temperature))
-    return torch.cat(parts).view_as(targets) * rollout.completion_mask
+            part, H = chunk_logprobs(lm_head, h, tg, temperature, entropy)
+        parts.append(part)
+        entropies.append(H)
+    logprobs = torch.cat(parts).view_as(targets) * rollout.completion_mask
+    if not entropy:
+        return logprobs
+    return logprobs, torch.cat(entropies).view_as(targets) * rollout.completion_mask
+
+
+# ---- a step's completions, scored by the script's reward -----------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """A step's completions and their rewards: `examples` one per prompt, `texts` n per prompt side by side, and
+    `rewards` [prompts, n], the script's reward: the one value that training, the logs and the samples read."""
+
+    examples: list
+    texts: list
+    rewards: torch.Tensor
+
+    def unfaithful(self, task) -> list[bool]:
+        n = len(self.texts) // len(self.examples)
+        return unfaithful(task, [e for e in self.examples for _ in range(n)], self.texts, self.rewards.flatten().tolist())
+
+
+def unfaithful(task, examples, texts, rewards) -> list[bool]:
+    """Per completion (one example each): rewarded, though its written steps are not the question's (where the
+    task checks steps)."""
+    check = task.check_steps
+    return [check is not None and r > 0 and not check(e["question"], t) for e, t, r in zip(examples, texts, rewards)]
+
+
+def frac_zero_std(rewards: torch.Tensor) -> float:
+    """Share of groups (rows) whose rewards are all equal: their group advantages are 0, no learning signal."""
+    return (rewards.max(1).values == rewards.min(1).values).float().mean().item()
+
+
+def rollout_metrics(task, scored: Scored, rollout: Rollout) -> dict:
+    """The metrics of a step's rollouts that mean the same in every script."""
+    rewarded = (scored.rewards > 0).sum().item()
+    return {
+        "reward/mean": scored.rewards.mean().item(),
+        "reward/zero_std_frac": frac_zero_std(scored.rewards),
+        "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
+        "train/gen_tokens": rollout.completion_mask.sum().item(),
+        **({"train/unfaithful": sum(scored.unfaithful(task)) / max(1, rewarded)} if task.check_steps else {}),
+    }
+
+
+def rollout_texts(model, tokenizer, questions, instruction, max_new_tokens, temperature, greedy, generator,
+                  chunk=256) -> list[str]:  # fmt: skip
+    """One completion (text) per question, sampled (or greedy) in chunks."""
+    texts = []
+    for s in range(0, len(questions), chunk):
+        prompts = prompt_ids(tokenizer, questions[s : s + chunk], instruction)
+        r = sample(model, prompts, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                   greedy=greedy, generator=generator)  # fmt: skip
+        texts += tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
+    return texts

@@ -1,8 +1,7 @@
-"""Answer extraction, normalisation and checking: the reward of a response, and for `chain` whether its steps
-are faithful (checked by the world, `common/world/chain.py`)."""
+"""The verifier: a response's final answer, extracted, normalised and compared with the gold one. The reward a
+script trains on is built from `is_correct`, in the script."""
 
 import re
-from collections import namedtuple
 from fractions import Fraction
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
@@ -56,23 +55,3 @@ def is_correct(response: str, gold: str) -> bool:
     gold = normalize(gold)
     pred = normalize(extract_answer(response, numeric=NUMBER.fullmatch(gold) is not None))
     return pred != "" and pred == gold
-
-
-Verdict = namedtuple("Verdict", "reward correct faithful")  # faithful is None where the task cannot check steps
-
-
-def verify(task_name: str, example: dict, response: str) -> Verdict:
-    """The verifiable reward of one response (1 if its final answer is right, else 0), and whether its
-    written steps are faithful to the question (`chain` only)."""
-    correct = is_correct(response, example["answer"])
-    faithful = None
-    if task_name == "chain":
-        from common.world.chain import chain_faithful  # here: the world is built on this module (normalize)
-
-        faithful = chain_faithful(example["question"], response)
-    return Verdict(float(correct), correct, faithful)
-
-
-def count_correct_unfaithful(scores) -> tuple[int, int]:
-    """(number correct, number correct but unfaithful) of a list of `score` results."""
-    return sum(s.correct for s in scores), sum(s.correct and s.faithful is False for s in scores)
