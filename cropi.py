@@ -494,7 +494,7 @@ def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict
 
 
 def main(args: Args):
-    run = Run(args, "cropi", check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
     n, rank, world, pool = args.n, run.rank, run.world, task.train
     if int(args.select_ratio * len(pool)) < 1:

@@ -390,7 +390,7 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
 
 
 def main(args: Args):
-    run = Run(args, "dppo", check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
     n = args.n
     sampler_temperature = args.sampler_temperature or args.temperature

@@ -430,7 +430,7 @@ def draw_validation(task, seed: int, step: int, size: int, rank: int, world: int
 
 
 def main(args: Args):
-    run = Run(args, "ippo", check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
     n, rank, world = args.n, run.rank, run.world
     if args.influence:

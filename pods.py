@@ -264,7 +264,7 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
 
 
 def main(args: Args):
-    run = Run(args, "pods", check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
     B, n, m = args.batch_prompts // run.world, args.n, args.m
     ref_model = load_policy(run.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None

@@ -1,6 +1,6 @@
 """The run's whole life, in the order a script meets it: the command line (and a resumed run's own flags),
 start-up (the task, the policy), the run folder (claimed and locked), evaluation, logging, the stop rules,
-checkpoints and resume. The one place that plugs in the built-in world (`common/world/`)."""
+checkpoints and resume. The one file of `common/` that imports the built-in world (`common/world/`)."""
 
 import contextlib
 import json
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import tyro
 
-from common.data import load_task
 from common.errors import creation_problem, fail, first_line, flag, warn
-from common.model import cached_build, load_policy, read_policy, resolve_model
+from common.model import load_policy, read_policy
 from common.sampling import Scored, prompt_ids, rollout_texts, seeded_generator, unfaithful
 from common.torchrun import all_reduce, barrier, from_main_rank, gathered, is_main, is_sharded, setup_distributed
+from common.world import model_folder, task_named  # the one place the built-in world plugs in
 
 # ---- the command line, and a resumed run's own flags ------------------------------------------------------------
 
@@ -110,29 +110,6 @@ def warn_unusual(args):
                  " usual values are 0.001 to 0.1")  # fmt: skip
 
 
-# ---- the built-in world plugs in here, and only here ------------------------------------------------------------
-
-
-def task_named(args):
-    """The task of --task: the world's `chain` (one fixed split, whatever the seed: the tiny model was warmed up on
-    its train split), `gsm8k` or a data file."""
-    if args.task == "chain":
-        from common.world.chain import make_chain
-
-        return make_chain()
-    return load_task(args.task, args.seed, args.question_field, args.answer_field,
-                     getattr(args, "solution_field", "solution"))  # fmt: skip
-
-
-def model_folder(name: str) -> str:
-    """The folder of --model: the world's `tiny` (built once, cached), a converted GGUF, or the name itself."""
-    if name == "tiny":
-        from common.world.tiny import build_tiny, tiny_folder
-
-        return cached_build(tiny_folder(), build_tiny)
-    return resolve_model(name)
-
-
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the run stops
@@ -140,30 +117,17 @@ NO_SIGNAL_WARN = 10  # steps in a row where every group had equal rewards before
 
 
 class Run:
-    """What a script's loop calls by name at each of its stops, so that the loop itself stays in the script:
-
-        run = Run(args, "grpo", check_args)                # start-up: checks, task, policy (--resume: checkpoint)
-        run.begin(optimizer, reward)                       # --resume: the optimizer, step, train time come back
-        run.open()                                         # claims the run folder: nothing is written before
-        if run.start == 0:
-            run.evaluate(0)
-        for step in range(run.start, args.steps):
-            with run.timer("generate"): ...                # phases are timed; their sum is the training time
-            run.log(step + 1, metrics, shown, scored)      # metrics.jsonl, TensorBoard, the console line
-            stop = run.stop_reason(step + 1, metrics)      # Ctrl-C, --max-time, non-finite gradients
-            ... run.evaluate(step + 1), run.save(step + 1) on their cadence; if stop: break
-        run.finish()                                       # after Ctrl-C: the command that resumes, exit 130
-
-    On ranks other than 0 nothing is written or printed, so callers need no rank checks.
-    """
+    """What a script's loop calls by name at each of its stops (`Run(...)`, `begin`, `open`, `timer`, `log`,
+    `stop_reason`, `evaluate`, `save`, `finish`), so that the loop itself stays in the script (grpo.py's `main`
+    is the model). On ranks other than 0 nothing is written or printed: callers need no rank checks."""
 
     def __init__(self, args, script: str, check_args):
-        """Start-up: every check, the task and the policy (with --resume the newest checkpoint that loads).
-        Nothing is written: the folder is claimed by `open`, once every check has passed."""
-        self.args, self.script = args, script
+        """Start-up for the script at path `script`: every check, the task and the policy (with --resume the newest
+        checkpoint that loads). Nothing is written: the folder is claimed by `open`, once every check has passed."""
+        self.args, self.script = args, os.path.basename(script).removesuffix(".py")
         if args.resume:
             args.resume = os.path.expanduser(args.resume)
-            check_resumed_args(args, args.resume, script)
+            check_resumed_args(args, args.resume, self.script)
         else:
             check_run_name(args.output_dir, args.run_name)
         if not 0 <= args.seed < 2**32:
@@ -173,13 +137,11 @@ class Run:
         if getattr(args, "fsdp", False) and self.world == 1:
             warn("--fsdp: one process holds the whole model, nothing is sharded; launch with torchrun to shard")
         warn_unusual(args)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
+        random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)  # noqa: B018
         task = task_named(args)
         args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
         self.run_dir = args.resume or os.path.join(os.path.expanduser(args.output_dir), args.run_name or
-                                                   f"{script}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+                                                   f"{self.script}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
         if args.run_name and not args.resume and os.path.exists(self.run_dir) and not never_saved(self.run_dir):
             refuse_existing(self.run_dir)  # early; the claim decides (a default name never collides: it is numbered)
         problem = creation_problem(self.run_dir)
@@ -193,8 +155,7 @@ class Run:
         dtype = torch.float32 if sharded else getattr(torch, args.dtype)  # --fsdp: fp32 shards, --dtype computes
         self.checkpoint, self.state = None, {"step": 0, "train_time": 0.0}
         if args.resume:
-            self.checkpoint, self.model, self.tokenizer, self.state = newest_loadable_checkpoint(self.run_dir, dtype,
-                                                                                                 self.device)
+            self.checkpoint, self.model, self.tokenizer, self.state = last_checkpoint(self.run_dir, dtype, self.device)
         else:
             self.model, self.tokenizer = load_policy(self.model_path, dtype, self.device)
         self.model.eval()
@@ -217,13 +178,12 @@ class Run:
         if self.checkpoint and self.start >= self.args.steps:
             fail(f"--resume {self.run_dir}: the run has done all {self.args.steps} of its steps, nothing is left;"
                  f" to train further, resume with --steps above {self.start}")  # fmt: skip
-        self.phase_seconds, self.interrupted, self.non_finite_run, self.no_signal_run = {}, False, 0, 0
-        self.files = None
+        self.phase_seconds, self.interrupted, self.non_finite_run, self.no_signal_run, self.files = {}, False, 0, 0, None
         self.previous_handler = signal.signal(signal.SIGINT, self.on_interrupt)
 
     def open(self):
         """Claim the run folder and open its logs, once every start-up check has passed: a run that cannot start
-        writes nothing, and a folder belongs to one run."""
+        writes nothing."""
         wanted = self.run_dir
         self.run_dir = from_main_rank(self.claim)
         if self.run_dir != wanted:
@@ -283,8 +243,7 @@ class Run:
 
     @contextlib.contextmanager
     def timer(self, phase: str):
-        """Wall-clock seconds of one phase of a step (`with run.timer("generate"): ...`), logged by `log` as
-        `time/<phase>`; their sum is the training time."""
+        """Seconds of one phase of a step (`with run.timer("generate"):`), logged as `time/<phase>` by `log`."""
         start = time.perf_counter()
         yield
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
@@ -298,15 +257,14 @@ class Run:
                 self.tb.add_scalar(k, v, step)
 
     def evaluate(self, step: int, more: dict | None = None):
-        """Held-out accuracy (`evaluate`, under the script's reward) and any figures the script adds (`more`),
-        logged and printed. Skipped after a Ctrl-C, which asks the run to stop soon."""
+        """Held-out accuracy under the script's reward, and the figures the script adds (`more`), logged and
+        printed. Skipped after a Ctrl-C, which asks the run to stop soon."""
         if self.interrupted:
             return
         a = self.args
         with gathered(self.model):  # a sharded model's weights, gathered once for the whole evaluation
             metrics = evaluate(self.model, self.tokenizer, self.task, self.reward, a.eval_prompts, a.max_new_tokens,
-                               a.temperature, self.generator("eval", step, device=self.device))  # fmt: skip
-        metrics |= more or {}
+                               a.temperature, self.generator("eval", step, device=self.device)) | (more or {})
         self.record(step, {**metrics, "time/train_elapsed": self.train_time})
         self.print(eval_line(step, metrics))
 
@@ -314,8 +272,7 @@ class Run:
         """Log a step's metrics (already averaged over ranks) with its phase times, throughput and training time
         so far, advance the progress bar, and every --log-every steps print the `shown` figures and a few samples."""
         times = {f"time/{phase}": s for phase, s in all_reduce(self.phase_seconds, "mean").items()}
-        self.phase_seconds = {}
-        metrics |= times
+        metrics, self.phase_seconds = metrics | times, {}
         self.train_time += sum(times.values())
         for phase, tokens in (("generate", "train/gen_tokens"), ("update", "train/update_tokens")):
             if f"time/{phase}" in times and tokens in metrics:
@@ -637,7 +594,7 @@ def complete_checkpoints(run_dir: str, warn=lambda line: None) -> list[str]:
     return found
 
 
-def newest_loadable_checkpoint(run_dir: str, dtype, device):
+def last_checkpoint(run_dir: str, dtype, device):
     """(checkpoint, model, tokenizer, trainer state) of the newest complete checkpoint that loads; a damaged
     one (a truncated file) is passed over with a warning, so the run goes on from the one before."""
     say = lambda line: print(line, flush=True) if is_main() else None  # noqa: E731

@@ -37,12 +37,9 @@ def draw_prompts(task, tokenizer, seed: int, step: int, batch_prompts: int, rank
 
 @dataclass
 class Rollout:
-    """N sequences = left-padded prompt [N, P] followed by the completion [N, L].
-
-    `old_logprobs[i, t]` is log mu(token), mu the distribution actually sampled from (logits / T), recorded
-    while sampling: pi_old of the ratio, mu of a trust region. `topk_ids`/`topk_logprobs` [N, L, K] hold a
-    record of mu's most likely tokens where a script makes one (dppo.py, through `sample(on_token=...)`).
-    """
+    """N sequences = left-padded prompt [N, P] followed by the completion [N, L]. `old_logprobs` is log mu of each
+    token, mu the distribution actually sampled from (logits / T), recorded while sampling: pi_old of the ratio,
+    mu of a trust region. `topk_*` [N, L, K]: mu's most likely tokens, where a script records them (dppo.py)."""
 
     input_ids: torch.Tensor  # [N, P + L]
     attention_mask: torch.Tensor  # [N, P + L]
@@ -58,11 +55,9 @@ class Rollout:
 
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The sub-batch of the given rows (e.g. the sequences a down-sampling rule keeps)."""
-        pick = lambda x: None if x is None else x[rows]
-        return Rollout(
-            self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows], self.old_logprobs[rows],
-            self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs),
-        )  # fmt: skip
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return Rollout(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
+                       self.old_logprobs[rows], self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int):
@@ -83,54 +78,35 @@ def positions(attention_mask):
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, greedy=False, generator=None,
            on_token=None) -> Rollout:  # fmt: skip
-    """Sample one completion per prompt (token id lists); stop a row at its first EOS. `on_token(logp, token)`,
-    if given, sees each position's full log-probability rows [N, V] and the tokens drawn from them (pad where
-    a row has ended), while they exist: a script records from them what it needs beyond the sampled token.
-    A sharded model's weights are gathered once for the whole generation."""
-    with gathered(model):
-        return sample_tokens(model, prompts, max_new_tokens, temperature, eos_id, pad_id, greedy, generator, on_token)
-
-
-def sample_tokens(model, prompts, max_new_tokens, temperature, eos_id, pad_id, greedy, generator, on_token):
-    """`sample`'s loop: a prefill of the prompts, then one forward pass per token with the KV cache."""
+    """Sample one completion per prompt (token id lists): a prefill, then one forward pass per token with the KV
+    cache; a row stops at its first EOS. `on_token(logp, token)`, if given, sees each position's log-probability
+    rows [N, V] and the tokens drawn (pad where a row has ended): a script records there what it needs beyond
+    the sampled token. A sharded model's weights are gathered once for the whole generation."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    prompt_mask = mask
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+    ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
+    prompt_mask, tokens, logps, alive = mask, [], [], []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5
-    n = len(prompts)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    tokens, logps, alive = [], [], []
-    for t in range(max_new_tokens):
-        logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        if greedy:
-            token = logp.argmax(-1)
-        else:
-            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-        alive.append(~done)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        if on_token is not None:
-            on_token(logp, token)
-        tokens.append(token)
-        done = done | (token == eos_id)
-        if done.all() or t == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:],
-            use_cache=True, **{cache: out[cache]},
-        )  # fmt: skip
-    completion = torch.stack(tokens, 1)
-    completion_mask = torch.stack(alive, 1).long()
-    return Rollout(
-        input_ids=torch.cat([ids, completion], 1),
-        attention_mask=torch.cat([prompt_mask, completion_mask], 1),
-        completion_mask=completion_mask,
-        old_logprobs=torch.stack(logps, 1) * completion_mask,
-        prompt_len=ids.shape[1],
-    )
+    with gathered(model):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+        for t in range(max_new_tokens):
+            logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+            token = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            alive.append(~done)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
+            if on_token is not None:
+                on_token(logp, token)
+            tokens.append(token)
+            done = done | (token == eos_id)
+            if done.all() or t == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:],
+                        use_cache=True, **{cache: out[cache]})  # fmt: skip
+    completion, completion_mask = torch.stack(tokens, 1), torch.stack(alive, 1).long()
+    return Rollout(torch.cat([ids, completion], 1), torch.cat([prompt_mask, completion_mask], 1), completion_mask,
+                   torch.stack(logps, 1) * completion_mask, ids.shape[1])
 
 
 def chunk_logprobs(lm_head, hidden, targets, temperature, entropy: bool):
@@ -156,19 +132,15 @@ def chunk_positions(vocab_size: int) -> int:
 
 def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=None, entropy=False):
     """log pi(completion token) [N, L] under `model` (differentiable), for every loss in the project; with
-    `entropy`, also the entropy of pi at each completion position [N, L] (at the temperature, no gradient):
-    returns (logprobs, entropy).
+    `entropy`, (logprobs, the entropy of pi at each completion position [N, L], at the temperature, no gradient).
 
-    Memory-lean: the backbone runs once; the [tokens, vocabulary] logits exist for one chunk of
-    completion positions at a time and are recomputed in the backward pass (activation checkpointing)
-    instead of being kept, so a 152k vocabulary costs O(chunk x V), not O(N x L x V). `chunk` (positions)
-    defaults to `chunk_positions(V)`.
-    `on_logits(start, logits)`, if given, sees each chunk's raw logits (model dtype, before the
-    temperature, no gradient) for the flat completion positions start, start + 1, ...: statistics
-    such as a top-K divergence are computed there, while the chunk exists.
+    Memory-lean: the backbone runs once; the [tokens, vocabulary] logits exist for one chunk of completion
+    positions at a time (`chunk_positions(V)` unless `chunk` is given) and are recomputed in the backward pass,
+    so a 152k vocabulary costs O(chunk x V), not O(N x L x V). `on_logits(start, logits)`, if given, sees each
+    chunk's raw logits (model dtype, no gradient) for the flat completion positions start, start + 1, ...
     """
-    # The model's own forward (where a sharded model gathers its weights), with the logits of one position only:
-    # the backbone's output is kept on its way, and the logits are made below, a chunk at a time.
+    # The model's own forward (a sharded model gathers its weights there) with one position's logits: the
+    # backbone's output is kept on its way, and the logits are made below, a chunk at a time.
     kept = []
     hook = model.base_model.register_forward_hook(lambda module, args, out: kept.append(out.last_hidden_state))
     try:
@@ -176,9 +148,7 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
               position_ids=positions(rollout.attention_mask), logits_to_keep=1)  # fmt: skip
     finally:
         hook.remove()
-    hidden = kept[0]
-    P = rollout.prompt_len
-    hidden = hidden[:, P - 1 : -1]  # the state before each completion token predicts it
+    hidden = kept[0][:, rollout.prompt_len - 1 : -1]  # the state before each completion token predicts it
     targets = rollout.completion_ids
     lm_head = model.get_output_embeddings()
     chunk = chunk or chunk_positions(lm_head.weight.shape[0])
@@ -196,9 +166,7 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
         parts.append(part)
         entropies.append(H)
     logprobs = torch.cat(parts).view_as(targets) * rollout.completion_mask
-    if not entropy:
-        return logprobs
-    return logprobs, torch.cat(entropies).view_as(targets) * rollout.completion_mask
+    return (logprobs, torch.cat(entropies).view_as(targets) * rollout.completion_mask) if entropy else logprobs
 
 
 # ---- a step's completions, scored by the script's reward -----------------------------------------------------
@@ -215,7 +183,8 @@ class Scored:
 
     def unfaithful(self, task) -> list[bool]:
         n = len(self.texts) // len(self.examples)
-        return unfaithful(task, [e for e in self.examples for _ in range(n)], self.texts, self.rewards.flatten().tolist())
+        examples = [e for e in self.examples for _ in range(n)]
+        return unfaithful(task, examples, self.texts, self.rewards.flatten().tolist())
 
 
 def unfaithful(task, examples, texts, rewards) -> list[bool]:
@@ -247,8 +216,7 @@ def rollout_texts(model, tokenizer, questions, instruction, max_new_tokens, temp
     """One completion (text) per question, sampled (or greedy) in chunks."""
     texts = []
     for s in range(0, len(questions), chunk):
-        prompts = prompt_ids(tokenizer, questions[s : s + chunk], instruction)
-        r = sample(model, prompts, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                   greedy=greedy, generator=generator)  # fmt: skip
+        r = sample(model, prompt_ids(tokenizer, questions[s : s + chunk], instruction), max_new_tokens, temperature,
+                   tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=greedy, generator=generator)  # fmt: skip
         texts += tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
     return texts

@@ -1,0 +1,45 @@
+"""The reward is a function of each script: changing it there changes training, the logged samples and the
+held-out evaluation together, and no other script. And a resumed run's flags: the command line is parsed with
+the run's own values as the defaults."""
+
+import json
+
+import pytest
+from conftest import metric_rows
+
+import grpo
+import pods
+from common.run import parse_args
+
+SMALL = dict(steps=2, batch_prompts=2, n=4, eval_prompts=6, eval_every=1, log_every=1, max_new_tokens=6)
+
+
+def test_a_changed_reward_is_what_training_samples_and_evaluation_read(random_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "reward", lambda example, completion: 0.25)  # a script variant with its own reward
+    grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", **SMALL))
+    train, evals = metric_rows(tmp_path / "r", "reward/mean"), metric_rows(tmp_path / "r", "eval/acc_greedy")
+    assert [r["reward/mean"] for r in train] == [0.25, 0.25]
+    assert {r["eval/acc_greedy"] for r in evals} == {r["eval/acc_sampled"] for r in evals} == {0.25}
+    samples = [json.loads(line) for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
+    assert samples and {s["reward"] for s in samples} == {0.25}
+    assert pods.reward({"answer": "7"}, "#### 7") == 1.0 and pods.reward({"answer": "7"}, "#### 8") == 0.0
+
+
+@pytest.fixture
+def finished(random_model_dir, tmp_path):
+    """A grpo run of 2 steps at --lr 1e-3 (not the default)."""
+    grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", lr=1e-3, **SMALL))
+    return str(tmp_path / "r")
+
+
+def test_resume_takes_the_run_s_flags_and_a_steps_flag_at_its_default(finished):
+    args = parse_args(grpo.Args, ["--resume", finished, "--steps", "200"])  # 200 is the default: still given
+    assert args.steps == 200 and args.lr == 1e-3 and args.n == 4 and args.eval_prompts == 6
+    assert parse_args(grpo.Args, ["--resume", finished]).steps == 2  # left out: the run's own value
+
+
+def test_resume_accepts_a_flag_at_the_run_s_value_and_refuses_a_changed_one(finished):
+    grpo.main(parse_args(grpo.Args, ["--resume", finished, "--steps", "3", "--lr", "0.001", "--n", "4"]))
+    assert [r["step"] for r in metric_rows(finished, "reward/mean")] == [1, 2, 3]
+    with pytest.raises(SystemExit, match="--lr 0.0002: the resumed run has 0.001; on --resume only --steps"):
+        grpo.main(parse_args(grpo.Args, ["--resume", finished, "--steps", "4", "--lr", "2e-4"]))  # the default
