@@ -445,8 +445,8 @@ def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, li
     """This rank's strided shard of the pool's and of every validation set's stored responses: collected once
     per run (not counted as training time) and checked, or read back from the run folder on --resume. Also
     the seconds it took to collect (None when read back)."""
-    rank, world = run.run.rank, run.run.world
-    store_file = os.path.join(run.run.run_dir, f"store_rank{rank}_of_{world}.pt")
+    rank, world = run.rank, run.world
+    store_file = os.path.join(run.run_dir, f"store_rank{rank}_of_{world}.pt")
     if os.path.exists(store_file):
         return *torch.load(store_file, weights_only=False), None
     start, generator = time.perf_counter(), run.generator("store", device=model.device)
@@ -460,7 +460,7 @@ def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, li
 
 def save_store(run, pool_store, val_stores, seconds: float, args):
     """Keep the store in the run folder, for --resume."""
-    store_file = os.path.join(run.run.run_dir, f"store_rank{run.run.rank}_of_{run.run.world}.pt")
+    store_file = os.path.join(run.run_dir, f"store_rank{run.rank}_of_{run.world}.pt")
     torch.save((pool_store, val_stores), store_file)
     run.record(0, {"time/store": seconds})
     run.print(f"offline store: pool x {args.pool_responses}, validation x {args.val_responses} responses"
@@ -515,8 +515,8 @@ def main(args: Args):
         if not skills:
             return {}
         generator = run.generator("eval-target", step, device=device)
-        metrics = evaluate(model, tokenizer, target_task, len(target_task.test), args.max_new_tokens, args.temperature,
-                           rank, world, generator, samples=args.target_samples)  # fmt: skip
+        metrics = evaluate(model, tokenizer, target_task, reward, len(target_task.test), args.max_new_tokens,
+                           args.temperature, generator, samples=args.target_samples)  # fmt: skip
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
     run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
@@ -541,7 +541,7 @@ def main(args: Args):
                                                  rank, world)  # fmt: skip
             selected = chosen.tolist()
             stage_info = {**scoring, **stage_metrics(pool, pool_rewards, selected, seen, skills)}  # logged below
-            run.print(f"stage {stage} | scored in {run.timer.totals['score']:.1f}s | "
+            run.print(f"stage {stage} | scored in {run.phase_seconds['score']:.1f}s | "
                       + " | ".join(f"{k.split('/')[1]} {shown_value(v)}" for k, v in stage_info.items()))
         # 1. B prompts drawn from the selection (the same draw on every rank), n rollouts each, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world,

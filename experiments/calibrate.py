@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 
 import tyro
 
-from common.data import load_task, of_skills
-from common.model import load_policy, resolve_model
-from common.reward import verify
-from common.run import seeded_generator
-from common.session import evaluate, rollout_texts
-from common.world.chain import SKILLS, has_wrong_step
+from common.data import of_skills
+from common.model import load_policy
+from common.run import evaluate
+from common.sampling import rollout_texts, seeded_generator
+from common.world import model_folder
+from common.world.chain import SKILLS, has_wrong_step, make_chain
+from grpo import reward  # every script's reward: 1 for the gold final answer, else 0
 
 MAX_NEW_TOKENS = 48  # what the scripts use on `chain`
 
@@ -42,11 +43,11 @@ class Args:
     """the run seed whose step-0 evaluation stream draws the samples (the scripts' default is 1)"""
 
 
-def tally(examples, texts) -> dict:
+def tally(task, examples, texts) -> dict:
     """Per skill and overall ('all'): counts of responses, correct, correct-but-unfaithful, flawed, flawed-correct."""
     counts = {}
     for e, text in zip(examples, texts):
-        _, correct, faithful = verify("chain", e, text)
+        correct, faithful = reward(e, text) > 0, task.check_steps(e["question"], text)
         flawed = has_wrong_step(text)
         for key in ("all", e["skill"]):
             c = counts.setdefault(key, dict(n=0, correct=0, unfaithful=0, flawed=0, flawed_correct=0))
@@ -60,17 +61,17 @@ def tally(examples, texts) -> dict:
 
 def main(args: Args):
     start = time.time()
-    task = load_task("chain")
-    model, tokenizer = load_policy(resolve_model(args.model))
+    task = make_chain()
+    model, tokenizer = load_policy(model_folder(args.model))
     model.eval()
     examples = task.test[: args.prompts]
     # the scripts' evaluation: one generator per (seed, "eval", step, rank), greedy first (it draws nothing)
     generator = seeded_generator(args.seed, "eval", 0, 0)
     texts = lambda exs, greedy: rollout_texts(model, tokenizer, [e["question"] for e in exs], task.instruction,
-                                              MAX_NEW_TOKENS, args.temperature, greedy, generator)[0]  # fmt: skip
-    greedy = tally(examples, texts(examples, True))
+                                              MAX_NEW_TOKENS, args.temperature, greedy, generator)  # fmt: skip
+    greedy = tally(task, examples, texts(examples, True))
     repeated = [e for e in examples for _ in range(args.samples)]
-    sampled = tally(repeated, texts(repeated, False))
+    sampled = tally(task, repeated, texts(repeated, False))
     ratio = lambda a, b: a / b if b else float("nan")
     print(f"model {args.model} | chain: the first {len(examples)} test prompts | greedy, and {args.samples}"
           f" sample(s) per prompt at T={args.temperature} | seed {args.seed}\n")  # fmt: skip
@@ -86,7 +87,7 @@ def main(args: Args):
     g = greedy["all"]
     print(f"\nunfaithful among correct greedy answers: {ratio(g['unfaithful'], g['correct']):.3f}")
     target = replace(task, test=of_skills(task.test, task.target_skills))
-    t = evaluate(model, tokenizer, target, len(target.test), MAX_NEW_TOKENS, args.temperature, 0, 1,
+    t = evaluate(model, tokenizer, target, reward, len(target.test), MAX_NEW_TOKENS, args.temperature,
                  seeded_generator(args.seed, "eval-target", 0, 0), samples=8)  # cropi.py's --target-samples
     figures = f"greedy {t['eval/acc_greedy']:.3f}, sampled (8 each) {t['eval/acc_sampled']:.3f}"
     skills = " ".join(task.target_skills)

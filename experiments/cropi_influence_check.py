@@ -26,12 +26,11 @@ sys.path.insert(0, ROOT)
 
 import cropi  # noqa: E402
 import ippo  # noqa: E402
-from common.data import load_task, of_skills  # noqa: E402
-from common.model import load_policy, matching_parameters, resolve_model  # noqa: E402
-from common.reward import verify  # noqa: E402
-from common.rollout import sample, token_logprobs  # noqa: E402
-from common.run import seeded_generator  # noqa: E402
-from common.session import prompt_ids, rollout_texts, score_groups  # noqa: E402
+from common.data import of_skills  # noqa: E402
+from common.model import load_policy, matching_parameters  # noqa: E402
+from common.sampling import prompt_ids, rollout_texts, sample, seeded_generator, token_logprobs  # noqa: E402
+from common.world import model_folder  # noqa: E402
+from common.world.chain import make_chain  # noqa: E402
 
 SAMPLES_PER_TEST_PROMPT = 8
 
@@ -41,9 +40,9 @@ def target_figures(model, tokenizer, task, gold, test) -> tuple[float, float]:
     """(mean log-likelihood per gold-solution token, sampled accuracy) on the target's test prompts."""
     loglik = (token_logprobs(model, gold).sum() / gold.completion_mask.sum()).item()
     examples = [e for e in test for _ in range(SAMPLES_PER_TEST_PROMPT)]
-    texts, _ = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, 48, 1.0, False,
-                             torch.Generator().manual_seed(12345))  # the same draw before and after the step
-    correct = [verify(task.name, e, t).correct for e, t in zip(examples, texts)]
+    texts = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, 48, 1.0, False,
+                          torch.Generator().manual_seed(12345))  # the same draw before and after the step
+    correct = [cropi.reward(e, t) > 0 for e, t in zip(examples, texts)]
     return loglik, sum(correct) / len(correct)
 
 
@@ -57,7 +56,8 @@ def grpo_step(base, tokenizer, task, examples, seed: int):
     prompts = [p for p in prompt_ids(tokenizer, [e["question"] for e in chosen]) for _ in range(args.n)]
     rollout = sample(model, prompts, 48, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
                      generator=seeded_generator(seed, "check-sample"))  # fmt: skip
-    rewards = score_groups(task, tokenizer, chosen, rollout, args.n).rewards
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    rewards = torch.tensor([cropi.reward(chosen[i // args.n], t) for i, t in enumerate(texts)]).view(-1, args.n)
     advantages = cropi.group_advantages(rewards).flatten()
     cropi.policy_update(model, None, optimizer, rollout, advantages, args, seeded_generator(seed, "check-shuffle"))
     return model
@@ -76,8 +76,8 @@ def spearman(x, y) -> float:
 def main(target: str, seeds: int):
     start = time.time()
     torch.manual_seed(0)
-    model, tokenizer = load_policy(resolve_model("tiny"))
-    task = load_task("chain")
+    model, tokenizer = load_policy(model_folder("tiny"))
+    task = make_chain()
     args = cropi.Args(target_skills=(target,), max_new_tokens=48)
     (val_set,) = cropi.validation_sets(task, [target], 1)
     generator = seeded_generator(0, "store")

@@ -18,16 +18,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 import cropi
-from common.data import load_task
-from common.model import load_policy, matching_parameters, resolve_model
+from common.model import load_policy, matching_parameters
+from common.world import model_folder
+from common.world.chain import make_chain
 
 
 def main(run_dir: str):
     with open(os.path.join(run_dir, "args.json")) as f:  # the behaviour temperature the store was made at
         saved = json.load(f)
-    task, args = load_task("chain"), cropi.Args(max_new_tokens=48, store_temperature=saved["store_temperature"])
+    task, args = make_chain(), cropi.Args(max_new_tokens=48, store_temperature=saved["store_temperature"])
     (skill,) = saved["target_skills"] or task.target_skills  # the run's one target
-    model, _ = load_policy(resolve_model("tiny"))
+    model, _ = load_policy(model_folder("tiny"))
     pool_store, (target_store, *_) = torch.load(os.path.join(run_dir, "store_rank0_of_1.pt"), weights_only=False)
     usable = [i for i, g in enumerate(pool_store) if g["rewards"].max() > g["rewards"].min()]
     params = matching_parameters(model, "")

@@ -26,10 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dppo  # noqa: E402
-from common.data import load_task  # noqa: E402
-from common.model import load_policy, resolve_model  # noqa: E402
-from common.rollout import sample  # noqa: E402
-from common.session import prompt_ids, score_groups  # noqa: E402
+from common.model import load_policy  # noqa: E402
+from common.sampling import prompt_ids, sample  # noqa: E402
+from common.world import model_folder  # noqa: E402
+from common.world.chain import make_chain  # noqa: E402
 
 REGIONS = {"ratio clip 0.2": "ratio", "binary TV 0.15": "binary-tv", "binary KL 0.05": "binary-kl",
            "top-K TV 0.15": "topk-tv"}  # fmt: skip
@@ -51,7 +51,9 @@ def by_mu_bin(bits: int, model, tokenizer, task) -> dict:
     rollout = sample(sampler, prompts, TOKENS, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
                      generator=torch.Generator().manual_seed(0), on_token=record)  # fmt: skip
     rollout.topk_ids, rollout.topk_logprobs = record.tensors()
-    advantages = dppo.group_advantages(score_groups(task, tokenizer, examples, rollout, SAMPLES).rewards).flatten()
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    rewards = torch.tensor([dppo.reward(examples[i // SAMPLES], t) for i, t in enumerate(texts)]).view(-1, SAMPLES)
+    advantages = dppo.group_advantages(rewards).flatten()
     with torch.no_grad():
         logprobs, extra = dppo.current_policy(model, rollout, dppo.Args(trust_region="topk-tv", top_k=K))
     valid = rollout.completion_mask.bool()
@@ -116,8 +118,8 @@ def plot(results: dict, path: str):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    model, tokenizer = load_policy(resolve_model("tiny"))
-    task = load_task("chain")
+    model, tokenizer = load_policy(model_folder("tiny"))
+    task = make_chain()
     results = {bits: by_mu_bin(bits, model, tokenizer, task) for bits in BITS}
     for bits, result in results.items():
         print(table(bits, result))

@@ -26,7 +26,7 @@ def accuracy(ax, folder, arms):
 def drift(ax, folder, arms, smooth=10):
     for arm in arms:
         train = [load(d)[0] for d in finished_runs(folder, arm)]
-        values = np.array([[r["dppo/abs_pi_mu"] for r in t] for t in train])
+        values = np.array([[r["trust_region/abs_pi_mu"] for r in t] for t in train])
         kernel = np.ones(smooth) / smooth  # a running mean over `smooth` steps, per seed
         values = np.array([np.convolve(v, kernel, mode="valid") for v in values])
         band(ax, np.arange(values.shape[1]) + smooth, values, arm, alpha=0.15)

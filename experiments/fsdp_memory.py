@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from common.run import all_reduce_max, setup_distributed, shard  # noqa: E402
+from common.torchrun import all_reduce, setup_distributed, shard  # noqa: E402
 
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
@@ -46,7 +46,7 @@ def measure():
     optimizer.step()
     params = local_bytes(model.parameters())
     states = local_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
-    figures = {k: all_reduce_max(v) for k, v in dict(params=params, grads=grads, states=states).items()}
+    figures = all_reduce(dict(params=params, grads=grads, states=states), "max")
     if rank == 0:
         print(json.dumps({"ranks": world, "count": count, **figures}))
 

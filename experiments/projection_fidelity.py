@@ -13,9 +13,10 @@ import time
 import torch
 
 import cropi
-from common.data import load_task, of_skills
-from common.model import load_policy, matching_parameters, resolve_model
-from common.world.chain import RARE_SKILL
+from common.data import of_skills
+from common.model import load_policy, matching_parameters
+from common.world import model_folder
+from common.world.chain import RARE_SKILL, make_chain
 from kernels.projection import project
 
 
@@ -27,8 +28,8 @@ def main(argv):
     n_prompts = int(argv[argv.index("--prompts") + 1]) if "--prompts" in argv else 600
     torch.manual_seed(0)
     args = cropi.Args(max_new_tokens=48)
-    task = load_task("chain", args.seed)
-    model, tokenizer = load_policy(resolve_model("tiny"))
+    task = make_chain()  # one world for every run seed
+    model, tokenizer = load_policy(model_folder("tiny"))
     gen = torch.Generator().manual_seed(0)
     pool = cropi.collect_store(model, tokenizer, task, task.train[: 2 * n_prompts], args.pool_responses, args, gen)
     pool = [g for g in pool if g["rewards"].max() > g["rewards"].min()][:n_prompts]

@@ -22,8 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.model import load_policy, resolve_model, trainable_parameters  # noqa: E402
-from common.rollout import left_pad, sample, token_logprobs  # noqa: E402
-from common.session import prompt_ids  # noqa: E402
+from common.sampling import left_pad, prompt_ids, sample, token_logprobs  # noqa: E402
 from common.world.chain import make_chain  # noqa: E402
 
 TOP_LAYERS = r"layers\.2[2-9]\.|^model\.norm"

@@ -11,15 +11,16 @@ and the same sampling seed.
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.data import load_task  # noqa: E402
-from common.model import load_policy, resolve_model  # noqa: E402
-from common.reward import verify  # noqa: E402
-from common.session import rollout_texts  # noqa: E402
+from common.model import load_policy  # noqa: E402
+from common.sampling import rollout_texts  # noqa: E402
+from common.verifier import is_correct  # noqa: E402
+from common.world import model_folder, task_named  # noqa: E402
 
 ANSWER_FORM = re.compile(r"####\s*-?\d")
 
@@ -28,9 +29,9 @@ def figures(model, tokenizer, task, max_new_tokens: int) -> tuple[dict, list[str
     questions = [e["question"] for e in task.test]
     result, shown = {}, []
     for mode in ("greedy", "sampled"):
-        texts, _ = rollout_texts(model, tokenizer, questions, task.instruction, max_new_tokens, 1.0, mode == "greedy",
-                                 torch.Generator().manual_seed(0))  # fmt: skip
-        correct = [verify(task.name, e, t).correct for e, t in zip(task.test, texts)]
+        texts = rollout_texts(model, tokenizer, questions, task.instruction, max_new_tokens, 1.0, mode == "greedy",
+                              torch.Generator().manual_seed(0))  # fmt: skip
+        correct = [is_correct(t, e["answer"]) for e, t in zip(task.test, texts)]  # the scripts' reward, > 0
         result[f"acc_{mode}"] = sum(correct) / len(texts)
         result[f"form_{mode}"] = sum(bool(ANSWER_FORM.search(t)) for t in texts) / len(texts)
         if mode == "sampled":
@@ -39,10 +40,10 @@ def figures(model, tokenizer, task, max_new_tokens: int) -> tuple[dict, list[str
 
 
 def main(task_name: str, seed: str, max_new_tokens: str, *models: str):
-    task = load_task(task_name, int(seed))
+    task = task_named(SimpleNamespace(task=task_name, seed=int(seed), question_field="question", answer_field="answer"))
     table, examples = [], []
     for name in models:
-        model, tokenizer = load_policy(resolve_model(name))
+        model, tokenizer = load_policy(model_folder(name))
         result, texts = figures(model.eval(), tokenizer, task, int(max_new_tokens))
         table.append((name, result))
         examples.append(texts)

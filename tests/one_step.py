@@ -19,9 +19,8 @@ import torch  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
 from common.model import load_policy  # noqa: E402
-from common.rollout import sample, token_logprobs  # noqa: E402
-from common.run import setup_distributed, shard  # noqa: E402
-from common.session import prompt_ids  # noqa: E402
+from common.sampling import prompt_ids, sample, token_logprobs  # noqa: E402
+from common.torchrun import setup_distributed, shard  # noqa: E402
 from common.world.chain import make_chain  # noqa: E402
 
 PROMPTS, N, M, TOKENS = 4, 4, 2, 10

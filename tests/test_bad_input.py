@@ -23,8 +23,8 @@ import grpo
 import ippo
 import pods
 from common.data import Task, check_skills, load_task
-from common.reward import is_correct
-from common.run import claim_run_folder
+from common.run import claim_run_folder, parse_args
+from common.verifier import is_correct
 
 SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=1, batch_prompts=2, n=2, eval_prompts=2, eval_every=1, max_new_tokens=4)
@@ -322,11 +322,17 @@ def test_a_finished_run_is_neither_replaced_nor_mixed(random_model_dir, tmp_path
     with pytest.raises(SystemExit, match="the run was made by grpo.py, not pods.py; continue it with python grpo.py"):
         pods.main(pods.Args(resume=str(tmp_path / "my runs" / "r")))
     with pytest.raises(SystemExit, match="the run has done all 1 of its steps, nothing is left; to train further"):
-        grpo.main(grpo.Args(resume=str(tmp_path / "my runs" / "r")))
+        grpo.main(resumed(tmp_path / "my runs" / "r"))
     assert not (tmp_path / "my runs" / "r" / "resumes.jsonl").exists(), "a refused resume writes nothing"
 
 
 # ---- damaged runs ---------------------------------------------------------------------------------------
+
+
+def resumed(run_dir, *flags):
+    """grpo's flags for `--resume run_dir` and `flags`, as its command line gives them: the run's own values as the
+    defaults (args.json is read, and checked, here first)."""
+    return parse_args(grpo.Args, ["--resume", str(run_dir), *flags])
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +376,7 @@ def test_a_damaged_run_is_a_one_line_error_and_stays_as_it_was(case, damage, pat
     run_dir = damaged(finished_run, tmp_path, damage)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as error:
-        grpo.main(grpo.Args(resume=str(run_dir), steps=3))
+        grpo.main(resumed(run_dir, "--steps", "3"))
     message = str(error.value.code)
     assert message.startswith("error: --resume ") and "\n" not in message
     assert __import__("re").search(pattern, message), message
@@ -380,7 +386,7 @@ def test_a_damaged_run_is_a_one_line_error_and_stays_as_it_was(case, damage, pat
 @pytest.mark.parametrize("part", ["model.safetensors", "trainer_state.pt"])
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(part, finished_run, tmp_path, capsys):
     run_dir = damaged(finished_run, tmp_path, lambda d: cut(d / "checkpoints" / "step_000002" / part))
-    grpo.main(grpo.Args(resume=str(run_dir), steps=3))
+    grpo.main(resumed(run_dir, "--steps", "3"))
     out = capsys.readouterr().out
     assert "warning: skipping the damaged checkpoint" in out and "step_000002" in out
     assert "resuming" in out and "from step_000001" in out
@@ -390,7 +396,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(part, finishe
 def test_a_torn_last_metrics_line_is_repaired(finished_run, tmp_path, capsys):
     torn = lambda d: write(d / "metrics.jsonl", (d / "metrics.jsonl").read_text() + '{"step": 3, "reward/me')  # noqa: E731
     run_dir = damaged(finished_run, tmp_path, torn)
-    grpo.main(grpo.Args(resume=str(run_dir), steps=3))
+    grpo.main(resumed(run_dir, "--steps", "3"))
     assert "warning: dropping the torn last line of" in capsys.readouterr().out
     assert [r["step"] for r in metric_rows(run_dir, "reward/mean")] == [1, 2, 3]
     assert len((run_dir / "resumes.jsonl").read_text().splitlines()) == 1

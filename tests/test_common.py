@@ -3,16 +3,18 @@
 import json
 import random
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_command
 
-from common.data import check_skills, load_task, of_skills
+from common.data import Task, check_skills, load_task, of_skills
 from common.model import load_policy, prompt_text
-from common.reward import extract_answer, is_correct, normalize, verify
-from common.rollout import sample, token_logprobs
+from common.sampling import sample, token_logprobs, unfaithful
+from common.verifier import extract_answer, is_correct, normalize
+from common.world import task_named
 from common.world.chain import (
     CHAIN_SKILLS,
     DEFAULT_TARGET,
@@ -81,7 +83,10 @@ QUESTION = "What is 12+7-5+3?"
 def test_chain_faithfulness_checker(response, correct, faithful):
     assert is_correct(response, "17") is correct
     assert chain_faithful(QUESTION, response) is faithful
-    assert verify("chain", {"question": QUESTION, "answer": "17"}, response) == (float(correct), correct, faithful)
+    task = make_chain()
+    assert task.check_steps(QUESTION, response) is faithful  # the world's step check, as the scripts read it
+    example = {"question": QUESTION, "answer": "17"}
+    assert unfaithful(task, [example], [response], [float(correct)]) == [correct and not faithful]
 
 
 def test_chain_generator():
@@ -110,24 +115,29 @@ def test_chain_splits_fixed_disjoint_and_mixed():
 
 def test_task_names_its_target_skills():
     """A script reads the default target from the task; `chain` names its weak, learnable skill, others none."""
-    import common.data
-
-    assert load_task("chain").target_skills == (DEFAULT_TARGET,) == ("times",)
-    assert common.data.Task("file", [], [], []).target_skills == ()
+    assert make_chain().target_skills == (DEFAULT_TARGET,) == ("times",)
+    assert Task("file", [], [], []).target_skills == ()
 
 
 def test_plumbing_imports_without_the_world():
-    """The world is built on the plumbing, never the reverse: loading data, models and rewards imports no
-    part of `common.world` until `chain` or `tiny` is asked for, so no import can go round in a circle."""
-    code = ("import sys, common.data, common.model, common.reward, common.session; "
-            "print(sorted(m for m in sys.modules if m.startswith('common.world')))")  # fmt: skip
+    """The world is built on the plumbing, never the reverse: loading data, models, rewards and samples imports
+    no part of `common.world`; the run (the one place the world plugs in) imports neither `chain` nor `tiny`
+    until one is asked for, so no import can go round in a circle. Nor is `common.fsdp` imported before a run
+    shards (--fsdp)."""
+    show = "print(sorted(m for m in sys.modules if m.startswith(('common.world', 'common.fsdp'))))"
+    code = ("import sys, common.errors, common.torchrun, common.verifier, common.data, common.model, "
+            f"common.sampling; {show}; import common.run; {show}")  # fmt: skip
     out = run_command([sys.executable, "-c", code])
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]
+    plumbing, run = out.stdout.strip().splitlines()
+    assert plumbing == "[]" and not any(f"'{m}'" in run for m in ("common.world.chain", "common.world.tiny",
+                                                                   "common.fsdp")), run  # fmt: skip
 
 
 def test_warmup_never_sees_a_held_out_question():
-    task = load_task("chain", seed=1)
-    assert task.test == load_task("chain", seed=7).test == make_chain(0).test, "one world for every run seed"
+    named = lambda seed: task_named(SimpleNamespace(task="chain", seed=seed))  # noqa: E731
+    task = named(1)
+    assert task.test == named(7).test == make_chain(0).test, "one world for every run seed"
     held_out = {e["question"] for e in task.validation + task.test}
     assert not held_out & {p.rstrip("\n") for p, _ in warmup_texts(TinySpec())}
 
@@ -220,6 +230,8 @@ def test_data_file_task(tmp_path):
 def test_unknown_task_and_missing_file():
     with pytest.raises(SystemExit, match="--task 'chian': unknown task"):
         load_task("chian")
+    with pytest.raises(SystemExit, match="--task 'chian': unknown task"):
+        task_named(SimpleNamespace(task="chian", seed=0, question_field="question", answer_field="answer"))
     with pytest.raises(SystemExit, match="no such file"):
         load_task("missing.jsonl")
 
@@ -328,8 +340,13 @@ def test_gsm8k_offline_gives_a_clear_error():
         load_task("gsm8k")
 
 
-def test_count_correct_unfaithful():
-    from common.reward import Verdict, count_correct_unfaithful
-
-    scores = [Verdict(1.0, True, True), Verdict(1.0, True, False), Verdict(0.0, False, False), Verdict(1.0, True, None)]
-    assert count_correct_unfaithful(scores) == (3, 1)  # None (steps not checkable) is not unfaithful
+def test_unfaithful_is_rewarded_with_wrong_steps():
+    """`unfaithful`: rewarded, yet the written steps are not the question's; unrewarded responses never are, and
+    a task that cannot check steps (no `check_steps`) has none."""
+    example = {"question": QUESTION, "answer": "17"}
+    texts = ["12+7=19 19-5=14 14+3=17 #### 17", "12+7=19 19-5=15 14+3=17 #### 17",
+             "12+7=19 19-5=15 15+3=18 #### 18", "12+7=19 19-5=15 14+3=17 #### 17"]  # fmt: skip
+    rewards = [1.0, 1.0, 0.0, 0.0]  # the last: unfaithful steps, but its reward is 0
+    assert unfaithful(make_chain(), [example] * 4, texts, rewards) == [False, True, False, False]
+    assert unfaithful(make_chain(), [example], texts, rewards) == [False, True, False, False]  # 4 completions of 1
+    assert unfaithful(Task("file", [], [], []), [example] * 4, texts, rewards) == [False] * 4

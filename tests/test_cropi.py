@@ -53,7 +53,7 @@ def test_popi_clipping_drops_out_of_range_improving_tokens():
 
 def test_popi_matches_finite_differences_on_a_model(random_model_dir):
     from common.model import load_policy
-    from common.rollout import sample, token_logprobs
+    from common.sampling import sample, token_logprobs
 
     model, tok = load_policy(random_model_dir)
     model = model.double()
@@ -67,15 +67,22 @@ def test_popi_matches_finite_differences_on_a_model(random_model_dir):
         token_logprobs(model, rollout, 0.5), rollout.old_logprobs.double(), rewards, mask
     )
     (grad,) = torch.autograd.grad(objective(), weight)
-    direction = torch.randn_like(weight)
     h = 1e-3  # token_logprobs works in fp32: a larger step keeps rounding below the tolerance
-    with torch.no_grad():
-        weight += h * direction
-        up = objective()
-        weight -= 2 * h * direction
-        down = objective()
-        weight += h * direction
-    assert (up - down).item() / (2 * h) == pytest.approx((grad * direction).sum().item(), rel=2e-3)
+
+    def slope(direction):  # central finite difference of the objective along `direction`
+        with torch.no_grad():
+            weight.add_(h * direction)
+            up = objective()
+            weight.sub_(2 * h * direction)
+            down = objective()
+            weight.add_(h * direction)
+        return (up - down).item() / (2 * h)
+
+    # Along the gradient the slope is |grad|^2, large: a relative check. Along a fixed random direction the
+    # slope may be near 0, so the check there is absolute, against the largest slope possible, |grad| |d|.
+    assert slope(grad) == pytest.approx(grad.square().sum().item(), rel=5e-4)
+    direction = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0), dtype=weight.dtype)
+    assert abs(slope(direction) - (grad * direction).sum().item()) <= 5e-4 * (grad.norm() * direction.norm()).item()
 
 
 def test_reciprocal_rank_fusion_by_hand():
@@ -145,20 +152,21 @@ def test_target_defaults_to_the_learnable_weak_skill_and_bad_targets_are_refused
 
 def test_target_evaluation_samples_each_prompt_k_times(monkeypatch):
     """--target-samples k: greedy answers each prompt once, sampling answers it k times, and the accuracy is
-    over every sample (here prompt a is always right, b right in 1 of 3 samples: (3 + 1) / 6)."""
-    import common.session
+    the mean of the script's reward over every sample (here prompt a is always right, b right in 1 of 3
+    samples: (3 + 1) / 6)."""
+    import common.run
 
     seen = []
 
     def answers(model, tokenizer, questions, instruction, max_new_tokens, temperature, greedy, generator):
         seen.append((greedy, list(questions)))
         right = {"a": iter(["#### 1"] * 3), "b": iter(["#### 2", "#### 0", "#### 0"])}
-        return [next(right[q]) if not greedy else "#### 1" for q in questions], 0
+        return [next(right[q]) if not greedy else "#### 1" for q in questions]
 
-    monkeypatch.setattr(common.session, "rollout_texts", answers)
+    monkeypatch.setattr(common.run, "rollout_texts", answers)
     task = type(make_chain(seed=0))("file.jsonl", [], [], [{"question": "a", "answer": "1", "skill": "x"},
                                                           {"question": "b", "answer": "2", "skill": "y"}])
-    metrics = common.session.evaluate(None, None, task, 2, 8, 1.0, 0, 1, None, samples=3)
+    metrics = common.run.evaluate(None, None, task, cropi.reward, 2, 8, 1.0, None, samples=3)
     assert seen == [(True, ["a", "b"]), (False, ["a", "a", "a", "b", "b", "b"])]
     assert metrics["eval/acc_greedy"] == 0.5 and metrics["eval/acc_sampled"] == pytest.approx(4 / 6)
     assert metrics["eval/acc_sampled/x"] == 1.0 and metrics["eval/acc_sampled/y"] == pytest.approx(1 / 3)
@@ -231,6 +239,22 @@ def test_torchrun_two_processes(coin_model_dir, coin_file, tmp_path):
     assert [r["step"] for r in train_rows(tmp_path / "ddp")] == [1, 2]
 
 
+def test_a_target_skill_is_evaluated_with_the_script_s_reward(coin_model_dir, tmp_path):
+    """With a target skill (here a file's one skill), every evaluation also logs the target's accuracy
+    (`eval_target/*`: greedy, and --target-samples samples per target test prompt), through the run's evaluation
+    and cropi.py's reward; a stage's line reports how long its scoring took."""
+    path = tmp_path / "ones.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {a}-{a - 1}?", "answer": "1", "skill": "ones"}) + "\n"
+                            for a in range(1, 101)))  # fmt: skip
+    cropi.main(cropi.Args(model=coin_model_dir, task=str(path), output_dir=str(tmp_path), run_name="r", steps=1,
+                          steps_per_stage=1, batch_prompts=2, n=2, pool_responses=2, val_responses=8, eval_prompts=4,
+                          eval_every=1, max_new_tokens=16, proj_dim=32, score_batch=8, target_skills=("ones",),
+                          target_samples=2))  # fmt: skip
+    evals = metric_rows(tmp_path / "r", "eval_target/acc_sampled")
+    assert [r["step"] for r in evals] == [0, 1]
+    assert all(0 <= r[f"eval_target/acc_{mode}"] <= 1 for r in evals for mode in ("greedy", "sampled"))
+
+
 def test_validation_without_usable_prompt_is_a_clear_error(random_model_dir, tmp_path):
     """Answers no model guesses: every stored group has equal (zero) rewards."""
     path = tmp_path / "impossible.jsonl"
@@ -253,7 +277,7 @@ def pool_and_target_gradients(warm_model_dir):
     """Real POPI gradients of a briefly warmed tiny model: 100 pool prompts and a target (the mean of 20
     more), 4 sampled responses each. The rewards are drawn at random: the gradient does not care."""
     from common.model import load_policy
-    from common.rollout import sample
+    from common.sampling import sample
 
     model, tok = load_policy(warm_model_dir)
     g = torch.Generator().manual_seed(0)
@@ -305,7 +329,7 @@ def test_kernels_flag_reaches_the_projection(random_model_dir, mode):
     """--kernels triton (the interpreter on a CPU) and --kernels torch score the same; a small parameter set
     keeps the interpreted kernel fast."""
     from common.model import load_policy
-    from common.rollout import sample
+    from common.sampling import sample
     from kernels.projection import triton_usable
 
     if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():

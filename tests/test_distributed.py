@@ -8,10 +8,9 @@ import pytest
 import torch
 from conftest import metric_rows, run_command
 
-import common.session
 import grpo
 import ippo
-from common.reward import Verdict
+from common.run import parse_args
 
 
 def parameter_change(mode, model_dir, out, world, aggregation):
@@ -38,21 +37,21 @@ def without_times(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
 
 
-def varying_reward(task, example, text):
+def varying_reward(example, text):
     """A random model rarely answers right; a reward that varies within a group gives every step a signal."""
-    return Verdict(float(len(text) % 2), len(text) % 2 == 1, None)
+    return float(len(text) % 2)
 
 
 @pytest.mark.parametrize("script", [grpo, ippo])
 def test_resume_equals_uninterrupted(script, random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(common.session, "verify", varying_reward)
+    monkeypatch.setattr(script, "reward", varying_reward)
     base = dict(model=random_model_dir, output_dir=str(tmp_path), batch_prompts=2, n=4, eval_prompts=4,
                 eval_every=2, log_every=1, max_new_tokens=10)  # fmt: skip
     if script is ippo:
         base |= dict(epochs=2, minibatches=2, val_prompts=8)
     script.main(script.Args(**base, steps=4, run_name="straight"))
     script.main(script.Args(**base, steps=2, run_name="stopped"))  # ends with a checkpoint at step 2
-    script.main(script.Args(**base, steps=4, run_name="stopped", resume=str(tmp_path / "stopped")))
+    script.main(parse_args(script.Args, ["--resume", str(tmp_path / "stopped"), "--steps", "4"]))  # the run's flags
     straight, resumed = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "stopped")
     assert [r["step"] for r in resumed] == [0, 1, 2, 2, 3, 4, 4]  # eval, steps, eval, ...: each once
     assert without_times(resumed) == without_times(straight)

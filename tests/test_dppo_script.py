@@ -10,7 +10,7 @@ from conftest import ROOT, check_help, check_per_skill_eval, metric_rows, run_co
 
 import dppo
 from common.model import load_policy
-from common.rollout import sample, token_logprobs
+from common.sampling import sample, token_logprobs
 
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--minibatches", "2", "--eval-prompts", "4",
          "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "10"]  # fmt: skip
@@ -38,11 +38,12 @@ def test_smoke_run_each_trust_region(trust_region, random_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = train_rows(tmp_path / "r")
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("dppo/masked_frac", "dppo/masked_frac_pos", "dppo/masked_frac_neg", "dppo/D_mean", "dppo/D_max",
-                "dppo/abs_pi_mu", "dppo/entropy", "time/generate", "time/update"):  # fmt: skip
+    for key in ("loss/masked_surrogate", "trust_region/masked_frac", "trust_region/masked_frac_pos",
+                "trust_region/masked_frac_neg", "trust_region/divergence_mean", "trust_region/divergence_max",
+                "trust_region/abs_pi_mu", "policy/entropy", "time/generate", "time/update"):  # fmt: skip
         assert key in rows[0]
     if trust_region == "none":
-        assert all(r["dppo/masked_frac"] == 0 for r in rows)
+        assert all(r["trust_region/masked_frac"] == 0 for r in rows)
         check_per_skill_eval(metric_rows(tmp_path / "r", "eval/acc_sampled")[0], 4)
     load_policy(str(tmp_path / "r" / "checkpoints" / "step_000002"))  # loadable with transformers
 
@@ -85,7 +86,7 @@ def test_every_minibatch_is_measured_against_the_recorded_mu(random_model_dir, m
     assert len(seen) == 4
     for rows, old_logprobs in zip(order.chunk(4), seen):
         assert torch.equal(old_logprobs, rollout.old_logprobs[rows])  # the sampler's record, not a recomputed copy
-    assert stats["dppo/abs_pi_mu"] > 1e-4  # sampler at T=1.5, trainer at T=1: pi != mu from the start
+    assert stats["trust_region/abs_pi_mu"] > 1e-4  # sampler at T=1.5, trainer at T=1: pi != mu from the start
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -94,7 +95,7 @@ def test_no_mismatch_means_pi_equals_mu_before_the_first_step(random_model_dir):
     args = dppo.Args(minibatches=1, max_new_tokens=8, lr=1e-9)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     stats = dppo.policy_update(model, None, optimizer, rollout, torch.zeros(8), args, torch.Generator().manual_seed(0))
-    assert stats["dppo/abs_pi_mu"] < 1e-5 and stats["dppo/masked_frac"] == 0
+    assert stats["trust_region/abs_pi_mu"] < 1e-5 and stats["trust_region/masked_frac"] == 0
 
 
 def test_topk_divergence_in_training_matches_the_reference(random_model_dir):

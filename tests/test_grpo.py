@@ -9,7 +9,7 @@ from conftest import check_help, check_per_skill_eval, metric_rows, run_command
 
 import grpo
 from common.model import load_policy
-from common.rollout import sample
+from common.sampling import sample
 
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--eval-prompts", "6", "--eval-every", "1",
          "--log-every", "1", "--max-new-tokens", "12"]  # fmt: skip
@@ -151,8 +151,9 @@ def test_smoke_run(random_model_dir, tmp_path):
     rows = metric_rows(tmp_path / "smoke")
     train = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in train] == [1, 2]
-    for key in ("reward/zero_std_frac", "loss/policy", "policy/clip_frac", "grad_norm", "train/completion_len",
-                "train/unfaithful", "time/generate", "time/update", "throughput/generate_tokens_per_s"):  # fmt: skip
+    for key in ("reward/zero_std_frac", "loss/clipped_surrogate", "policy/clip_frac", "policy/entropy", "grad_norm",
+                "train/completion_len", "train/unfaithful", "time/generate", "time/update",
+                "throughput/generate_tokens_per_s"):  # fmt: skip
         assert key in train[0], key
     check_per_skill_eval(rows[0], 6)
     load_policy(str(tmp_path / "smoke" / "checkpoints" / "step_000002"))  # loadable with transformers

@@ -8,11 +8,10 @@ import pytest
 import torch
 from conftest import ROOT, check_help, check_per_skill_eval, metric_rows, run_command
 
-import common.session
 import ippo
 from common.model import load_policy, matching_parameters
-from common.reward import Verdict
-from common.rollout import Rollout, token_logprobs
+from common.run import parse_args
+from common.sampling import Rollout, token_logprobs
 
 # Gold pairs of different question and solution lengths: laid out as a buffer they need left padding
 # (prompts) and right padding (completions), like sampled episodes.
@@ -244,10 +243,10 @@ def _args(model_dir, tmp_path, **kw):
     return ippo.Args(**{**base, **kw})
 
 
-def varying_reward(task, example, text):
+def varying_reward(example, text):
     """A random model rarely answers right; a reward by the parity of the text's length mostly varies within
     a group (and with a critic the advantages are non-zero even where it does not)."""
-    return Verdict(float(len(text) % 2), len(text) % 2 == 1, None)
+    return float(len(text) % 2)
 
 
 def same_parameters(folder, reference) -> bool:
@@ -256,7 +255,7 @@ def same_parameters(folder, reference) -> bool:
 
 
 def test_all_negative_buffer_takes_no_step_and_stops(random_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common.session, "verify", varying_reward)
+    monkeypatch.setattr(ippo, "reward", varying_reward)
     monkeypatch.setattr(ippo, "influence_scores", lambda model, names, rollout, adv, *a: -torch.ones(len(adv)))
     ippo.main(_args(random_model_dir, tmp_path, run_name="neg", steps=5))
     train = metric_rows(tmp_path / "neg", "reward/mean")
@@ -269,18 +268,18 @@ def test_all_negative_buffer_takes_no_step_and_stops(random_model_dir, tmp_path,
 
 
 def test_update_changes_parameters_and_resumes(random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(common.session, "verify", varying_reward)
+    monkeypatch.setattr(ippo, "reward", varying_reward)
     # every episode scored positive, so an update is certain whatever the draw (the filter has its own tests)
     monkeypatch.setattr(ippo, "influence_scores", lambda model, names, rollout, adv, *a: torch.ones(len(adv)))
     ippo.main(_args(random_model_dir, tmp_path, run_name="r", steps=1))
     initial = load_policy(random_model_dir)[0].state_dict()
     assert not same_parameters(tmp_path / "r" / "checkpoints" / "step_000001", initial)
-    ippo.main(_args(random_model_dir, tmp_path, run_name="r", steps=2, resume=str(tmp_path / "r")))
+    ippo.main(parse_args(ippo.Args, ["--resume", str(tmp_path / "r"), "--steps", "2"]))  # the run's own flags
     assert [r["step"] for r in metric_rows(tmp_path / "r", "reward/mean")] == [1, 2]
 
 
 def test_same_seed_same_metrics(random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(common.session, "verify", varying_reward)
+    monkeypatch.setattr(ippo, "reward", varying_reward)
     runs = []
     for name in ("a", "b"):
         ippo.main(_args(random_model_dir, tmp_path, run_name=name, steps=2))
@@ -394,11 +393,10 @@ SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--epochs", "1", "-
          "--score-batch", "4"]  # fmt: skip
 # ippo.py with a reward that varies within each group, so that a random model gets advantages of both
 # signs, episodes are both kept and dropped, and the update runs (the script itself is unchanged).
-WRAPPER = """import tyro, ippo
-import common.session
-from common.reward import Verdict
-common.session.verify = lambda task, example, text: Verdict(float(len(text) % 2), len(text) % 2 == 1, None)
-ippo.main(tyro.cli(ippo.Args))
+WRAPPER = """import ippo
+from common.run import parse_args
+ippo.reward = lambda example, text: float(len(text) % 2)
+ippo.main(parse_args(ippo.Args))
 """
 
 
@@ -418,9 +416,9 @@ def test_smoke_run(mode, random_model_dir, tmp_path):
     assert [r["step"] for r in train] == [1, 2]
     assert {"eval/acc_sampled", "eval/unfaithful_sampled", "eval/acc_greedy"} <= set(rows[0])
     check_per_skill_eval(rows[0], 4)
-    expected = {"train/unfaithful", "loss/policy", "loss/value", "policy/clip_frac", "value/mean", "policy/kl_ref",
-                "time/generate", "time/advantage", "time/update", "throughput/generate_tokens_per_s",
-                "throughput/update_tokens_per_s"}  # fmt: skip
+    expected = {"train/unfaithful", "loss/clipped_surrogate_per_episode", "loss/value", "policy/clip_frac",
+                "policy/entropy", "value/mean", "policy/kl_ref", "time/generate", "time/advantage", "time/update",
+                "throughput/generate_tokens_per_s", "throughput/update_tokens_per_s"}  # fmt: skip
     influence = {"influence/kept_frac", "influence/dropped_correct", "influence/mean_pos_score",
                  "influence/dropped_correct_unfaithful", "time/influence", "reward/zero_std_frac"}  # fmt: skip
     assert expected <= set(train[0])

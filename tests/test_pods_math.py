@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from common.session import frac_zero_std
+from common.sampling import frac_zero_std
 from pods import (
     DOWN_SAMPLE,
     group_advantages,

