@@ -26,7 +26,7 @@ from common.errors import check_flags, fail, warn
 from common.model import load_policy, matching_parameters
 from common.run import Run, parse_args
 from common.sampling import Rollout, Scored, draw_prompts, left_pad, positions, prompt_ids, rollout_metrics, sample
-from common.sampling import seeded_generator, token_logprobs
+from common.sampling import seeded_generator, token_logprobs, unfaithful
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, world_size
 from common.verifier import is_correct
 from kernels.projection import project
@@ -487,7 +487,8 @@ def main(args: Args):
                 g_val, val_loss = validation_gradient(model, names, gold)
                 influence = influence_scores(model, names, rollout, advantages, old_logprobs, g_val, args)
                 kept, weights = influence_weights(influence, args.reweight)
-            info = influence_metrics(outcome, scored.unfaithful(task), influence, kept, weights, val_loss)
+            flawed = unfaithful(task, examples, texts, outcome.tolist())
+            info = influence_metrics(outcome, flawed, influence, kept, weights, val_loss)
         kept_total, total = all_reduce([kept.sum().item(), len(kept)])
         none_left = kept_total < args.min_keep  # I-PPO's early stop: no episode left worth learning from
         # 4. PPO epochs on the kept episodes, weighted; the critic on the same episodes, unweighted.

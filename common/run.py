@@ -5,6 +5,7 @@ checkpoints and resume. The one file of `common/` that imports the built-in worl
 import contextlib
 import json
 import os
+import platform
 import random
 import shlex
 import shutil
@@ -12,16 +13,18 @@ import signal
 import tempfile
 import time
 from dataclasses import asdict, fields, replace
+from importlib.metadata import version
 from typing import Literal, get_args, get_origin
 
 try:
-    import fcntl  # Linux and macOS: a run folder is locked while its run is alive
-except ImportError:  # Windows: run folders are still created atomically, but not locked
+    import fcntl  # Linux and macOS: a run folder is locked while its run is alive (Windows: not locked)
+except ImportError:
     fcntl = None
 
 import numpy as np
 import torch
 import tyro
+from tqdm import tqdm
 
 from common.errors import creation_problem, fail, first_line, flag, warn
 from common.model import load_policy, read_policy
@@ -40,12 +43,12 @@ def parse_args(Args, argv=None):
     """The command line as Args. With --resume RUN it is parsed again with the run's saved flags as the
     defaults, so a flag left out keeps the run's value and a flag given at the run's own value changes nothing."""
     args = tyro.cli(Args, args=argv)
-    if not args.resume:
-        return args
-    saved = saved_args(os.path.expanduser(args.resume), Args)
-    known = {f.name: f.default for f in fields(Args)}
-    own = {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in saved.items() if k in known}
-    return tyro.cli(Args, args=argv, default=replace(Args(), **own))
+    if args.resume:
+        known = {f.name: f.default for f in fields(Args)}
+        saved = saved_args(os.path.expanduser(args.resume), Args).items()
+        own = {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in saved if k in known}
+        args = tyro.cli(Args, args=argv, default=replace(Args(), **own))
+    return args
 
 
 def saved_args(run_dir: str, Args, script: str | None = None) -> dict:
@@ -62,21 +65,21 @@ def saved_args(run_dir: str, Args, script: str | None = None) -> dict:
     if not isinstance(saved, dict):
         fail(f"--resume {run_dir}: args.json holds a JSON {type(saved).__name__}, not the run's flags")
     made_by, known = saved.pop("script", None), {f.name: f for f in fields(Args)}
+    foreign = [flag(name) for name in saved if name not in known]
     if script and made_by not in (None, script):
         fail(f"--resume {run_dir}: the run was made by {made_by}.py, not {script}.py; continue it with"
              f" python {made_by}.py --resume {shlex.quote(run_dir)}")  # fmt: skip
-    foreign = [flag(name) for name in saved if name not in known]
     if script and foreign:  # a run made before args.json named its script
         fail(f"--resume {run_dir}: the run has flags {script}.py does not know ({', '.join(foreign)});"
              " it was made by another script")  # fmt: skip
-    for name, value in saved.items():
-        field = known.get(name)
-        if field and not of_flag_type(value, field):
-            fail(f"--resume {run_dir}: args.json has {name} = {json.dumps(value)}, not a value of {flag(name)}")
+    wrong = [(name, value) for name, value in saved.items() if name in known and not of_type(value, known[name])]
+    if wrong:
+        fail(f"--resume {run_dir}: args.json has {wrong[0][0]} = {json.dumps(wrong[0][1])}, not a value of"
+             f" {flag(wrong[0][0])}")  # fmt: skip
     return saved
 
 
-def of_flag_type(value, field) -> bool:
+def of_type(value, field) -> bool:
     if get_origin(field.type) is Literal:
         return value in get_args(field.type)
     kind = type(field.default)
@@ -178,7 +181,7 @@ class Run:
         if self.checkpoint and self.start >= self.args.steps:
             fail(f"--resume {self.run_dir}: the run has done all {self.args.steps} of its steps, nothing is left;"
                  f" to train further, resume with --steps above {self.start}")  # fmt: skip
-        self.phase_seconds, self.interrupted, self.non_finite_run, self.no_signal_run, self.files = {}, False, 0, 0, None
+        self.phase_seconds, self.files, self.interrupted, self.non_finite_run, self.no_signal_run = {}, {}, False, 0, 0
         self.previous_handler = signal.signal(signal.SIGINT, self.on_interrupt)
 
     def open(self):
@@ -190,8 +193,7 @@ class Run:
             self.print(f"run folder {self.run_dir} ({os.path.basename(wanted)} was taken by a run started that second)")
         if not is_main():
             return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
+        from torch.utils.tensorboard import SummaryWriter  # imported only by a run that writes
 
         self.bar = tqdm(total=self.args.steps, initial=self.start, desc=os.path.basename(self.run_dir),
                         dynamic_ncols=True)  # fmt: skip
@@ -201,10 +203,12 @@ class Run:
     def claim(self) -> str:
         """The run folder, made and locked (a new run), or locked and its logs cut back to the checkpoint (a
         resume; logged after the checkpoint is logged again)."""
-        record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "args": asdict(self.args)}
+        versions = {"python": platform.python_version(), **{p: version(p) for p in ("torch", "transformers",
+                                                                                    "datasets")}}  # fmt: skip
+        record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions, "args": asdict(self.args)}
         if not self.args.resume:
             files = {"args.json": json.dumps({"script": self.script, **asdict(self.args)}, indent=1),
-                     "versions.json": json.dumps(record["versions"], indent=1)}  # fmt: skip
+                     "versions.json": json.dumps(versions, indent=1)}  # fmt: skip
             folder, self.lock = claim_run_folder(self.run_dir, files, numbered=not self.args.run_name)
             return folder
         self.lock = lock_folder(self.run_dir)
@@ -233,8 +237,6 @@ class Run:
 
     def print(self, line: str):
         if is_main():
-            from tqdm import tqdm
-
             tqdm.write(fit(line))  # above the progress bar, once there is one
 
     def generator(self, stream: str, *keys, device="cpu") -> torch.Generator:
@@ -309,10 +311,8 @@ class Run:
                        f" {metrics['reward/mean']:.2f}): no completion beat another of its prompt, so the reward"
                        " teaches nothing; usually the task is too hard or too easy for the model, or the policy"
                        " collapsed (--lr too high)")  # fmt: skip
-        reason = None
-        if self.args.max_time and self.train_time >= self.args.max_time:
-            reason = f"--max-time {self.args.max_time:g}s of training reached"
-        reason = own or reason
+        out_of_time = self.args.max_time and self.train_time >= self.args.max_time
+        reason = own or (f"--max-time {self.args.max_time:g}s of training reached" if out_of_time else None)
         if self.non_finite_run >= NON_FINITE_STOP:
             reason = (f"{NON_FINITE_STOP} steps in a row had a non-finite gradient; the checkpoint holds the last good"
                       " parameters (lower --lr, or look at the data)")  # fmt: skip
@@ -323,17 +323,14 @@ class Run:
         return reason
 
     def save(self, step: int, state: dict | None = None):
-        """A checkpoint of the policy (transformers format), the optimizer, the random states, the training
-        time and the script's own `state`."""
+        """A checkpoint: the policy, the optimizer, the random states, the training time and the script's `state`."""
         self.checkpoint = save_checkpoint(self.run_dir, step, self.model, self.tokenizer, self.optimizer,
                                           {"train_time": self.train_time, **(state or {})})  # fmt: skip
 
     def finish(self):
         """Close the logs; after a Ctrl-C, print the command that resumes and exit with status 130."""
         if self.files:
-            self.bar.close()
-            self.tb.close()
-            for f in self.files.values():
+            for f in [self.bar, self.tb, *self.files.values()]:
                 f.close()
             os.close(self.lock)  # the run is over: another process may resume it
             self.files = None
@@ -372,15 +369,6 @@ def drop_long_prompts(task, tokenizer, model, max_new_tokens: int):
         warn(f"dropping prompts longer than {room} tokens (the model's {positions} positions less --max-new-tokens"
              f" {max_new_tokens}): {', '.join(dropped)}; the first begins {first[:40]!r}")  # fmt: skip
     return replace(task, **kept)
-
-
-def versions() -> dict:
-    """The versions a run was made with, written into its folder."""
-    import platform
-    from importlib.metadata import version  # reads the installed versions without importing the packages
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
-            "datasets": version("datasets")}  # fmt: skip
 
 
 # ---- held-out evaluation -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ and the token log-probs (and entropy) every loss is built on."""
 
 import hashlib
 import inspect
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -172,26 +173,17 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
 # ---- a step's completions, scored by the script's reward -----------------------------------------------------
 
 
-@dataclass
-class Scored:
-    """A step's completions and their rewards: `examples` one per prompt, `texts` n per prompt side by side, and
-    `rewards` [prompts, n], the script's reward: the one value that training, the logs and the samples read."""
-
-    examples: list
-    texts: list
-    rewards: torch.Tensor
-
-    def unfaithful(self, task) -> list[bool]:
-        n = len(self.texts) // len(self.examples)
-        examples = [e for e in self.examples for _ in range(n)]
-        return unfaithful(task, examples, self.texts, self.rewards.flatten().tolist())
+# A step's completions: `examples` one per prompt, `texts` n per prompt side by side, and `rewards` [prompts, n],
+# the script's reward: the one value that training, the logs and the samples read.
+Scored = namedtuple("Scored", "examples texts rewards")
 
 
 def unfaithful(task, examples, texts, rewards) -> list[bool]:
-    """Per completion (one example each): rewarded, though its written steps are not the question's (where the
-    task checks steps)."""
-    check = task.check_steps
-    return [check is not None and r > 0 and not check(e["question"], t) for e, t, r in zip(examples, texts, rewards)]
+    """Per completion (of `examples`' completions, side by side): rewarded, though its written steps are not its
+    question's (where the task checks steps)."""
+    n, check = len(texts) // max(1, len(examples)), task.check_steps
+    return [check is not None and r > 0 and not check(examples[i // n]["question"], t)
+            for i, (t, r) in enumerate(zip(texts, rewards))]  # fmt: skip
 
 
 def frac_zero_std(rewards: torch.Tensor) -> float:
@@ -201,13 +193,14 @@ def frac_zero_std(rewards: torch.Tensor) -> float:
 
 def rollout_metrics(task, scored: Scored, rollout: Rollout) -> dict:
     """The metrics of a step's rollouts that mean the same in every script."""
-    rewarded = (scored.rewards > 0).sum().item()
+    rewarded, rewards = (scored.rewards > 0).sum().item(), scored.rewards.flatten().tolist()
+    flawed = sum(unfaithful(task, scored.examples, scored.texts, rewards))
     return {
         "reward/mean": scored.rewards.mean().item(),
         "reward/zero_std_frac": frac_zero_std(scored.rewards),
         "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
         "train/gen_tokens": rollout.completion_mask.sum().item(),
-        **({"train/unfaithful": sum(scored.unfaithful(task)) / max(1, rewarded)} if task.check_steps else {}),
+        **({"train/unfaithful": flawed / max(1, rewarded)} if task.check_steps else {}),
     }
 
 

@@ -1,6 +1,5 @@
-"""Ranks under torchrun, the collectives every script uses, and the optimizer step. In one process every helper
-here does nothing more than its plain meaning. FSDP sharding is apart, in `common/fsdp.py`, imported only under
---fsdp."""
+"""Ranks under torchrun, the collectives every script uses, and the optimizer step; in one process each is its
+plain meaning. FSDP sharding itself is in `common/fsdp.py`, imported only under --fsdp."""
 
 import atexit
 import contextlib
@@ -17,13 +16,12 @@ def setup_distributed(device: str = "auto"):
     """(rank, world_size, device). Under torchrun: one process per rank, gloo on CPU, nccl on GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device not in ("cpu", "cuda"):
         fail(f"--device {device}: expected auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: this machine has no CUDA device (PyTorch sees none); use --device cpu")
     if device == "cuda":
+        if not torch.cuda.is_available():
+            fail("--device cuda: this machine has no CUDA device (PyTorch sees none); use --device cpu")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -46,9 +44,8 @@ def barrier():
 
 
 def all_reduce(values, op: str = "sum"):
-    """`values` summed, averaged (`mean`) or maximised (`max`) over ranks, the same result on every rank.
-    `values` is a number, a list of numbers, a dict of numbers (the same keys on every rank), or a tuple of
-    tensors (summed in place). In one process: `values` unchanged."""
+    """`values` summed, averaged (`mean`) or maximised (`max`) over ranks, the same on every rank: a number, a
+    list of numbers, a dict of numbers (the same keys on every rank), or a tuple of tensors (summed in place)."""
     if not dist.is_initialized():
         return values
     if isinstance(values, tuple):
@@ -84,21 +81,18 @@ def from_main_rank(make):
 def gather_strided(local: torch.Tensor, total: int) -> torch.Tensor:
     """Rank r holds rows r, r + world, r + 2 world, ... of a [total, ...] tensor: return all of it, on every
     rank (padded to equal parts for all_gather, then interleaved back)."""
-    world = world_size()
-    if world == 1:
+    if world_size() == 1:
         return local
-    part = -(-total // world)
-    padded = torch.zeros(part, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded = local.new_zeros(-(-total // world_size()), *local.shape[1:])
     padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
     return torch.stack(parts, 1).flatten(0, 1)[:total]
 
 
 class Totals:
-    """Sums of a step's figures over its micro-batches, then over ranks: `Totals("tokens", "loss")`, then
-    `totals.add(tokens=mask, loss=loss)` adds each tensor's sum; `totals.over_ranks()` returns the global sums.
-    The names are declared first, so that a rank with nothing to add still joins the all-reduce with zeros."""
+    """A step's sums over micro-batches, then ranks: `Totals("tokens", "loss")`, `add(tokens=mask, loss=loss)`
+    (a tensor adds its sum), `over_ranks()`. Names come first, so a rank with nothing to add joins with zeros."""
 
     def __init__(self, *names: str):
         self.sums = dict.fromkeys(names, 0.0)
@@ -111,14 +105,10 @@ class Totals:
         return dict(zip(self.sums, all_reduce(list(self.sums.values()))))
 
 
-# ---- the optimizer step ---------------------------------------------------------------------------------------
-
-
 def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
-    """Average gradients over ranks, clip their norm, and step; returns the norm before clipping. A gradient
-    that is not finite (NaN or inf) is dropped instead of stepped on: the parameters stay the last good ones,
-    and the NaN norm returned lets the caller count the skip. Every rank sees the same norm, so all agree.
-    A sharded model's gradients were averaged by its backward pass; their norm is over all the shards."""
+    """Average gradients over ranks (a sharded model's backward did), clip their norm and step; returns the norm
+    before clipping. A gradient that is not finite is dropped instead: the parameters stay the last good ones,
+    and the NaN returned lets the caller count the skip. Every rank sees the same norm, so all agree."""
     if dist.is_initialized() and not is_sharded(model):
         for p in model.parameters():  # a parameter this rank gave no gradient joins as zeros: every rank takes part
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
@@ -138,12 +128,20 @@ def grad_norm_metrics(norms: list[float]) -> dict:
     return {"grad_norm": sum(finite) / max(1, len(finite)), "train/skipped_steps": len(norms) - len(finite)}
 
 
-# ---- a sharded model (--fsdp), seen from outside: FSDP itself is imported only to shard ------------------------
+def peak_memory_gb(device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix; Linux reports KiB
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---- a sharded model (--fsdp), seen from outside -------------------------------------------------------------
 
 
 def is_sharded(model) -> bool:
-    """Whether FSDP2 has sharded the model (`fully_shard` gives it these methods)."""
-    return hasattr(model, "set_reshard_after_forward")
+    return hasattr(model, "set_reshard_after_forward")  # what FSDP2's `fully_shard` gives a module
 
 
 def shard(model, args):
@@ -158,8 +156,8 @@ def shard(model, args):
 @contextlib.contextmanager
 def gathered(model):
     """Every rank holds a sharded model's full weights for the whole block: one all-gather per unit, then no
-    communication at all, however many forward passes each rank makes (sampling makes one per token, and ranks
-    stop at different lengths). Nothing to do for a model that is not sharded, or is gathered already."""
+    communication, however many forward passes each rank makes (sampling makes one per token, and ranks stop at
+    different lengths). Nothing to do for a model that is not sharded, or is gathered already."""
     units = [m for m in model.modules() if is_sharded(m)]
     if not units or getattr(model, "is_gathered", False):
         yield
@@ -176,14 +174,3 @@ def gathered(model):
         model.set_reshard_after_forward(False, recurse=False)  # FSDP's default: the root keeps its weights
         for unit in units:
             unit.reshard()
-
-
-def peak_memory_gb(device) -> float:
-    """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident set size on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
