@@ -30,11 +30,17 @@ def first_line(error: Exception, width: int = 160) -> str:
 def check_flags(args, positive=(), non_negative=(), below_one=(), may_be_infinite=()):
     """One-line errors for a flag that must be > 0, >= 0 or < 1, for any float flag that is not finite (NaN, or
     infinite unless listed in `may_be_infinite`), and for a `*_params` pattern that is not a regular expression:
-    `--lr -1.0: must be positive`, `--lr inf: must be finite`."""
+    `--lr -1.0: must be positive`, `--lr inf: must be finite`. Warnings for values legal but almost surely wrong."""
     for field in fields(args):
         value = getattr(args, field.name)
         if isinstance(value, float) and (math.isnan(value) or math.isinf(value) and field.name not in may_be_infinite):
             fail(f"{flag(field.name)} {value}: must be finite")
+        if field.name.endswith("temperature") and value and not 0.1 <= value <= 5:
+            warn(f"{flag(field.name)} {value:g}: sampling temperatures are almost always between 0.1 and 5; near 0"
+                 " the log-probabilities overflow, far above 1 the samples are noise")  # fmt: skip
+        if field.name == "beta" and value > 1:
+            warn(f"{flag(field.name)} {value:g}: a KL coefficient this large outweighs the reward of 0 or 1;"
+                 " usual values are 0.001 to 0.1")  # fmt: skip
         if field.name.endswith("_params") and isinstance(value, str):  # --grad-params, --train-params: patterns
             try:
                 re.compile(value)

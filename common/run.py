@@ -101,18 +101,6 @@ def check_resumed_args(args, run_dir: str, script: str):
                  " may change")  # fmt: skip
 
 
-def warn_unusual(args):
-    """Warnings for values that are legal but almost surely a mistake."""
-    for field in fields(args):
-        value = getattr(args, field.name)
-        if field.name.endswith("temperature") and value and not 0.1 <= value <= 5:
-            warn(f"{flag(field.name)} {value:g}: sampling temperatures are almost always between 0.1 and 5; near 0"
-                 " the log-probabilities overflow, far above 1 the samples are noise")  # fmt: skip
-        if field.name == "beta" and value > 1:
-            warn(f"{flag(field.name)} {value:g}: a KL coefficient this large outweighs the reward of 0 or 1;"
-                 " usual values are 0.001 to 0.1")  # fmt: skip
-
-
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the run stops
@@ -125,8 +113,8 @@ class Run:
     is the model). On ranks other than 0 nothing is written or printed: callers need no rank checks."""
 
     def __init__(self, args, script: str, check_args):
-        """Start-up for the script at path `script`: every check, the task and the policy (with --resume the newest
-        checkpoint that loads). Nothing is written: the folder is claimed by `open`, once every check has passed."""
+        """Start-up of the script at path `script`: every check, the task, the policy (--resume: its checkpoint).
+        Nothing is written: the folder is claimed by `open`, once every check has passed."""
         self.args, self.script = args, os.path.basename(script).removesuffix(".py")
         if args.resume:
             args.resume = os.path.expanduser(args.resume)
@@ -139,8 +127,8 @@ class Run:
         check_args(args, self.world)
         if getattr(args, "fsdp", False) and self.world == 1:
             warn("--fsdp: one process holds the whole model, nothing is sharded; launch with torchrun to shard")
-        warn_unusual(args)
-        random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)  # noqa: B018
+        for seed in (random.seed, np.random.seed, torch.manual_seed):
+            seed(args.seed)
         task = task_named(args)
         args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
         self.run_dir = args.resume or os.path.join(os.path.expanduser(args.output_dir), args.run_name or
@@ -172,8 +160,8 @@ class Run:
                 f" ({len(self.task.train)} train prompts) | {self.world} process(es) on {self.device}")  # fmt: skip
 
     def begin(self, optimizer, reward):
-        """The optimizer and the script's reward (which evaluation reads too). With --resume, the checkpoint's
-        optimizer and random states, step and training time come back."""
+        """The optimizer and the script's reward (evaluation reads it too); --resume: the optimizer and random
+        states, the step and the training time come back."""
         self.optimizer, self.reward = optimizer, reward
         if self.checkpoint:
             restore_trainer_state(self.state, self.model, optimizer)
@@ -201,8 +189,7 @@ class Run:
         self.tb = SummaryWriter(self.run_dir, purge_step=self.start + 1 if self.start else None)
 
     def claim(self) -> str:
-        """The run folder, made and locked (a new run), or locked and its logs cut back to the checkpoint (a
-        resume; logged after the checkpoint is logged again)."""
+        """The run folder, made and locked; on --resume locked, its logs cut back to the checkpoint's step."""
         versions = {"python": platform.python_version(), **{p: version(p) for p in ("torch", "transformers",
                                                                                     "datasets")}}  # fmt: skip
         record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions, "args": asdict(self.args)}
@@ -271,8 +258,8 @@ class Run:
         self.print(eval_line(step, metrics))
 
     def log(self, step: int, metrics: dict, shown: dict, scored: Scored | None = None):
-        """Log a step's metrics (already averaged over ranks) with its phase times, throughput and training time
-        so far, advance the progress bar, and every --log-every steps print the `shown` figures and a few samples."""
+        """Log a step's metrics (averaged over ranks) with its phase times, throughput and training time so far;
+        advance the progress bar; every --log-every steps print the `shown` figures and write a few samples."""
         times = {f"time/{phase}": s for phase, s in all_reduce(self.phase_seconds, "mean").items()}
         metrics, self.phase_seconds = metrics | times, {}
         self.train_time += sum(times.values())
@@ -297,10 +284,9 @@ class Run:
                 self.files["samples"].flush()
 
     def stop_reason(self, step: int, metrics: dict, own: str | None = None) -> str | None:
-        """Why the run should stop after this step, if it should: Ctrl-C (every rank agrees on the step),
-        several steps in a row whose gradient was not finite (those steps were skipped by `optimizer_step`),
-        the script's `own` reason (I-PPO's early stop), or --max-time. Also warns when every group's rewards
-        have been equal for a while."""
+        """Why the run should stop after this step, if it should: Ctrl-C (every rank agrees on the step), steps in a
+        row whose gradient was not finite (`optimizer_step` skipped them), the script's `own` reason, --max-time.
+        Also warns when every group's rewards have been equal for a while."""
         skipped = metrics.get("train/skipped_steps", 0)
         self.non_finite_run = self.non_finite_run + 1 if skipped else 0
         if skipped:
@@ -347,8 +333,8 @@ class Run:
 
 
 def drop_long_prompts(task, tokenizer, model, max_new_tokens: int):
-    """The task without the prompts that leave the model no room for --max-new-tokens (the position limit
-    counts the prompt and the completion), with a warning that counts them; an error if a split is left empty."""
+    """The task without the prompts that leave the model no room for --max-new-tokens (its positions count prompt
+    and completion), with a warning that counts them; an error if a split is left empty."""
     positions = getattr(model.config, "max_position_embeddings", None)
     if not positions:
         return task
@@ -375,10 +361,9 @@ def drop_long_prompts(task, tokenizer, model, max_new_tokens: int):
 
 
 def evaluate(model, tokenizer, task, reward, n_prompts, max_new_tokens, temperature, generator, samples=1) -> dict:
-    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` samples per prompt at `temperature`): the mean of the
-    script's `reward` on the first `n_prompts` test prompts, sharded over ranks; the same per skill
-    (`eval/acc_sampled/<skill>`) where examples have one; and where the task checks steps, the unfaithful share
-    of the rewarded answers."""
+    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` per prompt): the mean of the script's `reward` on the
+    first `n_prompts` test prompts, sharded over ranks; the same per skill; and where the task checks steps, the
+    unfaithful share of the rewarded answers."""
     skills = sorted({e["skill"] for e in task.test[:n_prompts] if "skill" in e})  # the same on every rank
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     metrics = {}
@@ -434,8 +419,7 @@ def fit(line: str, width: int = 120) -> str:
 
 
 def check_run_name(output_dir: str, run_name: str | None):
-    """A run folder is a plain folder inside --output-dir: no empty --output-dir (it would write into the
-    current folder unannounced), no --run-name that climbs out of it or nests."""
+    """A run folder is a plain folder inside --output-dir: no empty --output-dir, no --run-name that climbs or nests."""
     if not output_dir.strip():
         fail("--output-dir '': give a folder (e.g. runs, or . for the current folder)")
     if run_name is not None and (not run_name.strip() or run_name in (".", "..") or "/" in run_name
@@ -449,8 +433,8 @@ def refuse_existing(folder: str):
 
 
 def lock_folder(path: str) -> int | None:
-    """An open descriptor of `path` holding an exclusive lock on it, or None when another process holds one.
-    The operating system drops the lock when its process ends, however it ends (kill -9 included)."""
+    """An open descriptor of `path` holding an exclusive lock on it, or None when another process holds one (the
+    system drops a lock when its process ends, however it ends)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if fcntl:
@@ -462,26 +446,26 @@ def lock_folder(path: str) -> int | None:
 
 
 def never_saved(run_dir: str) -> bool:
-    """A run folder whose run started (args.json) but never completed a checkpoint: it cannot be resumed,
-    so a new run of the same name may replace it (once no process holds it)."""
+    """A run folder whose run started (args.json) but never completed a checkpoint: it cannot be resumed."""
     return os.path.exists(os.path.join(run_dir, "args.json")) and not complete_checkpoints(run_dir)
 
 
 def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[str, int]:
-    """Create `run_dir` with `first_files` ({name: text}) in it, and lock it. The files are written into a hidden
-    folder renamed into place, and a rename never replaces a folder that holds files: of two runs given one name,
-    exactly one gets it; the other stops with a one-line error having written nothing. `numbered` (a default
-    name): take <run_dir>_2, _3, ... instead. A folder whose run stopped before its first checkpoint is replaced,
-    with a warning. Returns the folder and the descriptor holding its lock (held until the process ends)."""
+    """Create `run_dir` with `first_files` ({name: text}) in it, locked (until the process ends): they are written
+    into a hidden folder renamed into place, and a rename never replaces a folder that holds files, so of two runs
+    given one name exactly one gets it; the other stops with a one-line error. `numbered` (a default name): take
+    <run_dir>_2, _3, ... instead. A folder whose run never saved a checkpoint is replaced, with a warning."""
     parent = os.path.dirname(os.path.abspath(run_dir))
     os.makedirs(parent, exist_ok=True)
     umask = os.umask(0)
     os.umask(umask)
-    for attempt in range(1, 1000):
-        folder = run_dir if attempt == 1 else f"{run_dir}_{attempt}"
+    names = [f"{run_dir}_{i}" if i > 1 else run_dir for i in range(1, 1000)] if numbered else [run_dir, run_dir]
+    for folder in names:
         staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
         os.chmod(staging, 0o777 & ~umask)  # as os.mkdir would make it, not mkdtemp's private 0o700
-        write_files(staging, first_files)
+        for name, text in first_files.items():
+            with open(os.path.join(staging, name), "w") as f:
+                f.write(text)
         lock = lock_folder(staging)
         try:
             os.rename(staging, folder)
@@ -500,23 +484,14 @@ def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[s
             os.close(lock)
             refuse_existing(folder)
         warn(f"replacing {folder}: its run stopped before its first checkpoint, so it cannot be resumed")
-        for entry in os.listdir(folder):
-            path = os.path.join(folder, entry)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        write_files(folder, first_files)
-        return folder, lock
-    fail(f"--output-dir: could not find a free run folder name near {run_dir}")
-
-
-def write_files(folder: str, files: dict):
-    for name, text in files.items():
-        with open(os.path.join(folder, name), "w") as f:
-            f.write(text)
+        shutil.rmtree(folder)  # under its lock; the next pass renames this run's folder into its place
+        os.close(lock)
+    fail(f"--output-dir: could not claim a run folder near {run_dir}")
 
 
 def rows_up_to(path: str, step: int) -> list[str] | None:
-    """The rows of a .jsonl log up to `step` (None if there is no such file). A torn last line (a kill during a
-    write) is dropped with a warning; a damaged line before it is a one-line error."""
+    """The rows of a .jsonl log up to `step` (None without the file). A torn last line (a kill during a write) is
+    dropped with a warning; a damaged line before it is a one-line error."""
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -542,9 +517,8 @@ def rows_up_to(path: str, step: int) -> list[str] | None:
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict) -> str:
-    """`checkpoints/step_<N>/`: the model in save_pretrained format (loadable with transformers) plus
-    `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes, into a temporary folder
-    renamed when complete, so a kill during a save never leaves a checkpoint that looks complete."""
+    """`checkpoints/step_<N>/`: the model as transformers saves it, and `trainer_state.pt` (optimizer, step, random
+    states) for --resume. Rank 0 writes into a folder renamed when complete: a kill never leaves one that looks so."""
     folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     weights = optimizer_state = None  # unsharded: the model's and the optimizer's own state_dict(), on rank 0
     if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole of each
@@ -566,8 +540,7 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
 
 
 def complete_checkpoints(run_dir: str, warn=lambda line: None) -> list[str]:
-    """A run's checkpoints that finished saving, newest first; incomplete ones (a save that was cut off) are
-    passed over with a warning."""
+    """A run's checkpoints that finished saving, newest first; one cut off while saving is passed over (`warn`)."""
     folder = os.path.join(run_dir, "checkpoints")
     found = []
     for name in sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []:
@@ -583,8 +556,8 @@ def complete_checkpoints(run_dir: str, warn=lambda line: None) -> list[str]:
 
 
 def last_checkpoint(run_dir: str, dtype, device):
-    """(checkpoint, model, tokenizer, trainer state) of the newest complete checkpoint that loads; a damaged
-    one (a truncated file) is passed over with a warning, so the run goes on from the one before."""
+    """(checkpoint, model, tokenizer, trainer state) of the newest complete checkpoint that loads; a damaged one
+    is passed over with a warning."""
     say = lambda line: print(line, flush=True) if is_main() else None  # noqa: E731
     for checkpoint in complete_checkpoints(run_dir, warn=say):
         try:
