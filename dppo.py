@@ -414,8 +414,7 @@ def main(args: Args):
     for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored; the
         #    sampler records log mu of every sampled token, and here mu's top-K for the topk-* trust regions.
-        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank,
-                                         run.world)  # fmt: skip
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank, run.world)
         with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             record = TopKRecord(top_k) if top_k else None

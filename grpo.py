@@ -226,8 +226,7 @@ def main(args: Args):
         run.evaluate(0)
     for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
-        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank,
-                                         run.world)  # fmt: skip
+        examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank, run.world)
         with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
