@@ -408,7 +408,7 @@ def rank_part(items, rank, world):
 
 def validation_targets(model, val_stores, params, args, world) -> torch.Tensor:
     """v_b = mean projected gradient of the first --val-prompts validation prompts with a non-zero gradient,
-    per validation set, [S, k]. Each rank holds a strided shard of every set's store."""
+    per validation set, [S, k]. Each rank holds a strided part of every set's store."""
     targets = []
     for local in val_stores:
         usable = [g for g in local if g["rewards"].max() > g["rewards"].min()][: -(-args.val_prompts // world)]
@@ -442,7 +442,7 @@ def select_prompts(model, pool_store, val_stores, pool_rewards, params, args, st
 
 
 def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, list, float | None]:
-    """This rank's strided shard of the pool's and of every validation set's stored responses: collected once
+    """This rank's strided part of the pool's and of every validation set's stored responses: collected once
     per run (not counted as training time) and checked, or read back from the run folder on --resume. Also
     the seconds it took to collect (None when read back)."""
     rank, world = run.rank, run.world
