@@ -1,4 +1,3 @@
-"""Shared plumbing for the tinyrlvr scripts: loading, data, rewards, sampling, logging. No algorithm logic.
-
-The built-in world (the `chain` task, the `tiny` model) is the subpackage `common/world/`.
+"""Shared plumbing for the tinyrlvr scripts, in layers whose imports only run down: run (the run's life) on
+sampling, data, model and verifier, on torchrun (fsdp only under --fsdp), on errors. The world plugs in at run.
 """
