@@ -3,6 +3,7 @@ plain meaning. FSDP sharding itself is in `common/fsdp.py`, imported only under 
 
 import atexit
 import contextlib
+import gc
 import math
 import os
 
@@ -26,8 +27,16 @@ def setup_distributed(device: str = "auto"):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        atexit.register(dist.destroy_process_group)  # a group left alive can abort the process as it exits
+        atexit.register(close_group)
     return rank, world, torch.device(device)
+
+
+def close_group():
+    """The process group closed while Python still runs: a group freed later, with the interpreter, can abort the
+    process ("terminate called without an active exception") after a run that succeeded. FSDP's device mesh keeps
+    the group in reference cycles, hence the collection."""
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def world_size() -> int:
