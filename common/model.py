@@ -1,5 +1,5 @@
-"""Load a policy and its tokenizer (hub id, local folder, GGUF file, `smollm2`) and format prompts. Built and
-converted models are cached (`cached_build`): a GGUF's conversion, and the world's `tiny` model."""
+"""Load a policy and its tokenizer (hub id, local folder, GGUF file, `smollm2`) and format prompts. A GGUF's
+conversion is cached."""
 
 import contextlib
 import hashlib
@@ -35,18 +35,14 @@ def resolve_model(name: str, log=print) -> str:
         check_gguf(name)
     else:
         return name
-    return cached_build(gguf_folder(name), lambda folder: convert_gguf(name, folder, log))
-
-
-def cached_build(folder: str, build) -> str:
-    """`folder`, made by `build(folder)` the first time (into the cache, which must be writable)."""
-    if not os.path.isdir(folder):
+    folder = gguf_folder(name)
+    if not os.path.isdir(folder):  # converted once, into the cache, which must be writable
         problem = creation_problem(folder)
         if problem:
             fail(f"TINYRLVR_CACHE {cache_root()}: cannot build the model there ({problem}); set it to a"
                  " writable folder")  # fmt: skip
         os.makedirs(cache_root(), exist_ok=True)
-        build(folder)
+        convert_gguf(name, folder, log)
     return folder
 
 

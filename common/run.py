@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common.errors import creation_problem, fail, first_line, flag, warn
 from common.model import load_policy, read_policy
 from common.sampling import Scored, prompt_ids, rollout_texts, seeded_generator, unfaithful
-from common.torchrun import all_reduce, barrier, from_main_rank, gathered, is_main, is_sharded, setup_distributed
+from common.torchrun import all_reduce, from_main_rank, gathered, is_main, is_sharded, setup_distributed
 from common.world import model_folder, task_named  # the one place the built-in world plugs in
 
 # ---- the command line, and a resumed run's own flags ------------------------------------------------------------
@@ -138,9 +138,7 @@ class Run:
         problem = creation_problem(self.run_dir)
         if problem:
             fail(f"{'--resume' if args.resume else '--output-dir'}: cannot create {self.run_dir} ({problem})")
-        if is_main():
-            model_folder(args.model)  # builds `tiny` on first use, on rank 0 only; the others wait
-        barrier()
+        from_main_rank(lambda: model_folder(args.model))  # converts a GGUF on first use, on rank 0; the others wait
         self.model_path = model_folder(args.model)
         sharded = getattr(args, "fsdp", False) and self.world > 1
         dtype = torch.float32 if sharded else getattr(torch, args.dtype)  # --fsdp: fp32 shards, --dtype computes

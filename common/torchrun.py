@@ -32,9 +32,8 @@ def setup_distributed(device: str = "auto"):
 
 
 def close_group():
-    """The process group closed while Python still runs: a group freed later, with the interpreter, can abort the
-    process ("terminate called without an active exception") after a run that succeeded. FSDP's device mesh keeps
-    the group in reference cycles, hence the collection."""
+    """Closed while Python runs: a group freed with the interpreter can abort a run that succeeded ("terminate
+    called without an active exception"); FSDP's device mesh holds it in reference cycles, hence the collection."""
     dist.destroy_process_group()
     gc.collect()
 
@@ -45,11 +44,6 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def all_reduce(values, op: str = "sum"):

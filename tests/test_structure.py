@@ -63,7 +63,7 @@ def test_the_world_plugs_in_at_one_place():
     assert importers == ["common/run.py"], importers
 
 
-COMMON_BUDGET = 1556  # lines of common/ without world/: lower it when common/ shrinks, never raise it
+COMMON_BUDGET = 1553  # lines of common/ without world/: lower it when common/ shrinks, never raise it
 
 
 def test_common_stays_small():

@@ -7,7 +7,7 @@ start-up (`common/run.py`), which asks it for the `chain` task and the `tiny` mo
 """
 
 from common.data import load_task
-from common.model import cached_build, resolve_model
+from common.model import resolve_model
 
 
 def task_named(args):
@@ -22,9 +22,9 @@ def task_named(args):
 
 
 def model_folder(name: str) -> str:
-    """The folder of --model: the world's `tiny` (built once, cached), a converted GGUF, or the name itself."""
+    """The folder of --model: the world's `tiny` (shipped in the repository), a converted GGUF, or the name."""
     if name == "tiny":
-        from common.world.tiny import build_tiny, tiny_folder
+        from common.world.tiny import shipped_model
 
-        return cached_build(tiny_folder(), build_tiny)
+        return shipped_model()
     return resolve_model(name)

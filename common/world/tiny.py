@@ -15,13 +15,15 @@ import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from common.model import cache_root
+from common.errors import fail
 from common.world.chain import (
     SKILLS,
     carried_solution,
@@ -36,7 +38,7 @@ EOS = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Everything that determines the tiny model; its hash names the cache folder."""
+    """Everything that determines the tiny model; the shipped model records the settings it was built with."""
 
     vocab_size: int = 320
     hidden_size: int = 64
@@ -56,10 +58,36 @@ class TinySpec:
     recipe: int = 7  # bump when the warm-up data or training code changes, so old caches are not reused
 
 
-def tiny_folder(spec: TinySpec = TinySpec()) -> str:
-    """`tiny-<hash of the spec>` in the cache: a change to any setting builds a new model, never reuses an old one."""
-    key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(cache_root(), f"tiny-{key}")
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_model")
+MANIFEST = "tiny_spec.json"  # the settings and warm-up data it was built from, and its weights' checksum
+REBUILD = "python -m common.world.tiny"
+
+
+def data_fingerprint(spec: TinySpec = TinySpec()) -> str:
+    """sha1 of the warm-up texts: it changes when the settings or the `chain` task change."""
+    return hashlib.sha1(json.dumps(warmup_texts(spec)).encode()).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def shipped_model(folder: str | None = None) -> str:
+    """The tiny model shipped in the repository (so every machine starts from the same one), or a one-line error
+    that says how to rebuild it when it is missing or damaged."""
+    folder = folder or SHIPPED
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            weights = json.load(f)["weights_sha256"]
+        damaged = file_sha256(os.path.join(folder, "model.safetensors")) != weights
+    except (OSError, ValueError, KeyError) as e:
+        damaged = f"{type(e).__name__}: {e}"
+    if damaged:
+        why = damaged if isinstance(damaged, str) else "model.safetensors does not match its checksum"
+        fail(f"--model tiny: the model in {folder} is missing or damaged ({why}); rebuild it with {REBUILD}"
+             " (about 2-3 minutes on 2 cores), or restore it with git checkout")  # fmt: skip
+    return folder
 
 
 def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
@@ -167,7 +195,23 @@ def build_tiny(folder: str, spec: TinySpec = TinySpec(), log=print):
     tmp = folder + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "tiny_spec.json"), "w") as f:
-        json.dump(asdict(spec), f, indent=1)
-    os.replace(tmp, folder)  # atomic: a half-built folder is never mistaken for a model
+    manifest = {"spec": asdict(spec), "warmup_sha1": data_fingerprint(spec),
+                "weights_sha256": file_sha256(os.path.join(tmp, "model.safetensors"))}  # fmt: skip
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    replace_folder(tmp, folder)
     log(f"tiny model built in {time.time() - start:.0f}s")
+
+
+def replace_folder(new: str, folder: str):
+    """`new` renamed to `folder`; an old `folder` is moved aside first and then removed, so a reader finds the
+    old model or the new one, never half of one."""
+    old = folder + f".old{os.getpid()}"
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+if __name__ == "__main__":  # python -m common.world.tiny [FOLDER]: rebuild the shipped model (or build elsewhere)
+    build_tiny(sys.argv[1] if len(sys.argv) > 1 else SHIPPED)
