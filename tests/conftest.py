@@ -8,11 +8,15 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails loudly
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process: the tests' tensors are tiny, and the
+# subprocesses (torchrun ranks, command-line runs) then do not fight over the cores
 if not os.path.exists("/dev/nvidia0"):  # no GPU: Triton kernels run in the interpreter, on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before a kernel module is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
