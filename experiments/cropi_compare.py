@@ -8,10 +8,9 @@ held-out evaluation every 8 steps. Two parts, each into its own folder:
 - words (runs/cropi_compare): target `words`, weak and barely learnable; seeds 1-5, one sample per target
   test prompt (as these runs were made).
 
-    python experiments/cropi_compare.py times     # about 50 minutes on 2 CPU cores: two runs at a time, one core each
-    python experiments/cropi_compare.py words     # about 40 minutes
-    python experiments/cropi_summary.py times     # the tables (or words)
-    python experiments/cropi_plot.py times        # docs/cropi_times.png (words: docs/cropi_compare.png)
+    python -m experiments.cropi_compare times     # about 50 minutes on 2 CPU cores: two runs at a time, one core each
+    python -m experiments.cropi_compare words     # about 40 minutes
+    python -m experiments.cropi_report times      # the tables and docs/cropi_times.png (words: docs/cropi_compare.png)
 
 A finished run is not run again.
 """
@@ -19,7 +18,7 @@ A finished run is not run again.
 import os
 import sys
 
-from seed_runs import ROOT, run_all
+from experiments.helpers import ROOT, run_all
 
 SELECTIONS = ("full", "random", "pass-rate", "cropi")
 PARTS = {  # folder, target skill, seeds, flags of the part

@@ -6,8 +6,8 @@ one GRPO step as grpo.py takes it (16 prompts drawn from the decile, 8 rollouts 
 mini-batch), over several seeds of the step. Measured on the target skill's held-out test prompts: the change of
 the mean log-likelihood per token of their gold solutions, and of sampled accuracy (8 samples per prompt).
 
-    python experiments/cropi_influence_check.py                  # target `times`; a few minutes on one CPU core
-    python experiments/cropi_influence_check.py --target words --seeds 4
+    python -m experiments.cropi_influence_check                  # target `times`; a few minutes on one CPU core
+    python -m experiments.cropi_influence_check --target words --seeds 4
 
 Prints a table per decile and the rank correlation (Spearman) of the decile's mean score with the measured
 change, over the decile means and over every (decile, seed) step; draws docs/cropi_influence_check.png.
@@ -16,21 +16,18 @@ change, over the decile means and over every (decile, seed) step; draws docs/cro
 import argparse
 import copy
 import os
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import cropi  # noqa: E402
-import ippo  # noqa: E402
-from common.data import of_skills  # noqa: E402
-from common.model import load_policy, matching_parameters  # noqa: E402
-from common.sampling import prompt_ids, rollout_texts, sample, seeded_generator, token_logprobs  # noqa: E402
-from common.world import model_folder  # noqa: E402
-from common.world.chain import make_chain  # noqa: E402
+import cropi
+import ippo
+from common.data import of_skills
+from common.model import load_policy, matching_parameters
+from common.sampling import prompt_ids, rollout_texts, sample, seeded_generator, token_logprobs
+from common.world import model_folder
+from common.world.chain import make_chain
+from experiments.helpers import ROOT
 
 SAMPLES_PER_TEST_PROMPT = 8
 
@@ -41,7 +38,7 @@ def target_figures(model, tokenizer, task, gold, test) -> tuple[float, float]:
     loglik = (token_logprobs(model, gold).sum() / gold.completion_mask.sum()).item()
     examples = [e for e in test for _ in range(SAMPLES_PER_TEST_PROMPT)]
     texts = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, 48, 1.0, False,
-                          torch.Generator().manual_seed(12345))  # the same draw before and after the step
+                          torch.Generator().manual_seed(12345))  # the same draw before and after the step  # fmt: skip
     correct = [cropi.reward(e, t) > 0 for e, t in zip(examples, texts)]
     return loglik, sum(correct) / len(correct)
 

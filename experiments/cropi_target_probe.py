@@ -5,15 +5,13 @@ gradient of every pool prompt with a gradient and of the target skill's validati
 initial policy, and prints by skill: the pool, the prompts with a gradient, and the top 10% of the pool
 by exact cosine with the target (what CROPI's first stage would select without projection noise).
 
-    python experiments/cropi_target_probe.py runs/cropi__s1__...
+    python -m experiments.cropi_target_probe runs/cropi__s1__...
 """
 
 import collections
 import json
 import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch
 

@@ -1,6 +1,6 @@
 """The default run of every script, one after another: `python <script>.py` with no flags but the run folder.
 
-    python experiments/default_runs.py [grpo pods ...]      # all five by default; about 14 minutes on 2 CPU cores
+    python -m experiments.default_runs [grpo pods ...]      # all five by default; about 14 minutes on 2 CPU cores
 
 Writes runs/default/<script>/ (with console.txt, what the run printed, and wall_clock.txt), the plot
 docs/<script>_default.png, and prints the table of start and end figures that the docs pages show.
@@ -11,10 +11,8 @@ import subprocess
 import sys
 import time
 
-from plot_run import main as plot
-from run_metrics import load
+from experiments.helpers import ROOT, load, plot_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("grpo", "pods", "dppo", "cropi", "ippo")
 OUT = os.path.join(ROOT, "runs", "default")
 
@@ -45,7 +43,7 @@ def main(scripts):
     for script in scripts:
         seconds = run(script)
         _, evals = load(os.path.join(OUT, script))
-        plot(os.path.join(OUT, script), os.path.join(ROOT, "docs", f"{script}_default.png"), f"python {script}.py")
+        plot_run(os.path.join(OUT, script), os.path.join(ROOT, "docs", f"{script}_default.png"), f"python {script}.py")
         first, last = evals[0], evals[-1]
         skills = sorted(k.split("/")[-1] for k in first if k.startswith("eval/acc_sampled/"))
         per_skill = ", ".join(f"{s} {first[f'eval/acc_sampled/{s}']:.2f}->{last[f'eval/acc_sampled/{s}']:.2f}"

@@ -19,11 +19,10 @@
 Every part uses the paper's advantage and loss (`PAPER`: mean-centred advantages, the fixed-horizon sum of token
 losses, DAPO's clip-higher for `ratio`).
 
-    python experiments/dppo_compare.py quantized  # about 45 minutes on 2 CPU cores: two runs at a time, one core each
-    python experiments/dppo_compare.py            # every part: about 2 hours
-    python experiments/dppo_compare.py mismatch   # one part: quantized, mismatch, mismatch-fast or topk
-    python experiments/dppo_summary.py            # the tables
-    python experiments/dppo_plot.py               # docs/dppo_quantized.png (and the other parts' figures)
+    python -m experiments.dppo_compare quantized  # about 45 minutes on 2 CPU cores: two runs at a time, one core each
+    python -m experiments.dppo_compare            # every part: about 2 hours
+    python -m experiments.dppo_compare mismatch   # one part: quantized, mismatch, mismatch-fast or topk
+    python -m experiments.dppo_report             # the tables, docs/dppo_quantized.png (and the other parts' figures)
 
 A finished run is not run again.
 """
@@ -31,7 +30,7 @@ A finished run is not run again.
 import os
 import sys
 
-from seed_runs import ROOT, run_all
+from experiments.helpers import ROOT, run_all
 
 PAPER = ["--no-scale-rewards", "--aggregation", "seq-mean-token-sum-norm", "--eps-high", "0.28"]
 MISMATCH = {tr: ["dppo.py", "--trust-region", tr, *PAPER] for tr in ("none", "ratio", "binary-tv", "binary-kl")}

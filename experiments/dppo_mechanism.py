@@ -12,24 +12,21 @@ A != 0, the share of the updates each region keeps that move pi towards mu (A > 
 than mu, or A < 0 on one it gives more), by count and weighted by |pi - mu|: a mask blocks only updates away
 from mu, so what it keeps leans towards the sampler.
 
-    python experiments/dppo_mechanism.py        # about a minute on one CPU core; prints the tables
+    python -m experiments.dppo_mechanism        # about a minute on one CPU core; prints the tables
                                                 # and draws docs/dppo_mechanism.png (6, 4 and 3 bits)
 """
 
 import copy
 import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import dppo  # noqa: E402
-from common.model import load_policy  # noqa: E402
-from common.sampling import prompt_ids, sample  # noqa: E402
-from common.world import model_folder  # noqa: E402
-from common.world.chain import make_chain  # noqa: E402
+import dppo
+from common.model import load_policy
+from common.sampling import prompt_ids, sample
+from common.world import model_folder
+from common.world.chain import make_chain
+from experiments.helpers import ROOT
 
 REGIONS = {"ratio clip 0.2": "ratio", "binary TV 0.15": "binary-tv", "binary KL 0.05": "binary-kl",
            "top-K TV 0.15": "topk-tv"}  # fmt: skip

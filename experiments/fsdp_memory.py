@@ -2,8 +2,8 @@
 2 and 4 ranks (gloo, CPU), against the formula: 16 bytes per parameter in fp32 AdamW (weights 4, gradient 4, two
 moments 8), divided by the ranks when sharded. The model is a random 57M-parameter Qwen2 built here (no download).
 
-    python experiments/fsdp_memory.py              # launches 1, 2 and 4 processes and prints the table
-    python experiments/fsdp_memory.py --ranks 1 2  # fewer
+    python -m experiments.fsdp_memory              # launches 1, 2 and 4 processes and prints the table
+    python -m experiments.fsdp_memory --ranks 1 2  # fewer
 """
 
 import json
@@ -13,13 +13,12 @@ import sys
 import time
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch.distributed.tensor import DTensor
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-import torch  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
-from common.torchrun import all_reduce, setup_distributed, shard  # noqa: E402
+from common.torchrun import all_reduce, setup_distributed, shard
+from experiments.helpers import ROOT
 
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
@@ -57,8 +56,8 @@ def main(ranks):
         launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                         "--nproc_per_node", str(world)]  # fmt: skip
         start = time.perf_counter()
-        out = subprocess.run([*launcher, __file__, "--worker"], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        out = subprocess.run([*launcher, "-m", "experiments.fsdp_memory", "--worker"], cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         if out.returncode:
             sys.exit(f"error: {world} rank(s) failed:\n{out.stderr[-2000:]}")
         rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - start})

@@ -2,8 +2,8 @@
 not test it, since the influence arms end less accurate; this one sets the unfaithful share among correct
 answers against held-out accuracy, every evaluation of every seed, one curve per arm.
 
-    python experiments/ippo_compare5.py            # the runs (PPO, I-PPO, filter-only; 5 seeds, 60 iterations)
-    python experiments/ippo_equal_accuracy.py      # the table below and docs/ippo_equal_accuracy.png
+    python -m experiments.ippo_compare             # the runs (PPO, I-PPO, filter-only; 5 seeds, 60 iterations)
+    python -m experiments.ippo_equal_accuracy      # the table below and docs/ippo_equal_accuracy.png
 
 Prints, per band of held-out sampled accuracy, the mean unfaithful share of each arm's evaluations that fall in
 it (with their count), and each arm's best and final accuracy against PPO's final one.
@@ -13,7 +13,8 @@ import glob
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.helpers import ROOT
+
 RUNS = os.path.join(ROOT, "runs", "ippo_compare")
 ARMS = {"PPO": "ppo", "I-PPO": "ippo", "filter-only": "filter"}
 BANDS = [(0.50, 0.60), (0.60, 0.65), (0.65, 0.70), (0.70, 0.80)]
@@ -69,7 +70,7 @@ def plot(arms: dict, path: str):
     ax.set(xlabel="held-out accuracy, sampled (first 200 test prompts)", ylabel="unfaithful share among correct",
            title="I-PPO's claim at equal accuracy")  # fmt: skip
     ax.legend(fontsize=7, title="5 seeds; no band: points are single evaluations", title_fontsize=7,
-              loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes, clear of the points
+              loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes, clear of the points  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -4,7 +4,7 @@ On the tiny model: POPI gradients of pool prompts (those with a non-zero gradien
 the validation target (the target skill's validation prompts), exact cosines from the full gradients, then projected
 cosines for every p and k. Precision@10% = share of the exact top 10% that the projected top 10% finds.
 
-    PYTHONPATH=. python experiments/projection_fidelity.py [--prompts 600]
+    python -m experiments.projection_fidelity [--prompts 600]
 """
 
 import sys

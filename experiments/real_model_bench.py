@@ -1,7 +1,7 @@
 """Peer figures on SmolLM2-135M-Instruct (`--model smollm2`): the project's sampler against transformers'
 `model.generate`, and the update (token log-probs, forward and backward), in fp32 and bf16.
 
-    OMP_NUM_THREADS=1 python experiments/real_model_bench.py [--tokens 32] [--batches 16 64]
+    OMP_NUM_THREADS=1 python -m experiments.real_model_bench [--tokens 32] [--batches 16 64]
 
 Sampler: greedy decoding of `chain` test questions through the chat template, both sides from the same
 prompts, stopping at the turn's end; tokens/s counts generated tokens (up to and including the end), and
@@ -13,17 +13,13 @@ and on what else runs on it; compare the ratios.
 
 import argparse
 import ctypes
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.model import load_policy, resolve_model, trainable_parameters  # noqa: E402
-from common.sampling import left_pad, prompt_ids, sample, token_logprobs  # noqa: E402
-from common.world.chain import make_chain  # noqa: E402
+from common.model import load_policy, resolve_model, trainable_parameters
+from common.sampling import left_pad, prompt_ids, sample, token_logprobs
+from common.world.chain import make_chain
 
 TOP_LAYERS = r"layers\.2[2-9]\.|^model\.norm"
 
@@ -87,7 +83,7 @@ def main():
     questions = [e["question"] for e in make_chain().test]
     print(f"threads {torch.get_num_threads()}, {a.tokens} new tokens, greedy, chain test questions\n")
     print("| dtype | batch | sampler tok/s | generate tok/s | ratio | same tokens | update tok/s (all) | peak (all) "
-          "| update tok/s (top 8 layers) | peak (top 8) |")
+          "| update tok/s (top 8 layers) | peak (top 8) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype, batches in (("float32", a.batches), ("bfloat16", a.bf16_batches)):
         model, tokenizer = load_policy(folder, getattr(torch, dtype))
@@ -100,7 +96,7 @@ def main():
             full, full_peak = bench_update(model, rollout, "")
             top, top_peak = bench_update(model, rollout, TOP_LAYERS)
             print(f"| {dtype} | {batch} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} | {same:.2f} | {full:.0f} "
-                  f"| {full_peak / 2**20:.0f} MiB | {top:.0f} | {top_peak / 2**20:.0f} MiB |", flush=True)
+                  f"| {full_peak / 2**20:.0f} MiB | {top:.0f} | {top_peak / 2**20:.0f} MiB |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

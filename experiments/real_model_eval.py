@@ -1,7 +1,7 @@
 """Before and after a run on a real model: held-out accuracy (greedy and one sample at T = 1), the share of
 completions in the asked answer form (a number after `####`), and a few completions side by side.
 
-    python experiments/real_model_eval.py runs/sums.jsonl 1 24 smollm2 runs/real/smollm2-sums/checkpoints/step_000056
+    python -m experiments.real_model_eval runs/sums.jsonl 1 24 smollm2 runs/real/smollm2-sums/checkpoints/step_000056
 
 Arguments: the task (as --task), the run's --seed (a data file is split by it), the completion limit (as
 --max-new-tokens), then the models (as --model). Every model sees the same test prompts (the whole test split)
@@ -15,12 +15,10 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.model import load_policy  # noqa: E402
-from common.sampling import rollout_texts  # noqa: E402
-from common.verifier import is_correct  # noqa: E402
-from common.world import model_folder, task_named  # noqa: E402
+from common.model import load_policy
+from common.sampling import rollout_texts
+from common.verifier import is_correct
+from common.world import model_folder, task_named
 
 ANSWER_FORM = re.compile(r"####\s*-?\d")
 

@@ -1,7 +1,7 @@
 """The task of the SmolLM2 learning run (docs/real-models.md): one addition or subtraction of numbers up to 20,
 'What is 14+7?', posed with the instruction every chat prompt of `chain` gets. Writes a .jsonl for --task.
 
-    python experiments/sums_task.py runs/sums.jsonl
+    python -m experiments.sums_task runs/sums.jsonl
 
 Every sum a+b and difference a-b >= 0 with 1 <= a, b <= 20 occurs once: 610 questions, so the 10% test split
 (61 prompts) holds questions the policy never trains on.
@@ -11,9 +11,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.world.chain import CHAIN_INSTRUCTION  # noqa: E402
+from common.world.chain import CHAIN_INSTRUCTION
 
 
 def examples(top: int = 20) -> list[dict]:

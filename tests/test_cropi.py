@@ -306,7 +306,7 @@ def test_ranking_fidelity_on_a_tiny_model(pool_and_target_gradients, mode):
     misses are N f(t) sd / sqrt(2 pi) = 100 x 0.175 x 0.4 / 8 ~ 0.9 of the 10). Measured over 9 pools x 2
     modes with 10 maps each, the mean precision was within -0.02 and +0.07 of the bar before the margin.
     All coordinates kept (p = 1): a coordinate subset adds an error that depends on how the gradient's energy
-    is spread over coordinates, not only on k; experiments/projection_fidelity.py measures it."""
+    is spread over coordinates, not only on k; `python -m experiments.projection_fidelity` measures it."""
     from kernels.projection import project
 
     pool, target = pool_and_target_gradients

@@ -1,21 +1,25 @@
-"""The tables of one part of experiments/cropi_compare.py from its run folders (<folder>/<selection>_s<seed>).
+"""The tables and figure of one part of experiments/cropi_compare.py from its run folders
+(<folder>/<selection>_s<seed>).
 
-    python experiments/cropi_summary.py times [--metric eval_target/acc_sampled]     # or words
+    python -m experiments.cropi_report times [--metric eval_target/acc_sampled]    # or words
 
 The paper's metric: the first evaluation step at which a selection's mean curve over seeds reaches full GRPO's
 mean final value of the metric (the target skill's held-out accuracy), and the training seconds to that step
 (the stage scoring included; the offline store, collected once before training, listed apart). It is read on
 the mean curve as measured and on its trailing mean over 3 evaluations (a target skill has 42-60 test prompts).
+The figure (docs/cropi_times.png; words: docs/cropi_compare.png): the mean over seeds, with a band of one
+standard deviation, per selection, of the target skill's held-out accuracy, the overall held-out accuracy, and
+the target skill's share of each stage's selection.
 """
 
 import os
 import sys
 
 import numpy as np
-from cropi_compare import PARTS, SELECTIONS
-from run_metrics import finished_runs, load, mean_sd, rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.cropi_compare import PARTS, SELECTIONS
+from experiments.helpers import ROOT, band, finished_runs, legend, load, mean_sd, rows, save, subplots
+
 SKILLS = ("short", "long", "times", "words")
 PART = next((a for a in sys.argv[1:] if a in PARTS), "times")  # the part read, from the command line
 FOLDER = os.path.join(ROOT, "runs", PARTS[PART][0])
@@ -85,10 +89,10 @@ def overall_table():
     print("| selection | sampled | greedy | unfaithful among correct | " + " | ".join(SKILLS) + " |")
     print("|---|---|---|---|" + "---|" * len(SKILLS))
     for selection in SELECTIONS:
-        final = lambda key, s=selection: curves(s, key)[1][:, -1]  # noqa: E731
+        final = lambda key, s=selection: curves(s, key)[1][:, -1]
         skills = " | ".join(f"{final(f'eval/acc_sampled/{s}').mean():.2f}" for s in SKILLS)
         print(f"| {selection} | {mean_sd(final('eval/acc_sampled'))} | {mean_sd(final('eval/acc_greedy'))}"
-              f" | {final('eval/unfaithful_sampled').mean():.3f} | {skills} |")
+              f" | {final('eval/unfaithful_sampled').mean():.3f} | {skills} |")  # fmt: skip
 
 
 def share_table():
@@ -101,11 +105,36 @@ def share_table():
         print(f"| {selection} | " + " | ".join(f"{v:.3f}" for v in shares.mean(0)) + " |")
 
 
+def plot():
+    fig, axes = subplots(1, 3, figsize=(15, 4))
+    panels = (("eval_target/acc_sampled", f"target skill `{PARTS[PART][1]}`: held-out accuracy, sampled"),
+              ("eval/acc_sampled", "all skills: held-out accuracy, sampled"))  # fmt: skip
+    for ax, (key, label) in zip(axes, panels):
+        for selection in SELECTIONS:
+            steps, values, _ = curves(selection, key)
+            band(ax, steps, values, selection, alpha=0.15)
+        ax.set(xlabel="GRPO step (6 stages x 16)", ylabel=label)
+        ax.grid(alpha=0.3)
+        legend(ax, loc="upper left" if key.startswith("eval_target") else "lower right")
+    for selection in SELECTIONS:
+        shares = np.array([[r["select/target_share"] for r in rows if "select/target_share" in r]
+                           for rows in rows_of(selection)])  # fmt: skip
+        axes[2].plot(range(shares.shape[1]), shares.mean(0), "o-", lw=2, label=selection)
+    pool = np.mean([r["select/target_share_pool"] for rows in rows_of("cropi") for r in rows
+                    if "select/target_share_pool" in r])  # fmt: skip
+    axes[2].axhline(pool, color="gray", ls="--", label="share of the pool")
+    axes[2].set(xlabel="stage", ylabel="target skill's share of the stage's selection", ylim=(0, None))
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(title="mean over seeds", title_fontsize=7, fontsize=7, loc="lower right")
+    save(fig, "cropi_compare.png" if PART == "words" else f"cropi_{PART}.png")
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
     metric = argv[argv.index("--metric") + 1] if "--metric" in argv else "eval_target/acc_sampled"
     if not all(finished_runs(FOLDER, s) for s in SELECTIONS):
-        sys.exit(f"not every selection has a finished run yet: python experiments/cropi_compare.py {PART}")
+        sys.exit(f"not every selection has a finished run yet: python -m experiments.cropi_compare {PART}")
     reach_table(metric)
     overall_table()
     share_table()
+    plot()

@@ -1,17 +1,15 @@
 """I-PPO against PPO on the built-in world: PPO (ippo.py --no-influence), I-PPO (ippo.py) and filter-only
 (ippo.py --no-reweight), 5 seeds each, the default 60 iterations, held-out evaluation every 10.
 
-    python experiments/ippo_compare5.py           # about 30 minutes on 2 CPU cores: two runs at a time, one core each
-    python experiments/ippo_summary.py 'PPO=runs/ippo_compare/ppo_s*' 'I-PPO=runs/ippo_compare/ippo_s*' \
-        'filter-only=runs/ippo_compare/filter_s*'
-    python experiments/ippo_plot.py               # docs/ippo_compare.png
+    python -m experiments.ippo_compare    # about 30 minutes on 2 CPU cores: two runs at a time, one core each
+    python -m experiments.ippo_report     # the tables and docs/ippo_compare.png
 
 Runs go to runs/ippo_compare/<arm>_s<seed>; a finished run is not run again.
 """
 
 import os
 
-from seed_runs import ROOT, run_all
+from experiments.helpers import ROOT, run_all
 
 ARMS = {"ppo": ["ippo.py", "--no-influence"], "ippo": ["ippo.py"], "filter": ["ippo.py", "--no-reweight"]}
 
