@@ -527,8 +527,8 @@ def main(args: Args):
     run.open()  # the run folder is made now, after every start-up check (the store's included)
     if store_seconds is not None:
         save_store(run, pool_store, val_stores, store_seconds, args)
-    if run.start == 0:
-        run.evaluate(0, evaluate_target(0))
+    if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
+        run.evaluate(run.start, evaluate_target(run.start))
     pool_rewards = gather_strided(torch.stack([g["rewards"] for g in pool_store]).to(device), len(pool)).cpu()
     selected, seen = run.state.get("selected"), set(run.state.get("seen", []))  # seen: selected at some stage
     stage_info = {}  # a stage's selection figures, logged with its first step
@@ -566,7 +566,7 @@ def main(args: Args):
         metrics = all_reduce({**rollout_metrics(task, scored, rollout), **stats}, "mean")
         run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
                                 "stage": stage}, scored)  # fmt: skip
-        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
+        stop = run.stop_reason(done, metrics)  # a signal (Ctrl-C, SIGTERM), --max-time, non-finite gradients
         if done % args.eval_every == 0 or done == args.steps or stop:
             run.evaluate(done, evaluate_target(done))
         if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:

@@ -409,8 +409,8 @@ def main(args: Args):
               f" | trust region {args.trust_region} (low, high) = {thresholds(args)}"
               f" | sampler T {sampler_temperature}, {sampler_weights}; trainer T {args.temperature}")  # fmt: skip
     run.open()  # the run folder is made now, after every start-up check
-    if run.start == 0:
-        run.evaluate(0)
+    if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
+        run.evaluate(run.start)
     for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored; the
         #    sampler records log mu of every sampled token, and here mu's top-K for the topk-* trust regions.
@@ -442,7 +442,7 @@ def main(args: Args):
         run.log(done, metrics, {"reward": metrics["reward/mean"], "masked": metrics["trust_region/masked_frac"],
                                 "|pi-mu|": metrics["trust_region/abs_pi_mu"], "entropy": metrics["policy/entropy"]},
                 scored)  # fmt: skip
-        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
+        stop = run.stop_reason(done, metrics)  # a signal (Ctrl-C, SIGTERM), --max-time, non-finite gradients
         if done % args.eval_every == 0 or done == args.steps or stop:
             run.evaluate(done)
         if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:

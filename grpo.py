@@ -222,8 +222,8 @@ def main(args: Args):
     run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
     run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)")
     run.open()  # the run folder is made now, after every start-up check
-    if run.start == 0:
-        run.evaluate(0)
+    if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
+        run.evaluate(run.start)
     for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank, run.world)
@@ -245,7 +245,7 @@ def main(args: Args):
         metrics = all_reduce({**rollout_metrics(task, scored, rollout), **stats}, "mean")
         run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
                                 "clipped": metrics["policy/clip_frac"]}, scored)  # fmt: skip
-        stop = run.stop_reason(done, metrics)  # Ctrl-C, --max-time, non-finite gradients
+        stop = run.stop_reason(done, metrics)  # a signal (Ctrl-C, SIGTERM), --max-time, non-finite gradients
         if done % args.eval_every == 0 or done == args.steps or stop:
             run.evaluate(done)
         if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:

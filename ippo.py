@@ -457,8 +457,8 @@ def main(args: Args):
               f" minibatches={args.minibatches}"
               + (f" | scoring {scored_params} parameters ({len(names)} tensors)" if args.influence else ""))
     run.open()  # the run folder is made now, after every start-up check
-    if run.start == 0:
-        run.evaluate(0)
+    if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
+        run.evaluate(run.start)
     for step in range(run.start, args.steps):
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n episodes each; outcome rewards.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
@@ -515,7 +515,7 @@ def main(args: Args):
         run.log(done, metrics, shown, scored)
         early_stop = (f"{int(kept_total)} of {int(total)} episodes scored positive, fewer than --min-keep"
                       f" {args.min_keep}; no update taken (I-PPO's early stop)")  # fmt: skip
-        stop = run.stop_reason(done, metrics, early_stop if none_left else None)  # also Ctrl-C, --max-time, ...
+        stop = run.stop_reason(done, metrics, early_stop if none_left else None)  # also a signal, --max-time, ...
         if done % args.eval_every == 0 or done == args.steps or stop:
             run.evaluate(done)
         if (args.save_every and done % args.save_every == 0) or done == args.steps or stop:

@@ -9,11 +9,11 @@ import codecs
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from common.errors import fail, first_line
-from common.verifier import is_correct
+from common.errors import fail, first_line, warn
+from common.verifier import is_correct, normalize
 
 FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")
 SPLIT_SIZES = {"validation": 300, "test": 300}  # held-out sizes; the rest of the pool is `train`
@@ -58,7 +58,8 @@ def make_gsm8k(seed: int = 0) -> Task:
     try:
         ds = datasets.load_dataset("openai/gsm8k", "main")
     except Exception as e:  # offline, or the hub is unreachable
-        fail(f"--task gsm8k: could not load openai/gsm8k ({type(e).__name__}); needs network or a local copy")
+        fail(f"--task gsm8k: could not load openai/gsm8k ({type(e).__name__}); it needs the network (or the"
+             " datasets cache), or give a local copy: --task gsm8k_train.jsonl with its question and answer fields")
     rows = lambda split: [{"question": r["question"], "answer": gsm8k_answer(r["answer"]), "solution": r["answer"]}
                           for r in split]  # noqa: E731
     train, n_val = rows(ds["train"]), SPLIT_SIZES["validation"]
@@ -95,8 +96,7 @@ def jsonl_rows(path: str, text: str) -> list[tuple[str, object]]:
     return rows
 
 
-JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
-              type(None): "null"}
+JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}  # else a number
 
 
 def json_rows(path: str, text: str) -> list[tuple[str, object]]:
@@ -113,7 +113,7 @@ def json_rows(path: str, text: str) -> list[tuple[str, object]]:
             fail(f"--task {path}: its columns have different lengths ({lengths})")
         data = [dict(zip(data, values)) for values in zip(*data.values())]
     if not isinstance(data, list):
-        kind = JSON_KINDS.get(type(json.loads(text)), "value")  # numbers were read as text above: ask again
+        kind = JSON_KINDS.get(type(json.loads(text)), "number")  # numbers were read as text above: ask again
         fail(f"--task {path}: expected a list of rows or an object of columns, found a JSON {kind}")
     return [(f"row {i}", row) for i, row in enumerate(data, 1)]
 
@@ -137,14 +137,12 @@ def refuse_rows(path: str, problem: str, bad: list[tuple[str, object]]):
 
 def text_field(value) -> str | None:
     """A question or answer as text: strings as they are, numbers as written (parquet's typed columns)."""
-    if isinstance(value, str) or isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return None
+    return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
 
 
 def file_examples(path: str, rows, question_field: str, answer_field: str, solution_field: str) -> list[dict]:
-    """The examples of a data file's rows, checked: every row an object with a question and an answer that the
-    verifier can match (a response that ends `#### <answer>` must be scored correct), each a one-line error."""
+    """The examples of a data file's rows, checked (one-line errors): every row an object with a non-empty question
+    and an answer the verifier can match (a response ending `#### <answer>` must be scored correct); no repeats."""
     if not rows:
         fail(f"--task {path}: the file has no rows")
     refuse_rows(path, "are not JSON objects with fields", [(w, r) for w, r in rows if not isinstance(r, dict)])
@@ -161,11 +159,25 @@ def file_examples(path: str, rows, question_field: str, answer_field: str, solut
     examples = [{"question": text_field(r[q]), "answer": gsm8k_answer(text_field(r[a])),
                  "solution": text_field(r.get(solution_field)) or "",
                  **({"skill": str(r["skill"])} if r.get("skill") is not None else {})} for _, r in rows]  # fmt: skip
+    refuse_rows(path, f"have an empty {q!r}", [row for row, e in zip(rows, examples) if not e["question"].strip()])
     refuse_rows(path, f"have an empty {a!r}, which no response can match",
                 [row for row, e in zip(rows, examples) if not e["answer"]])  # fmt: skip
     refuse_rows(path, f"have an {a!r} that the verifier cannot match even when a response ends `#### <that answer>`",
                 [row for row, e in zip(rows, examples) if not is_correct(f"#### {e['answer']}", e["answer"])])
-    return examples
+    return unique_questions(path, rows, examples)
+
+
+def unique_questions(path: str, rows, examples: list[dict]) -> list[dict]:
+    """Each question once, at its first row, so that no held-out question is also a train one: a repeat (the same
+    text but for surrounding whitespace) is dropped with a warning, or is an error when it has another answer."""
+    first = {}
+    for (where, _), e in zip(rows, examples):
+        first_where, seen = first.setdefault(e["question"].strip(), (where, e))
+        if normalize(e["answer"]) != normalize(seen["answer"]):
+            fail(f"--task {path}: {where} asks the question of {first_where} again, with another answer")
+    if len(first) < len(examples):
+        warn(f"--task {path}: dropping {len(examples) - len(first)} rows that repeat an earlier row's question")
+    return [e for _, e in first.values()]
 
 
 def make_file_task(path: str, question_field: str, answer_field: str, solution_field: str, seed: int) -> Task:

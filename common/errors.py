@@ -8,8 +8,9 @@ from dataclasses import fields
 
 
 def fail(message: str):
-    """Stop with a one-line error for a user mistake (no traceback, exit status 1)."""
-    raise SystemExit(f"error: {message}")
+    """Stop with a one-line error for a user mistake (no traceback, exit status 1). Under torchrun rank 0 prints
+    it; every rank stops (the mistakes are the same on every rank, and rank 0 reports for them all)."""
+    raise SystemExit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
 
 
 def warn(message: str):

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 
 import torch
@@ -111,7 +112,10 @@ def convert_gguf(path: str, folder: str, log=print):
     tmp = folder + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)  # atomic: a half-converted folder is never mistaken for a model
+    try:
+        os.replace(tmp, folder)  # atomic: a half-converted folder is never mistaken for a model
+    except OSError:  # another run converted it meanwhile: keep that one
+        shutil.rmtree(tmp)
     log(f"converted in {time.time() - start:.0f}s ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
 
 
@@ -144,7 +148,8 @@ def load_policy(name: str, dtype=torch.float32, device="cpu"):
     try:  # a missing or damaged file raises one of many exception types, from several libraries
         return read_policy(name, dtype, device)
     except Exception as e:
-        fail(f"--model {name}: could not load a model ({type(e).__name__}: {first_line(e)})")
+        offline = os.environ.get("HF_HUB_OFFLINE") and "; offline mode is on (HF_HUB_OFFLINE=1): give a local folder"
+        fail(f"--model {name}: could not load a model ({type(e).__name__}: {first_line(e)}){offline or ''}")
 
 
 def read_policy(name: str, dtype=torch.float32, device="cpu"):

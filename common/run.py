@@ -3,10 +3,13 @@ start-up (the task, the policy), the run folder (claimed and locked), evaluation
 checkpoints and resume. The one file of `common/` that imports the built-in world (`common/world/`)."""
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -101,6 +104,34 @@ def check_resumed_args(args, run_dir: str, script: str):
                  " may change")  # fmt: skip
 
 
+# ---- writing: a full disk is a one-line error -------------------------------------------------------------------
+
+
+def when_disk_full(method):
+    """A Run method that writes, with a full disk or a file-size limit turned into a one-line error that says so
+    (torch reports either as an obscure stream error). What was complete stays: the newest checkpoint, the logs."""
+
+    def writing(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            code = getattr(e, "errno", None)
+            if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, None) or not re.search(WRITE_ERROR, str(e)):
+                raise
+            full, limit = "the disk is full", "a file reached the file-size limit (ulimit -f)"
+            why = {errno.EFBIG: limit, errno.ENOSPC: full, errno.EDQUOT: "the disk quota is used up"}.get(code)
+            if getattr(self, "files", None):  # the run is over: end the progress bar's line, free the folder
+                self.bar.close()
+                os.close(self.lock)
+            fail(f"cannot write in {self.run_dir}: {why or full + ', or ' + limit}; make room, then start again (a run"
+                 f" with a checkpoint continues with --resume {shlex.quote(self.run_dir)})")  # fmt: skip
+
+    return writing
+
+
+WRITE_ERROR = r"No space|quota|too large|iostream|unexpected pos|failed writing|write"  # as OSError and torch say it
+
+
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the run stops
@@ -116,6 +147,8 @@ class Run:
         """Start-up of the script at path `script`: every check, the task, the policy (--resume: its checkpoint).
         Nothing is written: the folder is claimed by `open`, once every check has passed."""
         self.args, self.script = args, os.path.basename(script).removesuffix(".py")
+        self.previous_handlers = {sig: signal.signal(sig, lambda number, _: fail(
+            f"stopped during start-up by {STOP_SIGNALS[number]}; the run folder was not made")) for sig in STOP_SIGNALS}
         if args.resume:
             args.resume = os.path.expanduser(args.resume)
             check_resumed_args(args, args.resume, self.script)
@@ -124,20 +157,27 @@ class Run:
         if not 0 <= args.seed < 2**32:
             fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
         self.rank, self.world, self.device = setup_distributed(args.device)
-        check_args(args, self.world)
+        try:
+            check_args(args, self.world)
+        except SystemExit as e:  # a resumed run's flags come from its args.json: a hand-edit is to blame, not a flag
+            if args.resume and str(e.code).startswith("error: "):
+                fail(f"--resume {args.resume}: args.json holds a value the script refuses ({str(e.code)[7:]})")
+            raise
         if getattr(args, "fsdp", False) and self.world == 1:
             warn("--fsdp: one process holds the whole model, nothing is sharded; launch with torchrun to shard")
         for seed in (random.seed, np.random.seed, torch.manual_seed):
             seed(args.seed)
         task = task_named(args)
+        task_limit = not args.max_new_tokens  # 0 (the default): the task's own; an error about it says so
         args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
         self.run_dir = args.resume or os.path.join(os.path.expanduser(args.output_dir), args.run_name or
                                                    f"{self.script}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
         if args.run_name and not args.resume and os.path.exists(self.run_dir) and not never_saved(self.run_dir):
             refuse_existing(self.run_dir)  # early; the claim decides (a default name never collides: it is numbered)
-        problem = creation_problem(self.run_dir)
+        problem = creation_problem(os.path.join(self.run_dir, "checkpoints", "step"))  # probes checkpoints/ on resume
         if problem:
-            fail(f"{'--resume' if args.resume else '--output-dir'}: cannot create {self.run_dir} ({problem})")
+            fail(f"{'--resume' if args.resume else '--output-dir'}: cannot {'write in' if args.resume else 'create'}"
+                 f" {self.run_dir} ({problem})")  # fmt: skip
         from_main_rank(lambda: model_folder(args.model))  # converts a GGUF on first use, on rank 0; the others wait
         self.model_path = model_folder(args.model)
         sharded = getattr(args, "fsdp", False) and self.world > 1
@@ -148,9 +188,11 @@ class Run:
         else:
             self.model, self.tokenizer = load_policy(self.model_path, dtype, self.device)
         self.model.eval()
-        self.task = drop_long_prompts(task, self.tokenizer, self.model, args.max_new_tokens)
+        self.task = drop_long_prompts(task, self.tokenizer, self.model, args.max_new_tokens, task_limit)
         if args.eval_prompts > len(self.task.test):
-            fail(f"--eval-prompts {args.eval_prompts}: the test split of {task.name} has only {len(task.test)} prompts")
+            default = " (the default)" * (args.eval_prompts == type(args)().eval_prompts)
+            fail(f"--eval-prompts {args.eval_prompts}{default}: the test split of {task.name} has only"
+                 f" {len(task.test)} prompts; pass --eval-prompts {len(task.test)} or fewer")  # fmt: skip
 
     def describe(self) -> str:
         """The first console line of a run: where it writes, what it trains, on what."""
@@ -164,11 +206,13 @@ class Run:
         if self.checkpoint:
             restore_trainer_state(self.state, self.model, optimizer)
         self.start, self.train_time = self.state["step"], self.state["train_time"]
-        if self.checkpoint and self.start >= self.args.steps:
+        every, steps = self.args.eval_every, self.args.steps
+        self.evaluation_due = not self.checkpoint or ((self.start % every == 0 or self.start == steps) and
+                                                      from_main_rank(lambda: not evaluated(self.run_dir, self.start)))
+        if self.checkpoint and self.start >= self.args.steps and not self.evaluation_due:
             fail(f"--resume {self.run_dir}: the run has done all {self.args.steps} of its steps, nothing is left;"
                  f" to train further, resume with --steps above {self.start}")  # fmt: skip
-        self.phase_seconds, self.files, self.interrupted, self.non_finite_run, self.no_signal_run = {}, {}, False, 0, 0
-        self.previous_handler = signal.signal(signal.SIGINT, self.on_interrupt)
+        self.phase_seconds, self.files, self.interrupted, self.non_finite_run, self.no_signal_run = {}, {}, None, 0, 0
 
     def open(self):
         """Claim the run folder and open its logs, once every start-up check has passed: a run that cannot start
@@ -177,6 +221,8 @@ class Run:
         self.run_dir = from_main_rank(self.claim)
         if self.run_dir != wanted:
             self.print(f"run folder {self.run_dir} ({os.path.basename(wanted)} was taken by a run started that second)")
+        for sig in STOP_SIGNALS:  # from now on a signal finishes the step and saves, so nothing is lost
+            signal.signal(sig, self.on_interrupt)
         if not is_main():
             return
         from torch.utils.tensorboard import SummaryWriter  # imported only by a run that writes
@@ -186,6 +232,7 @@ class Run:
         self.files = {name: open(os.path.join(self.run_dir, f"{name}.jsonl"), "a") for name in ("metrics", "samples")}
         self.tb = SummaryWriter(self.run_dir, purge_step=self.start + 1 if self.start else None)
 
+    @when_disk_full
     def claim(self) -> str:
         """The run folder, made and locked; on --resume locked, its logs cut back to the checkpoint's step."""
         versions = {"python": platform.python_version(), **{p: version(p) for p in ("torch", "transformers",
@@ -207,18 +254,22 @@ class Run:
             raise
         for path, rows in zip(logs, kept):
             if rows is not None:
-                with open(path + ".tmp", "w") as f:
+                with open(path + ".tmp", "w") as f, removed_on_error(path + ".tmp"):
                     f.writelines(rows)
                 os.replace(path + ".tmp", path)
+        for partial in glob.glob(os.path.join(self.run_dir, "checkpoints", "*.partial")):  # a kill's, a full disk's
+            shutil.rmtree(partial)
         with open(os.path.join(self.run_dir, "resumes.jsonl"), "a") as f:
             f.write(json.dumps({"from_step": self.start, **record}) + "\n")
         return self.run_dir
 
     def on_interrupt(self, signum, frame):
-        if self.interrupted:  # the second Ctrl-C
-            raise SystemExit("error: stopped at once by a second Ctrl-C; nothing saved since the last checkpoint")
-        self.interrupted = True
-        self.print("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to stop at once)")
+        """Ctrl-C, or SIGTERM / SIGHUP from a scheduler or a closed terminal: finish the step, save, stop."""
+        name = STOP_SIGNALS[signum]
+        if self.interrupted:  # the second signal
+            raise SystemExit(f"error: stopped at once by a second {name}; nothing saved since the last checkpoint")
+        self.interrupted, self.signal_number = name, signum
+        self.print(f"{name}: finishing this step, then saving a checkpoint (send it again to stop at once)")
 
     def print(self, line: str):
         if is_main():
@@ -235,6 +286,7 @@ class Run:
         yield
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
+    @when_disk_full
     def record(self, step: int, metrics: dict):
         """One row of metrics.jsonl and TensorBoard (rank 0)."""
         if self.files:
@@ -245,7 +297,7 @@ class Run:
 
     def evaluate(self, step: int, more: dict | None = None):
         """Held-out accuracy under the script's reward, and the figures the script adds (`more`), logged and
-        printed. Skipped after a Ctrl-C, which asks the run to stop soon."""
+        printed. Skipped after a signal, which asks the run to stop soon (the resume makes it up)."""
         if self.interrupted:
             return
         a = self.args
@@ -255,6 +307,7 @@ class Run:
         self.record(step, {**metrics, "time/train_elapsed": self.train_time})
         self.print(eval_line(step, metrics))
 
+    @when_disk_full
     def log(self, step: int, metrics: dict, shown: dict, scored: Scored | None = None):
         """Log a step's metrics (averaged over ranks) with its phase times, throughput and training time so far;
         advance the progress bar; every --log-every steps print the `shown` figures and write a few samples."""
@@ -300,29 +353,35 @@ class Run:
         if self.non_finite_run >= NON_FINITE_STOP:
             reason = (f"{NON_FINITE_STOP} steps in a row had a non-finite gradient; the checkpoint holds the last good"
                       " parameters (lower --lr, or look at the data)")  # fmt: skip
-        if all_reduce(float(self.interrupted), "max"):  # every rank stops at the same step
-            self.interrupted, reason = True, "interrupted (Ctrl-C)"
+        if all_reduce(float(bool(self.interrupted)), "max"):  # every rank stops at the same step
+            self.interrupted = self.interrupted or "a signal on another rank"
+            reason = f"interrupted ({self.interrupted})"
         if reason and step < self.args.steps:
             self.print(f"stopping at step {step}: {reason}")
         return reason
 
+    @when_disk_full
     def save(self, step: int, state: dict | None = None):
         """A checkpoint: the policy, the optimizer, the random states, the training time and the script's `state`."""
         self.checkpoint = save_checkpoint(self.run_dir, step, self.model, self.tokenizer, self.optimizer,
                                           {"train_time": self.train_time, **(state or {})})  # fmt: skip
 
+    @when_disk_full
     def finish(self):
-        """Close the logs; after a Ctrl-C, print the command that resumes and exit with status 130."""
+        """Close the logs; after a signal, print the command that continues the run and exit with status 128 + the
+        signal's number, as shells report it (130 after Ctrl-C, 143 after SIGTERM)."""
         if self.files:
             for f in [self.bar, self.tb, *self.files.values()]:
                 f.close()
             os.close(self.lock)  # the run is over: another process may resume it
             self.files = None
-        signal.signal(signal.SIGINT, self.previous_handler)
+        for sig, handler in self.previous_handlers.items():
+            signal.signal(sig, handler)
         if self.interrupted:
-            self.print(f"saved {self.checkpoint}; continue with: python {self.script}.py --resume"
+            launcher = f"torchrun --nproc_per_node {self.world} -- " if self.world > 1 else "python "
+            self.print(f"saved {self.checkpoint}; continue with: {launcher}{self.script}.py --resume"
                        f" {shlex.quote(self.run_dir)}")  # fmt: skip
-            raise SystemExit(130)
+            raise SystemExit(128 + getattr(self, "signal_number", signal.SIGTERM))
         if is_main():
             print(f"done: {self.run_dir} (metrics.jsonl, checkpoints/)")
 
@@ -330,14 +389,25 @@ class Run:
 # ---- start-up helpers ---------------------------------------------------------------------------------------
 
 
-def drop_long_prompts(task, tokenizer, model, max_new_tokens: int):
+# Ctrl-C, and what a scheduler (Slurm, Kubernetes: SIGTERM) or a closed terminal (SIGHUP) sends before a kill.
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+def evaluated(run_dir: str, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation of `step` (a signal during that step skips it, to stop soon)."""
+    rows = map(json.loads, rows_up_to(os.path.join(run_dir, "metrics.jsonl"), step) or [])
+    return any(row["step"] == step and any(key.startswith("eval/") for key in row) for row in rows)
+
+
+def drop_long_prompts(task, tokenizer, model, max_new_tokens: int, by_default: bool = False):
     """The task without the prompts that leave the model no room for --max-new-tokens (its positions count prompt
     and completion), with a warning that counts them; an error if a split is left empty."""
     positions = getattr(model.config, "max_position_embeddings", None)
     if not positions:
         return task
     if max_new_tokens >= positions:
-        fail(f"--max-new-tokens {max_new_tokens}: the model's positions end at {positions} (prompt included)")
+        fail(f"--max-new-tokens {max_new_tokens}{' (the default for this task)' * by_default}: the model's positions"
+             f" end at {positions} (prompt included); pass a smaller --max-new-tokens")  # fmt: skip
     room, kept, dropped, first = positions - max_new_tokens, {}, [], None
     for split in ("train", "validation", "test"):
         examples = getattr(task, split)
@@ -423,9 +493,13 @@ def check_run_name(output_dir: str, run_name: str | None):
     if run_name is not None and (not run_name.strip() or run_name in (".", "..") or "/" in run_name
                                  or os.sep in run_name or run_name.startswith(".")):  # fmt: skip
         fail(f"--run-name {run_name!r}: must be a plain folder name (no path separators, not starting with .)")
+    if run_name is not None and len(run_name.encode()) > 240:  # file systems allow 255; staging adds a suffix
+        fail(f"--run-name: {len(run_name.encode())} bytes long; at most 240")
 
 
 def refuse_existing(folder: str):
+    if not os.path.isdir(folder):
+        fail(f"--run-name: {folder} exists and is not a folder; choose another name")
     fail(f"--run-name: {folder} already exists; choose another name, or continue it with"
          f" --resume {shlex.quote(folder)}")  # fmt: skip
 
@@ -460,11 +534,12 @@ def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[s
     names = [f"{run_dir}_{i}" if i > 1 else run_dir for i in range(1, 1000)] if numbered else [run_dir, run_dir]
     for folder in names:
         staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
-        os.chmod(staging, 0o777 & ~umask)  # as os.mkdir would make it, not mkdtemp's private 0o700
-        for name, text in first_files.items():
-            with open(os.path.join(staging, name), "w") as f:
-                f.write(text)
-        lock = lock_folder(staging)
+        with removed_on_error(staging):
+            os.chmod(staging, 0o777 & ~umask)  # as os.mkdir would make it, not mkdtemp's private 0o700
+            for name, text in first_files.items():
+                with open(os.path.join(staging, name), "w") as f:
+                    f.write(text)
+            lock = lock_folder(staging)
         try:
             os.rename(staging, folder)
             return folder, lock
@@ -485,6 +560,16 @@ def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[s
         shutil.rmtree(folder)  # under its lock; the next pass renames this run's folder into its place
         os.close(lock)
     fail(f"--output-dir: could not claim a run folder near {run_dir}")
+
+
+@contextlib.contextmanager
+def removed_on_error(path: str):
+    """`path` (a file or a folder) removed if the block fails: a full disk leaves no half-written copy."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        raise
 
 
 def rows_up_to(path: str, step: int) -> list[str] | None:
@@ -527,11 +612,12 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
         return folder
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=weights)
-    tokenizer.save_pretrained(partial)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({"step": step, "optimizer": optimizer_state or optimizer.state_dict(), "rng": rng, **state},
-               f"{partial}/trainer_state.pt")  # fmt: skip
+    with removed_on_error(partial):  # a full disk leaves no half-written folder behind
+        model.save_pretrained(partial, state_dict=weights)
+        tokenizer.save_pretrained(partial)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save({"step": step, "optimizer": optimizer_state or optimizer.state_dict(), "rng": rng, **state},
+                   f"{partial}/trainer_state.pt")  # fmt: skip
     shutil.rmtree(folder, ignore_errors=True)  # the same step saved by an earlier attempt of this run
     os.replace(partial, folder)
     return folder

@@ -1,10 +1,14 @@
 """The verifier: a response's final answer, extracted, normalised and compared with the gold one. The reward a
-script trains on is built from `is_correct`, in the script."""
+script trains on is built from `is_correct`, in the script. What it accepts and refuses: docs/verifier.md."""
 
 import re
 from fractions import Fraction
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# One number as written: a sign (`−` too), `$`, digits (commas only in groups of three), decimals, an exponent (of at
+# most 3 digits: no answer costs a huge integer) or a fraction of integers (not over 0), `%`; never glued to a letter.
+NUMBER = re.compile(r"(?<![\w.])[-+−]?\$?(?:\d+/0*[1-9]\d*|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d{1,3})?"
+                    r"|\.\d+)%?(?!\w)")  # fmt: skip
+PUNCTUATION = " \t.,;:?()[]\"'$="  # what may stand around the one number besides words: nothing that changes its value
 
 
 def last_boxed(text: str):
@@ -20,32 +24,38 @@ def last_boxed(text: str):
     return None
 
 
+def plain(text: str) -> str:
+    """LaTeX and Markdown as plain text: \\frac{a}{b} as a/b, \\text{kg} as a word, `\\$` as `$`, no braces or `**`."""
+    text = re.sub(r"\\text\{([^{}]*)\}", r" \1 ", re.sub(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", text))
+    return re.sub(r"\\([$%])", r"\1", text).replace("{", "").replace("}", "").replace("**", " ")
+
+
+def one_number(text: str):
+    """The number in `text` when it is the only one, with only words and punctuation around it; else None: a hedge
+    (`4 or 5`) or an expression (`2^10`, `1+1=2`) is no answer, so it is never paid for one of its parts."""
+    numbers, rest = NUMBER.findall(plain(text)), re.sub(r"\b[^\W\d_]+\b", "", NUMBER.sub(" ", plain(text)))
+    return numbers[0] if len(numbers) == 1 and not rest.strip(PUNCTUATION) else None
+
+
 def extract_answer(text: str, numeric: bool = True):
-    """The final answer of a response: after the last `####` (the first number there; for a text answer the
-    rest of that line), else the last \\boxed{}, else (for a numeric answer) the last number."""
+    """The final answer of a response: the rest of the line after the last `####`, else the last \\boxed{}, else
+    (for a numeric answer) the last number. A numeric answer is the one number there (None if not exactly one)."""
     if "####" in text:
-        tail = text.rsplit("####", 1)[1].replace("$", "")
-        if not numeric:
-            return tail.strip().split("\n")[0]
-        match = NUMBER.search(tail)
-        return match.group() if match else None
-    boxed = last_boxed(text)
-    if boxed is not None or not numeric:
-        return boxed
-    numbers = NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+        found = text.rsplit("####", 1)[1].strip().split("\n")[0]
+    elif (found := last_boxed(text)) is None and numeric:
+        return (NUMBER.findall(plain(text)) or [None])[-1]
+    return one_number(found) if numeric else found
 
 
 def normalize(answer) -> str:
-    """Canonical form: no commas, `$`, spaces or \\frac; numbers as reduced fractions ('3.0' -> '3', '6/8' -> '3/4')."""
+    """Canonical form: a number as a reduced fraction ('3.0' -> '3', '6/8' -> '3/4', '$1,000' -> '1000', '−5' ->
+    '-5'); text without spaces, commas, `$` or \\frac, so that `\\frac{1}{2}` and `1/2` compare equal."""
     if answer is None:
         return ""
-    s = answer.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    s = re.sub(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", s)
-    s = re.sub(r"\\text\{[^{}]*\}", "", s).replace("{", "").replace("}", "")
+    s = plain(answer).replace(" ", "").rstrip(".")
     try:
-        return str(Fraction(s))
-    except (ValueError, ZeroDivisionError):
+        return str(Fraction(re.sub("[,$%]", "", s).replace("−", "-"))) if NUMBER.fullmatch(s) else re.sub("[,$]", "", s)
+    except ValueError:  # an integer over Python's 4300 digits: compared as written
         return s
 
 
@@ -53,5 +63,4 @@ def is_correct(response: str, gold: str) -> bool:
     """The response's final answer equals the gold one, after `normalize`. A gold answer that is not a number
     (`Paris`) is read from the response as text."""
     gold = normalize(gold)
-    pred = normalize(extract_answer(response, numeric=NUMBER.fullmatch(gold) is not None))
-    return pred != "" and pred == gold
+    return gold != "" and normalize(extract_answer(response, numeric=NUMBER.fullmatch(gold) is not None)) == gold

@@ -42,7 +42,7 @@ def write(path, text, encoding="utf-8"):
 
 def rows(n=40, answer=lambda i: str(i % 7), **extra):
     """A small arithmetic data file's rows."""
-    return [{"question": f"What is {i % 7}+0?", "answer": answer(i), **extra} for i in range(n)]
+    return [{"question": f"What is {i % 7}+{i}-{i}?", "answer": answer(i), **extra} for i in range(n)]
 
 
 def jsonl(path, items, prefix=b""):
@@ -77,6 +77,10 @@ CASES = [
     ("output-dir-empty", "grpo", lambda d: dict(output_dir=""), "error", "--output-dir '': give a folder"),
     ("run-name-climbs", "grpo", lambda d: dict(run_name="../x"), "error", "--run-name '../x': must be a plain folder"),
     ("run-name-nested", "grpo", lambda d: dict(run_name="a/b"), "error", "--run-name 'a/b': must be a plain folder"),
+    ("run-name-250-bytes", "grpo", lambda d: dict(run_name="r" * 250), "error", "--run-name: 250 bytes long; at most"),
+    ("run-name-is-a-file", "grpo", lambda d: dict(output_dir=str(d / "o"), run_name=write(d.joinpath("o").mkdir() or
+                                                  d / "o" / "f", "x").split("/")[-1]), "error",
+     "--run-name: .*/o/f exists and is not a folder; choose another name"),  # fmt: skip
     # ---- data files ----
     ("jsonl-empty", "grpo", lambda d: dict(task=jsonl(d / "e.jsonl", [])), "error", "the file has no rows"),
     ("jsonl-malformed", "grpo", lambda d: dict(task=write(d / "m.jsonl", '{"question": "1+1?", "answer": "2"}\n{"q')),
@@ -105,6 +109,12 @@ CASES = [
     ("parquet-damaged", "grpo", lambda d: dict(task=write(d / "p.parquet", "not parquet")), "error",
      "p.parquet: could not read the file"),
     ("task-missing", "grpo", lambda d: dict(task=str(d / "none.jsonl")), "error", "none.jsonl: no such file"),
+    ("max-new-tokens-default", "grpo", lambda d: dict(task=jsonl(d / "t.jsonl", rows()), max_new_tokens=0), "error",
+     "--max-new-tokens 512 \\(the default for this task\\): the model's positions end at 256 .*pass a smaller"),
+    ("eval-prompts-default", "grpo", lambda d: dict(task=jsonl(d / "t.jsonl", rows()), eval_prompts=200), "error",
+     "--eval-prompts 200 \\(the default\\): the test split of t.jsonl has only 4 prompts; pass --eval-prompts 4"),
+    ("model-hub-offline", "grpo", lambda d: dict(model="tinyrlvr-test/no-such-model"), "error",
+     "could not load a model .*; offline mode is on \\(HF_HUB_OFFLINE=1\\): give a local folder"),
     # ---- models and prompts ----
     ("model-truncated", "grpo", lambda d: dict(model=truncated_model(d)), "error",
      "--model .*: could not load a model \\(SafetensorError"),
@@ -114,8 +124,8 @@ CASES = [
     ("prompt-100k-chars", "grpo", lambda d: dict(task=jsonl(d / "p.jsonl", [{"question": "x" * 100_000, "answer": "1"}]
                                                              * 3 + rows())),
      "warning", "dropping prompts longer than 252 tokens"),
-    ("every-prompt-too-long", "grpo", lambda d: dict(task=jsonl(d / "p.jsonl", rows(answer=lambda i: "1",
-                                                                                     question="9" * 400))),
+    ("every-prompt-too-long", "grpo",
+     lambda d: dict(task=jsonl(d / "p.jsonl", [{"question": "9" * 400 + str(i), "answer": "1"} for i in range(40)])),
      "error", "every train prompt is longer than 252 tokens"),
     # ---- --fsdp ----
     ("fsdp-one-process", "grpo", lambda d: dict(fsdp=True), "warning", "--fsdp: one process holds the whole model"),
@@ -361,6 +371,34 @@ def finished_run(random_model_dir, tmp_path_factory):
     return folder / "r"
 
 
+def test_a_resume_whose_checkpoints_cannot_be_written_stops_before_training(finished_run, tmp_path, monkeypatch):
+    import common.errors
+
+    shutil.copytree(finished_run, tmp_path / "r")
+    mkdtemp = common.errors.tempfile.mkdtemp
+
+    def read_only_checkpoints(dir=None, **kwargs):  # what a non-root user meets in a read-only folder
+        if str(dir).endswith("checkpoints"):
+            raise PermissionError(13, "Permission denied")
+        return mkdtemp(dir=dir, **kwargs)
+
+    monkeypatch.setattr(common.errors.tempfile, "mkdtemp", read_only_checkpoints)
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match=f"--resume: cannot write in {tmp_path / 'r'} \\(Permission denied\\)"):
+        grpo.main(parse_args(grpo.Args, ["--resume", str(tmp_path / "r"), "--steps", "3"]))
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before, "nothing trained, nothing written"
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_one_line_error_prints_once(random_model_dir, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--"]
+    out = run_command([*torchrun, "grpo.py", "--model", random_model_dir, "--output-dir", str(tmp_path),
+                       "--eval-prompts", "100000"])  # fmt: skip
+    assert out.returncode != 0 and "Traceback (most recent call last):\n  File \"" + ROOT not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: --eval-prompts 100000: the test split"), out.stderr[-3000:]
+
+
 def damaged(finished_run, tmp_path, damage):
     run_dir = tmp_path / "r"
     shutil.copytree(finished_run, run_dir)
@@ -381,6 +419,9 @@ DAMAGE = [
     ("args-another-script", lambda d: write(d / "args.json", json.dumps({
         **{k: v for k, v in json.loads((d / "args.json").read_text()).items() if k != "script"}, "m": 4})),
      "the run has flags grpo.py does not know \\(--m\\); it was made by another script"),
+    ("args-hand-edited-value", lambda d: write(d / "args.json", json.dumps({**json.loads((d / "args.json").read_text()),
+                                                                               "lr": -1.0})),
+     "args.json holds a value the script refuses \\(--lr -1.0: must be positive\\)"),
     ("metrics-damaged-line", lambda d: write(d / "metrics.jsonl", "{broken\n" + (d / "metrics.jsonl").read_text()),
      "line 1 of metrics.jsonl is damaged"),
     ("no-checkpoint-loads", lambda d: [cut(c / "model.safetensors") for c in (d / "checkpoints").iterdir()],

@@ -1,7 +1,9 @@
-"""common/: reward checking, the chain task and faithfulness, tokenizer round trip, sampling records."""
+"""common/: the chain task and faithfulness, tokenizer round trip, sampling records."""
 
 import json
+import os
 import random
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -10,13 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_command
+from conftest import ROOT, run_command
 from transformers import AutoTokenizer
 
 from common.data import Task, check_skills, load_task, of_skills
 from common.model import load_policy, prompt_text
 from common.sampling import sample, token_logprobs, unfaithful
-from common.verifier import extract_answer, is_correct, normalize
+from common.verifier import is_correct
 from common.world import task_named
 from common.world.chain import (
     CHAIN_SKILLS,
@@ -46,37 +48,6 @@ from common.world.tiny import (
     train_tokenizer,
     warmup_texts,
 )
-
-
-@pytest.mark.parametrize(
-    "text, gold, correct",
-    [
-        ("so the total is 18.\n#### 18", "18", True),
-        ("#### 1,234", "1234", True),
-        ("#### $1,234.00", "1234", True),
-        ("#### -7", "-7", True),
-        ("#### -7", "7", False),
-        ("The answer is \\boxed{42}.", "42", True),
-        ("\\boxed{\\frac{3}{4}}", "0.75", True),
-        ("\\boxed{\\frac{6}{8}}", "3/4", True),
-        ("first \\boxed{1} then \\boxed{{2}}", "2", True),  # the last box, nested braces matched
-        ("first \\boxed{1} then \\boxed{{2}}", "1", False),
-        ("\\boxed{x^{2}}", "x^2", True),
-        ("we get 3 then 4.0", "4", True),  # last-number fallback, trailing .0
-        ("no number here", "0", False),
-        ("", "0", False),
-        ("#### 12 #### 13", "13", True),  # after the last ####
-    ],
-)
-def test_reward_checker_table(text, gold, correct):
-    assert is_correct(text, gold) is correct
-
-
-def test_extract_and_normalize():
-    assert extract_answer("a \\boxed{b {c}} d") == "b {c}"
-    assert extract_answer("unclosed \\boxed{12 and 7") == "7"
-    assert normalize("$1,000") == "1000" and normalize("2.50") == "5/2" and normalize(None) == ""
-
 
 QUESTION = "What is 12+7-5+3?"
 
@@ -382,3 +353,17 @@ def test_unfaithful_is_rewarded_with_wrong_steps():
     assert unfaithful(make_chain(), [example] * 4, texts, rewards) == [False, True, False, False]
     assert unfaithful(make_chain(), [example], texts, rewards) == [False, True, False, False]  # 4 completions of 1
     assert unfaithful(Task("file", [], [], []), [example] * 4, texts, rewards) == [False] * 4
+
+
+def test_rebuilds_at_once_leave_one_whole_model_and_nothing_else(tmp_path):
+    """Four rebuilds of the tiny model (small settings) into one folder at the same time: every one succeeds, the
+    folder holds a model that loads, and no temporary or moved-aside folder is left."""
+    code = ("import sys; from common.world.tiny import TinySpec, build_tiny; build_tiny(sys.argv[1], TinySpec("
+            "hidden_size=32, layers=1, heads=2, sft_steps=3, sft_batch=4), log=lambda *_: None)")  # fmt: skip
+    folder = tmp_path / "tiny_model"
+    builds = [subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": ROOT}) for _ in range(4)]  # fmt: skip
+    for build in builds:
+        assert build.wait(timeout=300) == 0, build.stderr.read()[-2000:]
+    assert os.listdir(tmp_path) == ["tiny_model"]
+    assert shipped_model(str(folder)) == str(folder) and load_policy(str(folder))[0] is not None

@@ -10,6 +10,7 @@ So the base model starts well below its ceiling, greedy decoding included, diffe
 writes unfaithful chains that still earn full reward.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -205,11 +206,14 @@ def build_tiny(folder: str, spec: TinySpec = TinySpec(), log=print):
 
 def replace_folder(new: str, folder: str):
     """`new` renamed to `folder`; an old `folder` is moved aside first and then removed, so a reader finds the
-    old model or the new one, never half of one."""
+    old model or a new one, never half of one, however many builds run at once."""
     old = folder + f".old{os.getpid()}"
-    if os.path.isdir(folder):
+    with contextlib.suppress(FileNotFoundError):  # none yet, or another build moved it aside first
         os.replace(folder, old)
-    os.replace(new, folder)
+    try:
+        os.replace(new, folder)
+    except OSError:  # another build put its model there in between: keep that one, it is as good
+        shutil.rmtree(new)
     shutil.rmtree(old, ignore_errors=True)
 
 
