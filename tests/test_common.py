@@ -355,6 +355,7 @@ def test_unfaithful_is_rewarded_with_wrong_steps():
     assert unfaithful(Task("file", [], [], []), [example] * 4, texts, rewards) == [False] * 4
 
 
+@pytest.mark.slow
 def test_rebuilds_at_once_leave_one_whole_model_and_nothing_else(tmp_path):
     """Four rebuilds of the tiny model (small settings) into one folder at the same time: every one succeeds, the
     folder holds a model that loads, and no temporary or moved-aside folder is left."""

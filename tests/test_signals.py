@@ -140,6 +140,7 @@ def test_sigterm_under_torchrun_saves_and_prints_the_torchrun_command_that_conti
 # ---- a full disk, or a file-size limit -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_save_is_one_line_leaves_no_partial_folder_and_the_run_resumes(
     random_model_dir, tmp_path, monkeypatch
 ):
