@@ -11,6 +11,7 @@ import re
 import shutil
 import time
 
+import huggingface_hub
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,6 +20,7 @@ from common.errors import creation_problem, fail, first_line
 
 transformers.utils.logging.disable_progress_bar()  # no loading and saving bars between the run's own lines
 transformers.utils.logging.set_verbosity_error()  # nor notices about deprecated arguments; errors still show
+huggingface_hub.utils.logging.set_verbosity_error()  # nor a line per retry when the hub cannot be reached
 
 
 def cache_root() -> str:

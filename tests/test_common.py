@@ -368,3 +368,12 @@ def test_rebuilds_at_once_leave_one_whole_model_and_nothing_else(tmp_path):
         assert build.wait(timeout=300) == 0, build.stderr.read()[-2000:]
     assert os.listdir(tmp_path) == ["tiny_model"]
     assert shipped_model(str(folder)) == str(folder) and load_policy(str(folder))[0] is not None
+
+
+def test_an_unreachable_hub_is_not_a_line_per_retry():
+    """Without a network, huggingface_hub logs each of its retries as a warning before the one-line error."""
+    import logging
+
+    import common.model  # noqa: F401  (sets the hub's logging)
+
+    assert logging.getLogger("huggingface_hub").getEffectiveLevel() >= logging.ERROR
