@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -31,6 +32,16 @@ RANDOM_SPEC = TinySpec(hidden_size=32, layers=2, heads=2, sft_steps=0)
 def private_cache(tmp_path_factory):
     """Never read or write the user's tiny-model cache from tests."""
     os.environ["TINYRLVR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """A run started in the test process installs its own handlers for Ctrl-C, SIGTERM and SIGHUP (and a run that
+    stops with an error leaves them): the test session gets its own back after every test."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

@@ -30,15 +30,6 @@ SCRIPT_SMALL = {"grpo": SMALL, "pods": {**SMALL, "m": 2}, "dppo": SMALL,
                           "pool_responses": 2, "val_responses": 2, "val_prompts": 2, "score_batch": 4}}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """A run started in this process installs its handlers; the test session keeps its own."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 def without_times(rows):
     """The rows without the figures a machine measures (seconds, memory), which differ from run to run."""
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "memory/"))} for r in rows]
