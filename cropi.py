@@ -85,7 +85,11 @@ class Args:
     max_new_tokens: int = 0
     """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
     lr: float = 2e-4
-    """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
+    """AdamW learning rate (see --lr-schedule); use about 1e-6 for a 0.5B model"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """the learning rate after the warm-up: constant, or a linear or cosine decay to 0 at --steps"""
+    warmup_steps: int = 0
+    """steps of linear warm-up to --lr (the first at --lr / N) before --lr-schedule"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     eps_low: float = 0.2
@@ -533,6 +537,7 @@ def main(args: Args):
     selected, seen = run.state.get("selected"), set(run.state.get("seen", []))  # seen: selected at some stage
     stage_info = {}  # a stage's selection figures, logged with its first step
     for step in range(run.start, args.steps):
+        run.set_learning_rate(step)  # --warmup-steps, then --lr-schedule (train/lr)
         stage = step // args.steps_per_stage
         # 0. At a stage start: score the whole pool with the current policy and select (the curriculum).
         if step % args.steps_per_stage == 0 or selected is None:

@@ -79,7 +79,11 @@ class Args:
     max_new_tokens: int = 0
     """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
     lr: float = 2e-4
-    """AdamW learning rate (constant); use about 1e-6 for a 0.5B model"""
+    """AdamW learning rate (see --lr-schedule); use about 1e-6 for a 0.5B model"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """the learning rate after the warm-up: constant, or a linear or cosine decay to 0 at --steps"""
+    warmup_steps: int = 0
+    """steps of linear warm-up to --lr (the first at --lr / N) before --lr-schedule"""
     train_params: str = ""
     """regular expression: train only the parameters whose name matches (e.g. 'layers\\.2[2-9]\\.'), the rest
     frozen; empty trains all"""
@@ -225,6 +229,7 @@ def main(args: Args):
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
+        run.set_learning_rate(step)  # --warmup-steps, then --lr-schedule (train/lr)
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank, run.world)
         with run.timer("generate"):

@@ -88,7 +88,11 @@ class Args:
     max_new_tokens: int = 0
     """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
     lr: float = 3e-5
-    """actor AdamW learning rate (constant; tuned for `tiny`); about 1e-6 for a 0.5B model"""
+    """actor AdamW learning rate (see --lr-schedule; tuned for `tiny`); about 1e-6 for a 0.5B model"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """the learning rate after the warm-up: constant, or a linear or cosine decay to 0 at --steps"""
+    warmup_steps: int = 0
+    """steps of linear warm-up to --lr (the first at --lr / N) before --lr-schedule"""
     critic_lr: float = 5e-4
     """critic AdamW learning rate (constant)"""
     max_grad_norm: float = 1.0
@@ -460,6 +464,7 @@ def main(args: Args):
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
+        run.set_learning_rate(step)  # --warmup-steps, then --lr-schedule (train/lr)
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n episodes each; outcome rewards.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
         with run.timer("generate"):

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import glob
 import json
+import math
 import os
 import platform
 import random
@@ -156,6 +157,8 @@ class Run:
             check_run_name(args.output_dir, args.run_name)
         if not 0 <= args.seed < 2**32:
             fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
+        if not 0 <= args.warmup_steps < args.steps:
+            fail(f"--warmup-steps {args.warmup_steps}: must be at least 0 and below --steps {args.steps}")
         self.rank, self.world, self.device = setup_distributed(args.device)
         try:
             check_args(args, self.world)
@@ -202,7 +205,7 @@ class Run:
     def begin(self, optimizer, reward):
         """The optimizer and the script's reward (evaluation reads it too); --resume: the optimizer and random
         states, the step and the training time come back."""
-        self.optimizer, self.reward = optimizer, reward
+        self.optimizer, self.reward, self.lr = optimizer, reward, self.args.lr
         if self.checkpoint:
             restore_trainer_state(self.state, self.model, optimizer)
         self.start, self.train_time = self.state["step"], self.state["train_time"]
@@ -271,6 +274,18 @@ class Run:
         self.interrupted, self.signal_number = name, signum
         self.print(f"{name}: finishing this step, then saving a checkpoint (send it again to stop at once)")
 
+    def set_learning_rate(self, step: int):
+        """The learning rate of the step about to run (`step` counts from 0): --warmup-steps W of linear warm-up
+        (--lr/W, 2 --lr/W, ..., so no step is spent at 0), then --lr-schedule: constant, or a linear or cosine decay
+        towards 0 at --steps, as transformers' schedules decay. It depends on the step alone: a resume goes on
+        exactly."""
+        a = self.args
+        progress = (step - a.warmup_steps) / max(1, a.steps - a.warmup_steps)
+        decay = {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
+        self.lr = a.lr * ((step + 1) / a.warmup_steps if step < a.warmup_steps else decay[a.lr_schedule])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
     def print(self, line: str):
         if is_main():
             tqdm.write(fit(line))  # above the progress bar, once there is one
@@ -317,7 +332,7 @@ class Run:
         for phase, tokens in (("generate", "train/gen_tokens"), ("update", "train/update_tokens")):
             if f"time/{phase}" in times and tokens in metrics:
                 metrics[f"throughput/{phase}_tokens_per_s"] = metrics[tokens] / max(metrics[f"time/{phase}"], 1e-9)
-        metrics["time/train_elapsed"] = self.train_time
+        metrics["time/train_elapsed"], metrics["train/lr"] = self.train_time, self.lr
         self.record(step, metrics)
         if not is_main():
             return

@@ -63,9 +63,9 @@ def test_the_world_plugs_in_at_one_place():
     assert importers == ["common/run.py"], importers
 
 
-# Lines of common/ without world/: lower it when common/ shrinks; raise it only in the change that needs the
-# lines, saying why (1553 -> 1668: stopping on SIGTERM/SIGHUP, a full disk, the strict verifier, data checks).
-COMMON_BUDGET = 1668
+# Lines of common/ without world/: lower it when common/ shrinks; raise it only in the change that needs the lines,
+# saying why (1553 -> 1683: stopping on SIGTERM/SIGHUP, a full disk, the strict verifier, data checks, schedules).
+COMMON_BUDGET = 1683
 
 
 def test_common_stays_small():
