@@ -49,6 +49,7 @@ class Rollout:
     prompt_len: int
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    truncated: torch.Tensor | None = None  # [N] bool: cut at max_new_tokens before its EOS
 
     @property
     def completion_ids(self):
@@ -58,7 +59,8 @@ class Rollout:
         """The sub-batch of the given rows (e.g. the sequences a down-sampling rule keeps)."""
         pick = lambda x: None if x is None else x[rows]  # noqa: E731
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
-                       self.old_logprobs[rows], self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs))
+                       self.old_logprobs[rows], self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs),
+                       pick(self.truncated))  # fmt: skip
 
 
 def left_pad(prompts: list[list[int]], pad_id: int):
@@ -107,7 +109,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, 
                         use_cache=True, **{cache: out[cache]})  # fmt: skip
     completion, completion_mask = torch.stack(tokens, 1), torch.stack(alive, 1).long()
     return Rollout(torch.cat([ids, completion], 1), torch.cat([prompt_mask, completion_mask], 1), completion_mask,
-                   torch.stack(logps, 1) * completion_mask, ids.shape[1])
+                   torch.stack(logps, 1) * completion_mask, ids.shape[1], truncated=~done)  # fmt: skip
 
 
 def chunk_logprobs(lm_head, hidden, targets, temperature, entropy: bool):
@@ -200,6 +202,7 @@ def rollout_metrics(task, scored: Scored, rollout: Rollout) -> dict:
         "reward/zero_std_frac": frac_zero_std(scored.rewards),
         "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
         "train/gen_tokens": rollout.completion_mask.sum().item(),
+        "train/truncated_frac": rollout.truncated.float().mean().item(),  # cut at --max-new-tokens before an EOS
         **({"train/unfaithful": flawed / max(1, rewarded)} if task.check_steps else {}),
     }
 

@@ -121,3 +121,18 @@ def test_entropy_matches_the_full_distribution_and_leaves_logprobs_unchanged(pol
         want = -(logp.exp() * logp).sum(-1) * rollout.completion_mask
     torch.testing.assert_close(entropy, want, rtol=1e-5, atol=1e-5)
     assert (entropy[rollout.completion_mask == 0] == 0).all() and (entropy[rollout.completion_mask == 1] > 0).all()
+
+
+def test_a_completion_is_truncated_exactly_when_it_has_no_eos(coin_model_dir):
+    """The coin model writes `1` or stops at every position, each with probability 1/2: in 3 positions a row is cut
+    with probability 1/8, so of 256 rows some end and some are cut (none cut: p = (7/8)^256 < 1e-14). Truncated
+    means no EOS among the completion's tokens, and then the whole length is kept."""
+    model, tokenizer = load_policy(coin_model_dir)
+    prompts = [tokenizer("What is 1-0?\n")["input_ids"]] * 256
+    rollout = sample(model, prompts, 3, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    last = rollout.completion_mask.sum(1) - 1  # a completion's mask ends with its EOS, if it has one
+    ended = rollout.completion_ids[torch.arange(256), last] == tokenizer.eos_token_id
+    assert torch.equal(rollout.truncated, ~ended) and 0 < rollout.truncated.sum() < 256
+    assert (rollout.completion_mask[rollout.truncated] == 1).all()
+    assert torch.equal(rollout.select(torch.tensor([0, 5])).truncated, rollout.truncated[[0, 5]])
