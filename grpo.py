@@ -84,6 +84,9 @@ class Args:
     """the learning rate after the warm-up: constant, or a linear or cosine decay to 0 at --steps"""
     warmup_steps: int = 0
     """steps of linear warm-up to --lr (the first at --lr / N) before --lr-schedule"""
+    mask_truncated: bool = False
+    """a completion cut at --max-new-tokens before its EOS carries no gradient (DAPO's overlong filtering); it keeps
+    its place and its reward in its group"""
     train_params: str = ""
     """regular expression: train only the parameters whose name matches (e.g. 'layers\\.2[2-9]\\.'), the rest
     frozen; empty trains all"""
@@ -237,6 +240,8 @@ def main(args: Args):
             rollout = sample(model, group_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
+            rollout = rollout.without_truncated()
         rewards = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)]).view(-1, n)
         scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
         # 2. Group-relative advantages: each completion against the other completions of its prompt.

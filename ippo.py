@@ -93,6 +93,9 @@ class Args:
     """the learning rate after the warm-up: constant, or a linear or cosine decay to 0 at --steps"""
     warmup_steps: int = 0
     """steps of linear warm-up to --lr (the first at --lr / N) before --lr-schedule"""
+    mask_truncated: bool = False
+    """a completion cut at --max-new-tokens before its EOS carries no gradient (DAPO's overlong filtering); it keeps
+    its place and its reward in its group"""
     critic_lr: float = 5e-4
     """critic AdamW learning rate (constant)"""
     max_grad_norm: float = 1.0
@@ -472,6 +475,8 @@ def main(args: Args):
             rollout = sample(model, episode_prompts, args.max_new_tokens, args.temperature, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, generator=run.generator("sample", step, device=device))
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
+            rollout = rollout.without_truncated()
         outcome = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)])
         scored = Scored(examples, texts, outcome.view(-1, n))  # the one reward that training, logs and samples read
         outcome, mask = outcome.to(device), rollout.completion_mask.float()

@@ -4,7 +4,7 @@ and the token log-probs (and entropy) every loss is built on."""
 import hashlib
 import inspect
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,10 @@ class Rollout:
     @property
     def completion_ids(self):
         return self.input_ids[:, self.prompt_len :]
+
+    def without_truncated(self) -> "Rollout":
+        """The completions cut at max_new_tokens masked out of the loss; the sequences stay (attention unchanged)."""
+        return replace(self, completion_mask=self.completion_mask * ~self.truncated[:, None])
 
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The sub-batch of the given rows (e.g. the sequences a down-sampling rule keeps)."""
@@ -196,12 +200,13 @@ def frac_zero_std(rewards: torch.Tensor) -> float:
 def rollout_metrics(task, scored: Scored, rollout: Rollout) -> dict:
     """The metrics of a step's rollouts that mean the same in every script."""
     rewarded, rewards = (scored.rewards > 0).sum().item(), scored.rewards.flatten().tolist()
+    sampled = rollout.attention_mask[:, rollout.prompt_len :]  # every sampled token, masked from the loss or not
     flawed = sum(unfaithful(task, scored.examples, scored.texts, rewards))
     return {
         "reward/mean": scored.rewards.mean().item(),
         "reward/zero_std_frac": frac_zero_std(scored.rewards),
-        "train/completion_len": rollout.completion_mask.sum(1).float().mean().item(),
-        "train/gen_tokens": rollout.completion_mask.sum().item(),
+        "train/completion_len": sampled.sum(1).float().mean().item(),
+        "train/gen_tokens": sampled.sum().item(),
         "train/truncated_frac": rollout.truncated.float().mean().item(),  # cut at --max-new-tokens before an EOS
         **({"train/unfaithful": flawed / max(1, rewarded)} if task.check_steps else {}),
     }

@@ -64,9 +64,9 @@ def test_the_world_plugs_in_at_one_place():
 
 
 # Lines of common/ without world/: lower it when common/ shrinks; raise it only in the change that needs the lines,
-# saying why (1553 -> 1686: stopping on SIGTERM/SIGHUP, a full disk, the strict verifier, data checks, schedules,
-# the truncated share).
-COMMON_BUDGET = 1686
+# saying why (1553 -> 1691: stopping on SIGTERM/SIGHUP, a full disk, the strict verifier, data checks, schedules,
+# the truncated completions).
+COMMON_BUDGET = 1691
 
 
 def test_common_stays_small():
