@@ -410,7 +410,7 @@ STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHU
 
 def evaluated(run_dir: str, step: int) -> bool:
     """Whether metrics.jsonl holds an evaluation of `step` (a signal during that step skips it, to stop soon)."""
-    rows = map(json.loads, rows_up_to(os.path.join(run_dir, "metrics.jsonl"), step) or [])
+    rows = map(json.loads, rows_up_to(os.path.join(run_dir, "metrics.jsonl"), step, warn=lambda line: None) or [])
     return any(row["step"] == step and any(key.startswith("eval/") for key in row) for row in rows)
 
 
@@ -587,9 +587,9 @@ def removed_on_error(path: str):
         raise
 
 
-def rows_up_to(path: str, step: int) -> list[str] | None:
+def rows_up_to(path: str, step: int, warn=warn) -> list[str] | None:
     """The rows of a .jsonl log up to `step` (None without the file). A torn last line (a kill during a write) is
-    dropped with a warning; a damaged line before it is a one-line error."""
+    dropped with a warning (`warn`); a damaged line before it is a one-line error."""
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8", errors="replace") as f:
