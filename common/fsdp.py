@@ -3,13 +3,12 @@ PyTorch without FSDP2."""
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+from torch.distributed.checkpoint import state_dict as dcp
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from common.errors import fail
 
-WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # every rank sends its shards; rank 0 gets all
+WHOLE = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # every rank sends its shards; rank 0 gets all
 
 
 def fully_shard_layers(model, dtype: str):
@@ -36,11 +35,11 @@ def fully_shard_layers(model, dtype: str):
 def whole_state_dicts(model, optimizer) -> tuple[dict, dict]:
     """The model's and the optimizer's full state dicts, gathered from the shards onto rank 0 (each tied weight
     once, under the name the model's own state_dict gives it)."""
-    weights = get_model_state_dict(model, options=WHOLE)
+    weights = dcp.get_model_state_dict(model, options=WHOLE)
     own = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
-    return {k: w for k, w in weights.items() if k in own}, get_optimizer_state_dict(model, optimizer, options=WHOLE)
+    return {k: w for k, w in weights.items() if k in own}, dcp.get_optimizer_state_dict(model, optimizer, options=WHOLE)
 
 
 def load_optimizer_state(model, optimizer, state: dict):
     """A full optimizer state dict (as a checkpoint holds it) put back into a sharded optimizer: each rank its shard."""
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    dcp.set_optimizer_state_dict(model, optimizer, state, options=dcp.StateDictOptions(full_state_dict=True))
