@@ -404,8 +404,9 @@ class Run:
 # ---- start-up helpers ---------------------------------------------------------------------------------------
 
 
-# Ctrl-C, and what a scheduler (Slurm, Kubernetes: SIGTERM) or a closed terminal (SIGHUP) sends before a kill.
-STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+# Ctrl-C, and what a scheduler (Slurm, Kubernetes: SIGTERM) or a closed terminal (SIGHUP; not on Windows) sends.
+STOP_SIGNALS = {getattr(signal, name): label for name, label in (("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM"),
+                                                                 ("SIGHUP", "SIGHUP")) if hasattr(signal, name)}
 
 
 def evaluated(run_dir: str, step: int) -> bool:

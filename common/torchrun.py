@@ -135,9 +135,11 @@ def peak_memory_gb(device) -> float:
     """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident set size on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource  # Unix; Linux reports KiB
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 # ---- a sharded model (--fsdp), seen from outside -------------------------------------------------------------
