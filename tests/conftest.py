@@ -167,3 +167,22 @@ def coin_model_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def coin_task(tmp_path_factory):
+    """Questions whose answer is 1 (with a gold solution, for ippo.py), for `coin_model_dir`: a completion is right
+    with probability 1/4, so a group of 8 has equal rewards with probability (3/4)^8 + (1/4)^8 < 0.101, and the 8
+    groups of a step with p < 1e-8."""
+    path = tmp_path_factory.mktemp("data") / "coin.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {a}-{a - 1}?", "answer": "1", "solution": "1"}) + "\n"
+                            for a in range(1, 101)))  # fmt: skip
+    return str(path)
+
+
+def per_script(small: dict, steps_per_stage: int = 1) -> dict:
+    """Each script's smallest settings: `small` (the flags every script has) and what its own idea needs."""
+    return {"grpo": small, "pods": {**small, "m": 2}, "dppo": small,
+            "ippo": {**small, "val_prompts": 2, "score_batch": 2},
+            "cropi": {**small, "steps_per_stage": steps_per_stage, "pool_responses": 2, "val_responses": 2,
+                      "val_prompts": 2, "score_batch": 4}}  # fmt: skip

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, metric_rows, run_command
+from conftest import ROOT, metric_rows, per_script, run_command
 
 import cropi
 import dppo
@@ -29,10 +29,7 @@ from common.verifier import is_correct
 
 SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=1, batch_prompts=2, n=2, eval_prompts=2, eval_every=1, max_new_tokens=4)
-SCRIPT_SMALL = {"grpo": SMALL, "pods": {**SMALL, "m": 2}, "dppo": SMALL,
-                "ippo": {**SMALL, "val_prompts": 2, "score_batch": 2},
-                "cropi": {**SMALL, "steps_per_stage": 1,
-                          "pool_responses": 2, "val_responses": 2, "val_prompts": 2, "score_batch": 4}}  # fmt: skip
+SCRIPT_SMALL = per_script(SMALL)
 
 
 def write(path, text, encoding="utf-8"):

@@ -2,7 +2,6 @@
 one process holding the whole batch (grpo, pods), a sharded run's checkpoints are ordinary transformers folders, and
 a sharded run stopped at a checkpoint and resumed logs and saves what the run straight through does."""
 
-import json
 import sys
 
 import pytest
@@ -31,16 +30,6 @@ def test_a_sharded_step_equals_one_process_holding_the_whole_batch(mode, random_
     assert set(sharded) == set(whole)
     for name in whole:  # the same up to the order of float sums: relative difference <= 1e-6 per tensor
         assert (sharded[name] - whole[name]).norm() <= 1e-6 * whole[name].norm(), name
-
-
-@pytest.fixture(scope="module")
-def coin_task(tmp_path_factory):
-    """Questions whose answer is 1, for `coin_model_dir`: a completion is right with probability 1/4, so a group of
-    8 has equal rewards with probability (3/4)^8 + (1/4)^8 < 0.101, and the 8 groups of a step with p < 1e-8."""
-    path = tmp_path_factory.mktemp("data") / "coin.jsonl"
-    path.write_text("".join(json.dumps({"question": f"What is {a}-{a - 1}?", "answer": "1"}) + "\n"
-                            for a in range(1, 101)))  # fmt: skip
-    return str(path)
 
 
 def sharded_run(coin_model_dir, coin_task, out, name, steps, *more):

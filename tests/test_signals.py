@@ -3,7 +3,6 @@ the same way, in every script, at any step: the step finishes, a checkpoint is s
 the run is printed, and that command logs exactly what the run straight through logs, evaluations included."""
 
 import errno
-import json
 import os
 import resource
 import signal
@@ -13,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, metric_rows, run_command
+from conftest import ROOT, metric_rows, per_script, run_command
 
 import cropi
 import dppo
@@ -24,25 +23,12 @@ from common.run import Run, parse_args
 
 SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=4, batch_prompts=2, n=2, eval_prompts=2, eval_every=2, max_new_tokens=4)
-SCRIPT_SMALL = {"grpo": SMALL, "pods": {**SMALL, "m": 2}, "dppo": SMALL,
-                "ippo": {**SMALL, "val_prompts": 2, "score_batch": 2},
-                "cropi": {**SMALL, "steps_per_stage": 2,
-                          "pool_responses": 2, "val_responses": 2, "val_prompts": 2, "score_batch": 4}}  # fmt: skip
+SCRIPT_SMALL = per_script(SMALL, steps_per_stage=2)
 
 
 def without_times(rows):
     """The rows without the figures a machine measures (seconds, memory), which differ from run to run."""
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "memory/"))} for r in rows]
-
-
-@pytest.fixture(scope="module")
-def coin_task(tmp_path_factory):
-    """Questions whose answer is 1, for `coin_model_dir`, which writes `1` or stops at every position with
-    probability 1/2: the rewards of a group differ, so every script's update and selection have something to act on."""
-    path = tmp_path_factory.mktemp("data") / "coin.jsonl"
-    path.write_text("".join(json.dumps({"question": f"What is {a}-{a - 1}?", "answer": "1", "solution": "1"}) + "\n"
-                            for a in range(1, 101)))  # fmt: skip
-    return str(path)
 
 
 def signalled_at(monkeypatch, step: int, signum: int):

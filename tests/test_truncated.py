@@ -1,12 +1,11 @@
 """--mask-truncated (DAPO's overlong filtering): a completion cut at --max-new-tokens before its EOS carries no
 gradient, in every script; train/truncated_frac counts them whether or not they are masked."""
 
-import json
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import metric_rows
+from conftest import metric_rows, per_script
 
 import cropi
 import dppo
@@ -17,19 +16,7 @@ from common.sampling import Rollout
 
 SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=1, batch_prompts=2, n=4, eval_prompts=2, max_new_tokens=3)
-SCRIPT_SMALL = {"grpo": SMALL, "pods": {**SMALL, "m": 2}, "dppo": SMALL,
-                "ippo": {**SMALL, "val_prompts": 2, "score_batch": 2},
-                "cropi": {**SMALL, "steps_per_stage": 1, "pool_responses": 2, "val_responses": 2, "val_prompts": 2,
-                          "score_batch": 4}}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def coin_task(tmp_path_factory):
-    """Questions whose answer is 1, for `coin_model_dir` (it writes `1` or stops, each with probability 1/2)."""
-    path = tmp_path_factory.mktemp("data") / "coin.jsonl"
-    path.write_text("".join(json.dumps({"question": f"What is {a}-{a - 1}?", "answer": "1", "solution": "1"}) + "\n"
-                            for a in range(1, 101)))  # fmt: skip
-    return str(path)
+SCRIPT_SMALL = per_script(SMALL)
 
 
 def test_only_the_truncated_rows_leave_the_loss():
