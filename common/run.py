@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import asdict, fields, replace
@@ -215,7 +216,8 @@ class Run:
         if self.checkpoint and self.start >= self.args.steps and not self.evaluation_due:
             fail(f"--resume {self.run_dir}: the run has done all {self.args.steps} of its steps, nothing is left;"
                  f" to train further, resume with --steps above {self.start}")  # fmt: skip
-        self.phase_seconds, self.files, self.interrupted, self.non_finite_run, self.no_signal_run = {}, {}, None, 0, 0
+        self.phase_seconds, self.files, self.non_finite_run, self.no_signal_run = {}, {}, 0, 0
+        self.signalled = self.interrupted = None  # a signal this rank received; one every rank has agreed on
 
     def open(self):
         """Claim the run folder and open its logs, once every start-up check has passed: a run that cannot start
@@ -269,10 +271,13 @@ class Run:
     def on_interrupt(self, signum, frame):
         """Ctrl-C, or SIGTERM / SIGHUP from a scheduler or a closed terminal: finish the step, save, stop."""
         name = STOP_SIGNALS[signum]
-        if self.interrupted:  # the second signal
+        if self.signalled:  # the second signal
             raise SystemExit(f"error: stopped at once by a second {name}; nothing saved since the last checkpoint")
-        self.interrupted, self.signal_number = name, signum
-        self.print(f"{name}: finishing this step, then saving a checkpoint (send it again to stop at once)")
+        self.signalled, self.signal_number = name, signum
+        if is_main():  # straight to the file: a print here could interrupt a print of the main program and fail
+            with contextlib.suppress(OSError):
+                os.write(sys.stderr.fileno(), f"\n{name}: finishing this step, then saving a checkpoint (send it"
+                                              " again to stop at once)\n".encode())  # fmt: skip
 
     def set_learning_rate(self, step: int):
         """The learning rate of the step about to run (`step` counts from 0): --warmup-steps W of linear warm-up
@@ -368,8 +373,8 @@ class Run:
         if self.non_finite_run >= NON_FINITE_STOP:
             reason = (f"{NON_FINITE_STOP} steps in a row had a non-finite gradient; the checkpoint holds the last good"
                       " parameters (lower --lr, or look at the data)")  # fmt: skip
-        if all_reduce(float(bool(self.interrupted)), "max"):  # every rank stops at the same step
-            self.interrupted = self.interrupted or "a signal on another rank"
+        if all_reduce(float(bool(self.signalled)), "max"):  # every rank stops, and skips its evaluation, at one step
+            self.interrupted = self.signalled or "a signal on another rank"
             reason = f"interrupted ({self.interrupted})"
         if reason and step < self.args.steps:
             self.print(f"stopping at step {step}: {reason}")

@@ -70,6 +70,28 @@ def test_a_signal_at_any_step_saves_and_the_resume_logs_what_the_straight_run_lo
     assert without_times(metric_rows(run_dir)) == without_times(metric_rows(tmp_path / "straight"))
 
 
+def test_a_signal_after_the_ranks_agreed_on_a_step_is_acted_on_at_the_next_one(coin_model_dir, coin_task, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    """Under torchrun each rank gets the signal at its own moment: one may get it just after every rank agreed to go
+    on. That rank must still evaluate with the others (an evaluation one rank skips leaves the others waiting in
+    its collectives); the stop comes one step later, on every rank."""
+    stop_reason = Run.stop_reason
+
+    def agreed_then_signalled(self, done, *args, **kwargs):
+        reason = stop_reason(self, done, *args, **kwargs)
+        if done == 2:  # --eval-every 2: this step evaluates
+            self.on_interrupt(signal.SIGTERM, None)
+        return reason
+
+    monkeypatch.setattr(Run, "stop_reason", agreed_then_signalled)
+    args = dict(model=coin_model_dir, task=coin_task, output_dir=str(tmp_path), run_name="late", **SMALL)
+    with pytest.raises(SystemExit) as stopped:
+        grpo.main(grpo.Args(**args))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert [r["step"] for r in metric_rows(tmp_path / "late", "eval/acc_sampled")] == [0, 2]
+    assert os.listdir(tmp_path / "late" / "checkpoints") == ["step_000003"]
+
+
 def test_a_signal_during_start_up_stops_with_one_line_and_writes_nothing(random_model_dir, tmp_path, monkeypatch):
     """Here SIGINT arrives while the policy loads: before the run folder exists, a signal stops at once."""
     import common.run
