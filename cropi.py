@@ -22,10 +22,10 @@ import torch
 
 from common.data import check_skills, of_skills
 from common.errors import check_flags, fail, flag, warn
-from common.model import load_policy, matching_parameters
+from common.model import LORA_MODULES, matching_parameters, reference_policy
 from common.run import Run, evaluate, parse_args, shown_value
 from common.sampling import Rollout, Scored, draw_prompts, prompt_ids, rollout_metrics, sample, seeded_generator
-from common.sampling import token_logprobs
+from common.sampling import in_asked_form, token_logprobs
 from common.torchrun import Totals, all_reduce, gather_strided, grad_norm_metrics, optimizer_step, world_size
 from common.verifier import is_correct
 from kernels.projection import project, triton_usable
@@ -71,6 +71,12 @@ class Args:
     """held-out test prompts per evaluation"""
     save_every: int = 0
     """steps between checkpoints; 0 saves only at the end"""
+    track: bool = False
+    """log the metrics and the flags to Weights & Biases too (pip install -r requirements-real.txt)"""
+    wandb_project: str = "tinyrlvr"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B team or user of --track (default: yours)"""
     # ---- GRPO on the selected prompts ----
     batch_prompts: int = 16
     """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
@@ -93,6 +99,18 @@ class Args:
     mask_truncated: bool = False
     """a completion cut at --max-new-tokens before its EOS carries no gradient (DAPO's overlong filtering); it keeps
     its place and its reward in its group"""
+    reward: Literal["answer", "strict"] = "answer"
+    """`answer`: the final answer wherever the verifier finds it (after `####`, else in \\boxed{}, else the last
+    number); `strict`: only an answer written in the task's asked form (`####`) counts"""
+    format_bonus: float = 0.0
+    """added in training to the reward of a completion that answers in the task's asked form, right or wrong (R1's
+    format reward): shaping for a model that seldom writes the form; evaluation never counts it"""
+    lora_rank: int = 0
+    """r > 0: train a LoRA adapter of rank r on the --lora-modules instead of the weights (peft); 0 = off"""
+    lora_alpha: float = 32.0
+    """the LoRA adapter adds (alpha / r) B A x to each adapted layer's output"""
+    lora_modules: str = LORA_MODULES
+    """comma-separated names of the linear layers LoRA adapts"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     eps_low: float = 0.2
@@ -176,10 +194,11 @@ def check_args(args: Args, world: int):
 # ---- the reward ------------------------------------------------------------------------------------------
 
 
-def reward(example: dict, completion: str) -> float:
-    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0. Training, the logged
-    samples and the held-out evaluation all read this one value: a different reward is an edit here."""
-    return float(is_correct(completion, example["answer"]))
+def reward(example: dict, completion: str, form: str | None = None) -> float:
+    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0; with a `form` (--reward
+    strict: the task's asked form, `####`) only an answer written in it counts. Training, the logged samples and
+    the held-out evaluation all read this one value: a different reward is an edit here."""
+    return float(is_correct(completion, example["answer"], form))
 
 
 # ---- advantages: each completion against its own group ---------------------------------------------------
@@ -272,9 +291,9 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
 # ---- the offline store: K responses per prompt from the initial policy, collected once --------------------
 
 
-def collect_store(model, tokenizer, task, examples, K, args, generator) -> list[dict]:
+def collect_store(model, tokenizer, task, examples, K, args, generator, form) -> list[dict]:
     """Per example: the K responses as a Rollout (with the behaviour log-probs recorded while sampling at
-    --store-temperature) and their rewards."""
+    --store-temperature) and their rewards (under the run's reward `form`, with its --format-bonus)."""
     store = []
     for s in range(0, len(examples), 32):
         chunk = examples[s : s + 32]
@@ -284,7 +303,9 @@ def collect_store(model, tokenizer, task, examples, K, args, generator) -> list[
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         for i, example in enumerate(chunk):
             rows = torch.arange(i * K, (i + 1) * K, device=rollout.input_ids.device)
-            rewards = torch.tensor([reward(example, t) for t in texts[i * K : (i + 1) * K]])
+            group = texts[i * K : (i + 1) * K]
+            rewards = torch.tensor([reward(example, t, form) for t in group])
+            rewards += args.format_bonus * in_asked_form(group, task)  # shaping, 0 by default
             store.append({"rollout": trim(rollout.select(rows)), "rewards": rewards})
     return store
 
@@ -458,9 +479,9 @@ def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, li
         return *torch.load(store_file, weights_only=False), None
     start, generator = time.perf_counter(), run.generator("store", device=model.device)
     pool_store = collect_store(model, tokenizer, task, rank_part(task.train, rank, world), args.pool_responses, args,
-                               generator)  # fmt: skip
-    val_stores = [collect_store(model, tokenizer, task, rank_part(v, rank, world), args.val_responses, args, generator)
-                  for v in val_sets]  # fmt: skip
+                               generator, run.form)  # fmt: skip
+    val_stores = [collect_store(model, tokenizer, task, rank_part(v, rank, world), args.val_responses, args, generator,
+                                run.form) for v in val_sets]  # fmt: skip
     check_validation_signal(val_stores, args)
     return pool_store, val_stores, time.perf_counter() - start
 
@@ -514,7 +535,7 @@ def main(args: Args):
     scored = sum(p.numel() for _, p in params)
     if args.proj_dim >= scored:
         warn(f"--proj-dim {args.proj_dim}: not below the {scored} scored parameters; the projection compresses nothing")
-    ref_model = load_policy(run.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    ref_model = reference_policy(model, run.model_path) if args.beta > 0 else None  # LoRA: the adapter off
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     target_task = replace(task, test=of_skills(task.test, skills))
 
@@ -522,7 +543,7 @@ def main(args: Args):
         if not skills:
             return {}
         generator = run.generator("eval-target", step, device=device)
-        metrics = evaluate(model, tokenizer, target_task, reward, len(target_task.test), args.max_new_tokens,
+        metrics = evaluate(model, tokenizer, target_task, reward, run.form, len(target_task.test), args.max_new_tokens,
                            args.temperature, generator, samples=args.target_samples)  # fmt: skip
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
@@ -561,7 +582,8 @@ def main(args: Args):
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
-        rewards = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)]).view(-1, n)
+        rewards = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)]).view(-1, n)
+        rewards += args.format_bonus * in_asked_form(texts, task).view(-1, n)  # shaping, 0 by default
         scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)

@@ -23,10 +23,10 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from common.errors import check_flags, fail, warn
-from common.model import load_policy, matching_parameters
+from common.model import LORA_MODULES, load_policy, matching_parameters, reference_policy
 from common.run import Run, parse_args
 from common.sampling import Rollout, Scored, draw_prompts, left_pad, positions, prompt_ids, rollout_metrics, sample
-from common.sampling import seeded_generator, token_logprobs, unfaithful
+from common.sampling import in_asked_form, seeded_generator, token_logprobs, unfaithful
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, world_size
 from common.verifier import is_correct
 from kernels.projection import project
@@ -72,6 +72,12 @@ class Args:
     """held-out test prompts per evaluation"""
     save_every: int = 0
     """iterations between checkpoints; 0 saves only at the end"""
+    track: bool = False
+    """log the metrics and the flags to Weights & Biases too (pip install -r requirements-real.txt)"""
+    wandb_project: str = "tinyrlvr"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B team or user of --track (default: yours)"""
     # ---- PPO ----
     batch_prompts: int = 16
     """B: prompts per iteration (over all ranks); each prompt's n rollouts stay on one rank"""
@@ -96,6 +102,18 @@ class Args:
     mask_truncated: bool = False
     """a completion cut at --max-new-tokens before its EOS carries no gradient (DAPO's overlong filtering); it keeps
     its place and its reward in its group"""
+    reward: Literal["answer", "strict"] = "answer"
+    """`answer`: the final answer wherever the verifier finds it (after `####`, else in \\boxed{}, else the last
+    number); `strict`: only an answer written in the task's asked form (`####`) counts"""
+    format_bonus: float = 0.0
+    """added in training to the reward of a completion that answers in the task's asked form, right or wrong (R1's
+    format reward): shaping for a model that seldom writes the form; evaluation never counts it"""
+    lora_rank: int = 0
+    """r > 0: train a LoRA adapter of rank r on the --lora-modules instead of the weights (peft); 0 = off"""
+    lora_alpha: float = 32.0
+    """the LoRA adapter adds (alpha / r) B A x to each adapted layer's output"""
+    lora_modules: str = LORA_MODULES
+    """comma-separated names of the linear layers LoRA adapts"""
     critic_lr: float = 5e-4
     """critic AdamW learning rate (constant)"""
     max_grad_norm: float = 1.0
@@ -159,10 +177,11 @@ def check_args(args: Args, world: int):
 # ---- the reward ------------------------------------------------------------------------------------------
 
 
-def reward(example: dict, completion: str) -> float:
-    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0. Training, the logged
-    samples and the held-out evaluation all read this one value: a different reward is an edit here."""
-    return float(is_correct(completion, example["answer"]))
+def reward(example: dict, completion: str, form: str | None = None) -> float:
+    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0; with a `form` (--reward
+    strict: the task's asked form, `####`) only an answer written in it counts. Training, the logged samples and
+    the held-out evaluation all read this one value: a different reward is an edit here."""
+    return float(is_correct(completion, example["answer"], form))
 
 
 # ---- PPO: per-token rewards, GAE, whitening, the clipped losses --------------------------------------------
@@ -447,7 +466,7 @@ def main(args: Args):
         if args.val_prompts > len(task.validation):
             fail(f"--val-prompts {args.val_prompts}: the validation split of {task.name} has {len(task.validation)}")
     names = [name for name, _ in matching_parameters(model, args.grad_params)] if args.influence else []
-    ref_model = load_policy(run.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    ref_model = reference_policy(model, run.model_path) if args.beta > 0 else None  # LoRA: the adapter off
     critic = Critic(load_policy(run.model_path, model.dtype, device)[0]).eval()  # starts from the SFT model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
@@ -477,7 +496,8 @@ def main(args: Args):
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
-        outcome = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)])
+        outcome = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)])
+        outcome += args.format_bonus * in_asked_form(texts, task)  # shaping, 0 by default
         scored = Scored(examples, texts, outcome.view(-1, n))  # the one reward that training, logs and samples read
         outcome, mask = outcome.to(device), rollout.completion_mask.float()
         # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.

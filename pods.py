@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 
 from common.errors import check_flags, fail
-from common.model import load_policy, trainable_parameters
+from common.model import LORA_MODULES, reference_policy, trainable_parameters
 from common.run import Run, parse_args
-from common.sampling import Scored, draw_prompts, frac_zero_std, rollout_metrics, sample, token_logprobs
+from common.sampling import Scored, draw_prompts, frac_zero_std, in_asked_form, rollout_metrics, sample, token_logprobs
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, shard, world_size
 from common.verifier import is_correct
 
@@ -64,6 +64,12 @@ class Args:
     """held-out test prompts per evaluation"""
     save_every: int = 0
     """steps between checkpoints; 0 saves only at the end"""
+    track: bool = False
+    """log the metrics and the flags to Weights & Biases too (pip install -r requirements-real.txt)"""
+    wandb_project: str = "tinyrlvr"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B team or user of --track (default: yours)"""
     # ---- the algorithm ----
     batch_prompts: int = 16
     """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
@@ -90,6 +96,18 @@ class Args:
     mask_truncated: bool = False
     """a completion cut at --max-new-tokens before its EOS carries no gradient (DAPO's overlong filtering); it keeps
     its place and its reward in its group"""
+    reward: Literal["answer", "strict"] = "answer"
+    """`answer`: the final answer wherever the verifier finds it (after `####`, else in \\boxed{}, else the last
+    number); `strict`: only an answer written in the task's asked form (`####`) counts"""
+    format_bonus: float = 0.0
+    """added in training to the reward of a completion that answers in the task's asked form, right or wrong (R1's
+    format reward): shaping for a model that seldom writes the form; evaluation never counts it"""
+    lora_rank: int = 0
+    """r > 0: train a LoRA adapter of rank r on the --lora-modules instead of the weights (peft); 0 = off"""
+    lora_alpha: float = 32.0
+    """the LoRA adapter adds (alpha / r) B A x to each adapted layer's output"""
+    lora_modules: str = LORA_MODULES
+    """comma-separated names of the linear layers LoRA adapts"""
     train_params: str = ""
     """regular expression: train only the parameters whose name matches (e.g. 'layers\\.2[2-9]\\.'), the rest
     frozen; empty trains all"""
@@ -174,10 +192,11 @@ DOWN_SAMPLE = {"max-variance": select_max_variance, "random": select_random, "ma
 # ---- the reward ------------------------------------------------------------------------------------------
 
 
-def reward(example: dict, completion: str) -> float:
-    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0. Training, the logged
-    samples and the held-out evaluation all read this one value: a different reward is an edit here."""
-    return float(is_correct(completion, example["answer"]))
+def reward(example: dict, completion: str, form: str | None = None) -> float:
+    """The verifiable reward: 1 if the completion's final answer is the gold one, else 0; with a `form` (--reward
+    strict: the task's asked form, `####`) only an answer written in it counts. Training, the logged samples and
+    the held-out evaluation all read this one value: a different reward is an edit here."""
+    return float(is_correct(completion, example["answer"], form))
 
 
 # ---- advantages: each completion against its own group ---------------------------------------------------
@@ -274,7 +293,7 @@ def main(args: Args):
     run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
     B, n, m = args.batch_prompts // run.world, args.n, args.m
-    ref_model = load_policy(run.model_path, model.dtype, device)[0].eval() if args.beta > 0 else None
+    ref_model = reference_policy(model, run.model_path) if args.beta > 0 else None  # LoRA: the adapter off
     model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
@@ -294,7 +313,8 @@ def main(args: Args):
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
-        rewards = torch.tensor([reward(examples[i // n], text) for i, text in enumerate(texts)]).view(-1, n)
+        rewards = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)]).view(-1, n)
+        rewards += args.format_bonus * in_asked_form(texts, task).view(-1, n)  # shaping, 0 by default
         scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
         # 2. Down-sample per prompt, then group-relative advantages over the kept subset only.
         with run.timer("select"):

@@ -29,6 +29,7 @@ class Task:
     max_new_tokens: int = 512  # the completion length limit when --max-new-tokens is 0
     target_skills: tuple = ()  # the skills a curriculum aims at when none are given (`chain`: its weak skill)
     check_steps: Callable | None = None  # (question, response) -> whether the written steps are faithful (`chain`)
+    answer_form: str | None = "####"  # where the prompts ask for the final answer: `####`, `\\boxed{}` or unstated
 
 
 def of_skills(examples: list, skills) -> list:
@@ -193,7 +194,16 @@ def make_file_task(path: str, question_field: str, answer_field: str, solution_f
         fail(f"--task {path}: needs at least 3 examples to split, found {len(examples)}")
     random.Random(seed).shuffle(examples)
     n_held = max(1, min(200, len(examples) // 10))
-    return Task(os.path.basename(path), examples[2 * n_held :], examples[:n_held], examples[n_held : 2 * n_held])
+    return Task(os.path.basename(path), examples[2 * n_held :], examples[:n_held], examples[n_held : 2 * n_held],
+                answer_form=stated_form([e["question"] for e in examples]))
+
+
+def stated_form(questions: list[str]) -> str | None:
+    """The answer form every question of a file names (`####` or `\\boxed`), or None when they state none."""
+    for form, word in (("####", "####"), ("\\boxed{}", "\\boxed")):
+        if all(word in q for q in questions):
+            return form
+    return None
 
 
 def load_task(

@@ -176,10 +176,10 @@ def set_stop_token(tokenizer, name: str):
 
 
 def matching_parameters(model, pattern: str, flag: str = "--grad-params") -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) for the parameters whose name matches the regular expression (`--grad-params`);
-    tied weights appear once, under their first name. None matching is a user error."""
+    """(name, parameter) for the trainable parameters (with LoRA, the adapter's) whose name matches the regular
+    expression (`--grad-params`); tied weights appear once, under their first name. None matching is a user error."""
     try:
-        chosen = [(name, p) for name, p in model.named_parameters() if re.search(pattern, name)]
+        chosen = [(name, p) for name, p in model.named_parameters() if p.requires_grad and re.search(pattern, name)]
     except re.error as e:
         fail(f"{flag} {pattern!r}: not a regular expression ({e})")
     if not chosen:
@@ -191,11 +191,123 @@ def trainable_parameters(model, pattern: str) -> list[torch.nn.Parameter]:
     """The parameters that `--train-params` names (all when it is empty); the others are frozen, so the backward
     pass stops below the lowest trained layer."""
     if not pattern:
-        return list(model.parameters())
+        return [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapter's
     chosen = {id(p) for _, p in matching_parameters(model, pattern, "--train-params")}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---- LoRA: a low-rank adapter on the linear layers (peft), the base weights frozen ---------------------------
+
+LORA_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # llama's and qwen2's attention and MLP
+
+
+def add_lora(model, rank: int, alpha: float, modules: str):
+    """W x + (alpha / rank) B A x on the linear layers `modules` names, B = 0 at the start so the policy starts as
+    the base model; only A and B train. `modules`: comma-separated names (`q_proj,v_proj`: in every layer) or a
+    regular expression over the layers' full names (`.*layers\\.2[2-9]\\..*_proj`: the top 8 of 30 layers)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        fail("--lora-rank: LoRA needs peft; install it with: pip install -r requirements-real.txt")
+    linear, target = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)], lora_targets(modules)
+    try:
+        if isinstance(target, list):
+            unmatched = [t for t in target if not any(n.endswith("." + t) for n in linear)] or (not target) * ["it"]
+        else:
+            unmatched = [] if any(re.fullmatch(target, n) for n in linear) else ["it"]
+    except re.error as e:
+        fail(f"--lora-modules {modules!r}: not a regular expression ({e})")
+    if unmatched:
+        names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear}))
+        fail(f"--lora-modules {modules!r}: {', '.join(unmatched)} matches no linear layer of the model; its linear"
+             f" layers are {names}")  # fmt: skip
+    return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=target, lora_dropout=0.0), model)
+
+
+def lora_targets(modules: str):
+    """--lora-modules as peft takes it: a list of names, or a regular expression (a string)."""
+    return [m.strip() for m in modules.split(",") if m.strip()] if re.fullmatch(r"[\w,\s]*", modules) else modules
+
+
+def lora_layers(model) -> list:
+    """The layers that carry an adapter (none without LoRA)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)] if has_lora(model) else []
+
+
+def has_lora(model) -> bool:
+    return any(".lora_" in name for name, _ in model.named_parameters())
+
+
+class AdapterOff:
+    """The policy with its adapter switched off, called like a model: the base model, the KL reference of a LoRA
+    run, without a second copy of the weights."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, *args, **kwargs):
+        layers = lora_layers(self.policy)
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            return self.policy(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def __getattr__(self, name):  # parameters, base_model, get_output_embeddings: the policy's own
+        return getattr(self.policy, name)
+
+
+def reference_policy(model, path: str):
+    """The KL reference, the initial policy: with LoRA the policy with its adapter off, else a copy from `path`."""
+    if has_lora(model):
+        return AdapterOff(model)
+    return load_policy(path, model.dtype, next(model.parameters()).device)[0].eval()
+
+
+def merged_state_dict(model) -> dict:
+    """The weights with the adapter folded in, W + (alpha / rank) B A, under the base model's own names: an
+    ordinary model that `from_pretrained` loads. The model itself is left as it is."""
+    deltas = {name: m.get_delta_weight("default") for name, m in model.named_modules() if m in lora_layers(model)}
+    merged = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".base_layer.")  # `...q_proj.base_layer.weight`: an adapted layer's own
+        if ".lora_" in key:
+            continue
+        if owner and leaf == "weight":
+            value = (value + deltas[owner]).to(value.dtype)
+        merged[f"{owner}.{leaf}" if owner else key] = value
+    return merged
+
+
+def save_adapter(model, folder: str, args):
+    """The adapter alone, in peft's layout (adapter_config.json, adapter_model.safetensors): --resume puts it back
+    on the base model, and `PeftModel.from_pretrained(base, folder)` loads it too."""
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=lora_targets(args.lora_modules),
+               lora_dropout=0.0, base_model_name_or_path=args.model).save_pretrained(folder)  # fmt: skip
+    weights = {f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(weights, os.path.join(folder, "adapter_model.safetensors"))
+
+
+def load_adapter(model, folder: str, args):
+    """The base model with the saved adapter of a LoRA run on it, ready to train on."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    add_lora(model, args.lora_rank, args.lora_alpha, args.lora_modules)
+    weights = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, {k.removeprefix("base_model.model."): v for k, v in weights.items()})
+    if result.unexpected_keys:
+        raise ValueError(f"the adapter has weights the model lacks ({result.unexpected_keys[0]}, ...)")
+    return model
 
 
 def prompt_text(tokenizer, question: str, instruction: str = "") -> str:

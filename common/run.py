@@ -5,6 +5,7 @@ checkpoints and resume. The one file of `common/` that imports the built-in worl
 import contextlib
 import errno
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, fields, replace
 from importlib.metadata import version
 from typing import Literal, get_args, get_origin
@@ -32,8 +34,8 @@ import tyro
 from tqdm import tqdm
 
 from common.errors import creation_problem, fail, first_line, flag, warn
-from common.model import load_policy, read_policy
-from common.sampling import Scored, prompt_ids, rollout_texts, seeded_generator, unfaithful
+from common.model import add_lora, has_lora, load_adapter, load_policy, merged_state_dict, read_policy, save_adapter
+from common.sampling import Scored, in_asked_form, prompt_ids, rollout_texts, seeded_generator, unfaithful
 from common.torchrun import all_reduce, from_main_rank, gathered, is_main, is_sharded, setup_distributed
 from common.world import model_folder, task_named  # the one place the built-in world plugs in
 
@@ -41,7 +43,7 @@ from common.world import model_folder, task_named  # the one place the built-in 
 
 # Flags a resumed run may change: they set how long it runs and what it logs, never what it computes.
 CHANGEABLE_ON_RESUME = ("resume", "steps", "max_time", "log_every", "eval_every", "eval_prompts", "save_every",
-                        "device")  # fmt: skip
+                        "device", "track", "wandb_project", "wandb_entity")  # fmt: skip
 
 
 def parse_args(Args, argv=None):
@@ -93,6 +95,25 @@ def of_type(value, field) -> bool:
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, list) if kind is tuple else value is None or isinstance(value, str)
+
+
+def check_shared_flags(args):
+    """The flags every script has, checked before anything loads."""
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
+    if not 0 <= args.warmup_steps < args.steps:
+        fail(f"--warmup-steps {args.warmup_steps}: must be at least 0 and below --steps {args.steps}")
+    if args.format_bonus < 0 or args.lora_rank < 0 or args.lora_alpha <= 0:
+        name = "format_bonus" if args.format_bonus < 0 else "lora_rank" if args.lora_rank < 0 else "lora_alpha"
+        fail(f"{flag(name)} {getattr(args, name)}: must be {'positive' if name == 'lora_alpha' else 'at least 0'}")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track: Weights & Biases is not installed; install it with: pip install -r requirements-real.txt")
+    if args.lora_rank and getattr(args, "train_params", ""):
+        fail(f"--train-params {args.train_params!r} with --lora-rank: LoRA trains its adapter and freezes every"
+             " weight; give one of the two")  # fmt: skip
+    if args.lora_rank and getattr(args, "fsdp", False):
+        fail("--fsdp with --lora-rank: not supported; a LoRA run trains few parameters, so launch torchrun without"
+             " --fsdp (each rank holds the whole model)")  # fmt: skip
 
 
 def check_resumed_args(args, run_dir: str, script: str):
@@ -156,10 +177,7 @@ class Run:
             check_resumed_args(args, args.resume, self.script)
         else:
             check_run_name(args.output_dir, args.run_name)
-        if not 0 <= args.seed < 2**32:
-            fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
-        if not 0 <= args.warmup_steps < args.steps:
-            fail(f"--warmup-steps {args.warmup_steps}: must be at least 0 and below --steps {args.steps}")
+        check_shared_flags(args)
         self.rank, self.world, self.device = setup_distributed(args.device)
         try:
             check_args(args, self.world)
@@ -172,6 +190,11 @@ class Run:
         for seed in (random.seed, np.random.seed, torch.manual_seed):
             seed(args.seed)
         task = task_named(args)
+        if (args.reward == "strict" or args.format_bonus) and not task.answer_form:
+            fail(f"{'--reward strict' if args.reward == 'strict' else '--format-bonus'}: the questions of {task.name}"
+                 " ask for no answer form (none names `####` or \\boxed); add it to every question, or use --reward"
+                 " answer without --format-bonus")  # fmt: skip
+        self.form = task.answer_form if args.reward == "strict" else None  # where the reward reads the answer
         task_limit = not args.max_new_tokens  # 0 (the default): the task's own; an error about it says so
         args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
         self.run_dir = args.resume or os.path.join(os.path.expanduser(args.output_dir), args.run_name or
@@ -188,9 +211,12 @@ class Run:
         dtype = torch.float32 if sharded else getattr(torch, args.dtype)  # --fsdp: fp32 shards, --dtype computes
         self.checkpoint, self.state = None, {"step": 0, "train_time": 0.0}
         if args.resume:
-            self.checkpoint, self.model, self.tokenizer, self.state = last_checkpoint(self.run_dir, dtype, self.device)
+            self.checkpoint, self.model, self.tokenizer, self.state = last_checkpoint(self.run_dir, dtype, self.device,
+                                                                                      args, self.model_path)
         else:
             self.model, self.tokenizer = load_policy(self.model_path, dtype, self.device)
+            if args.lora_rank:
+                add_lora(self.model, args.lora_rank, args.lora_alpha, args.lora_modules)
         self.model.eval()
         self.task = drop_long_prompts(task, self.tokenizer, self.model, args.max_new_tokens, task_limit)
         if args.eval_prompts > len(self.task.test):
@@ -216,7 +242,7 @@ class Run:
         if self.checkpoint and self.start >= self.args.steps and not self.evaluation_due:
             fail(f"--resume {self.run_dir}: the run has done all {self.args.steps} of its steps, nothing is left;"
                  f" to train further, resume with --steps above {self.start}")  # fmt: skip
-        self.phase_seconds, self.files, self.non_finite_run, self.no_signal_run = {}, {}, 0, 0
+        self.phase_seconds, self.files, self.tracker, self.non_finite_run, self.no_signal_run = {}, {}, None, 0, 0
         self.signalled = self.interrupted = None  # a signal this rank received; one every rank has agreed on
 
     def open(self):
@@ -236,6 +262,7 @@ class Run:
                         dynamic_ncols=True)  # fmt: skip
         self.files = {name: open(os.path.join(self.run_dir, f"{name}.jsonl"), "a") for name in ("metrics", "samples")}
         self.tb = SummaryWriter(self.run_dir, purge_step=self.start + 1 if self.start else None)
+        self.tracker = start_tracking(self.args, self.run_dir) if self.args.track else None
 
     @when_disk_full
     def claim(self) -> str:
@@ -314,6 +341,8 @@ class Run:
             self.files["metrics"].flush()
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
+            if self.tracker:
+                self.tracker.log(metrics, step=step)
 
     def evaluate(self, step: int, more: dict | None = None):
         """Held-out accuracy under the script's reward, and the figures the script adds (`more`), logged and
@@ -322,8 +351,9 @@ class Run:
             return
         a = self.args
         with gathered(self.model):  # a sharded model's weights, gathered once for the whole evaluation
-            metrics = evaluate(self.model, self.tokenizer, self.task, self.reward, a.eval_prompts, a.max_new_tokens,
-                               a.temperature, self.generator("eval", step, device=self.device)) | (more or {})
+            metrics = evaluate(self.model, self.tokenizer, self.task, self.reward, self.form, a.eval_prompts,
+                               a.max_new_tokens, a.temperature, self.generator("eval", step, device=self.device))
+        metrics |= more or {}
         self.record(step, {**metrics, "time/train_elapsed": self.train_time})
         self.print(eval_line(step, metrics))
 
@@ -384,7 +414,7 @@ class Run:
     def save(self, step: int, state: dict | None = None):
         """A checkpoint: the policy, the optimizer, the random states, the training time and the script's `state`."""
         self.checkpoint = save_checkpoint(self.run_dir, step, self.model, self.tokenizer, self.optimizer,
-                                          {"train_time": self.train_time, **(state or {})})  # fmt: skip
+                                          {"train_time": self.train_time, **(state or {})}, self.args)  # fmt: skip
 
     @when_disk_full
     def finish(self):
@@ -393,6 +423,8 @@ class Run:
         if self.files:
             for f in [self.bar, self.tb, *self.files.values()]:
                 f.close()
+            if self.tracker:
+                self.tracker.finish()
             os.close(self.lock)  # the run is over: another process may resume it
             self.files = None
         for sig, handler in self.previous_handlers.items():
@@ -407,6 +439,19 @@ class Run:
 
 
 # ---- start-up helpers ---------------------------------------------------------------------------------------
+
+
+def start_tracking(args, run_dir: str):
+    """A Weights & Biases run (--track) that logs what metrics.jsonl logs, with the run's flags as its config. A
+    resumed run goes on logging into the W&B run it started (the id is kept in the run folder)."""
+    import wandb
+
+    id_file = os.path.join(run_dir, "wandb_id")
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:12]
+    with open(id_file, "w") as f:
+        f.write(run_id)
+    return wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=os.path.basename(run_dir), id=run_id,
+                      resume="allow", config=asdict(args), dir=run_dir, settings=wandb.Settings(console="off"))
 
 
 # Ctrl-C, and what a scheduler (Slurm, Kubernetes: SIGTERM) or a closed terminal (SIGHUP; not on Windows) sends.
@@ -449,9 +494,11 @@ def drop_long_prompts(task, tokenizer, model, max_new_tokens: int, by_default: b
 # ---- held-out evaluation -------------------------------------------------------------------------------------
 
 
-def evaluate(model, tokenizer, task, reward, n_prompts, max_new_tokens, temperature, generator, samples=1) -> dict:
-    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` per prompt): the mean of the script's `reward` on the
-    first `n_prompts` test prompts, sharded over ranks; the same per skill; and where the task checks steps, the
+def evaluate(model, tokenizer, task, reward, form, n_prompts, max_new_tokens, temperature, generator,
+             samples=1) -> dict:  # fmt: skip
+    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` per prompt): the mean of the script's `reward` (under the
+    run's `form`) on the first `n_prompts` test prompts, sharded over ranks; the same per skill; the share that
+    answers in the task's asked form (`eval/format_frac_*`), whatever the reward; where the task checks steps, the
     unfaithful share of the rewarded answers."""
     skills = sorted({e["skill"] for e in task.test[:n_prompts] if "skill" in e})  # the same on every rank
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -461,17 +508,19 @@ def evaluate(model, tokenizer, task, reward, n_prompts, max_new_tokens, temperat
         examples = [e for e in task.test[:n_prompts] for _ in range(repeats)][rank::world]
         texts = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, max_new_tokens,
                               temperature, mode == "greedy", generator)  # fmt: skip
-        rewards = [reward(e, t) for e, t in zip(examples, texts)]  # the script's reward, as in training
-        flawed = unfaithful(task, examples, texts, rewards)
+        rewards = [reward(e, t, form) for e, t in zip(examples, texts)]  # the script's reward, as in training
+        flawed, formed = unfaithful(task, examples, texts, rewards), in_asked_form(texts, task).tolist()
         sums = []
         for skill in [None, *skills]:
             rows = [i for i, e in enumerate(examples) if skill is None or e.get("skill") == skill]
             sums += [sum(rewards[i] for i in rows), sum(rewards[i] > 0 for i in rows), sum(flawed[i] for i in rows),
-                     len(rows)]  # fmt: skip
+                     sum(formed[i] for i in rows), len(rows)]  # fmt: skip
         sums = all_reduce(sums)
         for j, skill in enumerate([None, *skills]):
-            total_reward, rewarded, unfaithful_count, total = sums[4 * j : 4 * j + 4]
+            total_reward, rewarded, unfaithful_count, in_form_count, total = sums[5 * j : 5 * j + 5]
             metrics[f"eval/acc_{mode}" + (f"/{skill}" if skill else "")] = total_reward / max(1, total)
+            if task.answer_form and skill is None:
+                metrics[f"eval/format_frac_{mode}"] = in_form_count / max(1, total)
             if task.check_steps and skill is None:
                 metrics[f"eval/unfaithful_{mode}"] = unfaithful_count / max(1, rewarded)
     return metrics
@@ -620,9 +669,10 @@ def rows_up_to(path: str, step: int, warn=warn) -> list[str] | None:
 # ---- checkpoints and resume -------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict) -> str:
-    """`checkpoints/step_<N>/`: the model as transformers saves it, and `trainer_state.pt` (optimizer, step, random
-    states) for --resume. Rank 0 writes into a folder renamed when complete: a kill never leaves one that looks so."""
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict, args) -> str:
+    """`checkpoints/step_<N>/`: the model as transformers saves it (with LoRA: merged, and the adapter alone in
+    `adapter/`), and `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes into a folder
+    renamed when complete: a kill never leaves one that looks so."""
     folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     weights = optimizer_state = None  # unsharded: the model's and the optimizer's own state_dict(), on rank 0
     if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole of each
@@ -634,6 +684,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     with removed_on_error(partial):  # a full disk leaves no half-written folder behind
+        if has_lora(model):  # the adapter folded in, as an ordinary model; and the adapter alone, for --resume
+            weights = merged_state_dict(model)
+            save_adapter(model, os.path.join(partial, "adapter"), args)
         model.save_pretrained(partial, state_dict=weights)
         tokenizer.save_pretrained(partial)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -660,13 +713,15 @@ def complete_checkpoints(run_dir: str, warn=lambda line: None) -> list[str]:
     return found
 
 
-def last_checkpoint(run_dir: str, dtype, device):
+def last_checkpoint(run_dir: str, dtype, device, args, base: str):
     """(checkpoint, model, tokenizer, trainer state) of the newest complete checkpoint that loads; a damaged one
-    is passed over with a warning."""
+    is passed over with a warning. A LoRA run's adapter goes back on its `base` model."""
     say = lambda line: print(line, flush=True) if is_main() else None  # noqa: E731
     for checkpoint in complete_checkpoints(run_dir, warn=say):
         try:
-            model, tokenizer = read_policy(checkpoint, dtype, device)
+            model, tokenizer = read_policy(base if args.lora_rank else checkpoint, dtype, device)
+            if args.lora_rank:
+                load_adapter(model, os.path.join(checkpoint, "adapter"), args)
             state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
             if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
                 raise ValueError("trainer_state.pt lacks the step, optimizer or random states")

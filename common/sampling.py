@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common.model import prompt_text
 from common.torchrun import gathered
+from common.verifier import in_form
 
 
 def seeded_generator(*keys, device="cpu") -> torch.Generator:
@@ -192,6 +193,11 @@ def unfaithful(task, examples, texts, rewards) -> list[bool]:
             for i, (t, r) in enumerate(zip(texts, rewards))]  # fmt: skip
 
 
+def in_asked_form(texts: list[str], task) -> torch.Tensor:
+    """1.0 for each completion that answers in the task's asked form (`####`), right or wrong; else 0.0."""
+    return torch.tensor([float(in_form(t, task.answer_form)) for t in texts])
+
+
 def frac_zero_std(rewards: torch.Tensor) -> float:
     """Share of groups (rows) whose rewards are all equal: their group advantages are 0, no learning signal."""
     return (rewards.max(1).values == rewards.min(1).values).float().mean().item()
@@ -205,6 +211,7 @@ def rollout_metrics(task, scored: Scored, rollout: Rollout) -> dict:
     return {
         "reward/mean": scored.rewards.mean().item(),
         "reward/zero_std_frac": frac_zero_std(scored.rewards),
+        **({"reward/format_frac": in_asked_form(scored.texts, task).mean().item()} if task.answer_form else {}),
         "train/completion_len": sampled.sum(1).float().mean().item(),
         "train/gen_tokens": sampled.sum().item(),
         "train/truncated_frac": rollout.truncated.float().mean().item(),  # cut at --max-new-tokens before an EOS

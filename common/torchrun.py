@@ -113,7 +113,7 @@ def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     before clipping. A gradient that is not finite is dropped instead: the parameters stay the last good ones,
     and the NaN returned lets the caller count the skip. Every rank sees the same norm, so all agree."""
     if dist.is_initialized() and not is_sharded(model):
-        for p in model.parameters():  # a parameter this rank gave no gradient joins as zeros: every rank takes part
+        for p in (p for p in model.parameters() if p.requires_grad):  # one this rank gave no gradient joins as zeros
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             dist.all_reduce(p.grad)
             p.grad /= world_size()

@@ -37,13 +37,26 @@ def one_number(text: str):
     return numbers[0] if len(numbers) == 1 and not rest.strip(PUNCTUATION) else None
 
 
-def extract_answer(text: str, numeric: bool = True):
+def written_in(text: str, form: str):
+    """What the response writes in the asked `form`: the rest of the line after its last `####`, or its last
+    \\boxed{...}; None when it has none."""
+    if form == "####":
+        return text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
+    return last_boxed(text)
+
+
+def in_form(text: str, form: str | None) -> bool:
+    """The response gives an answer in the asked form (`####` or `\\boxed{}`), right or wrong."""
+    return bool(form) and bool((written_in(text, form) or "").strip())
+
+
+def extract_answer(text: str, numeric: bool = True, form: str | None = None):
     """The final answer of a response: the rest of the line after the last `####`, else the last \\boxed{}, else
-    (for a numeric answer) the last number. A numeric answer is the one number there (None if not exactly one)."""
-    if "####" in text:
-        found = text.rsplit("####", 1)[1].strip().split("\n")[0]
-    elif (found := last_boxed(text)) is None and numeric:
-        return (NUMBER.findall(plain(text)) or [None])[-1]
+    (for a numeric answer) the last number; with a `form`, only what is written in that form. A numeric answer is
+    the one number there (None if not exactly one)."""
+    found = written_in(text, form or ("####" if "####" in text else "\\boxed{}"))
+    if found is None:
+        return (NUMBER.findall(plain(text)) or [None])[-1] if numeric and not form else None
     return one_number(found) if numeric else found
 
 
@@ -59,8 +72,8 @@ def normalize(answer) -> str:
         return s
 
 
-def is_correct(response: str, gold: str) -> bool:
-    """The response's final answer equals the gold one, after `normalize`. A gold answer that is not a number
-    (`Paris`) is read from the response as text."""
+def is_correct(response: str, gold: str, form: str | None = None) -> bool:
+    """The response's final answer equals the gold one, after `normalize`; with a `form` (`####` or `\\boxed{}`),
+    only an answer written in that form counts. A gold answer that is not a number (`Paris`) is read as text."""
     gold = normalize(gold)
-    return gold != "" and normalize(extract_answer(response, numeric=NUMBER.fullmatch(gold) is not None)) == gold
+    return gold != "" and normalize(extract_answer(response, NUMBER.fullmatch(gold) is not None, form)) == gold

@@ -88,7 +88,7 @@ def main(args: Args):
     print(f"\nunfaithful among correct greedy answers: {ratio(g['unfaithful'], g['correct']):.3f}")
     target = replace(task, test=of_skills(task.test, task.target_skills))
     # samples=8: cropi.py's --target-samples
-    t = evaluate(model, tokenizer, target, reward, len(target.test), MAX_NEW_TOKENS, args.temperature,
+    t = evaluate(model, tokenizer, target, reward, None, len(target.test), MAX_NEW_TOKENS, args.temperature,
                  seeded_generator(args.seed, "eval-target", 0, 0), samples=8)  # fmt: skip
     figures = f"greedy {t['eval/acc_greedy']:.3f}, sampled (8 each) {t['eval/acc_sampled']:.3f}"
     skills = " ".join(task.target_skills)

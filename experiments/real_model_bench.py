@@ -1,7 +1,9 @@
 """Peer figures on SmolLM2-135M-Instruct (`--model smollm2`): the project's sampler against transformers'
-`model.generate`, and the update (token log-probs, forward and backward), in fp32 and bf16.
+`model.generate`, and the update (token log-probs, forward and backward), in fp32 and bf16. With --updates: one
+whole update (with AdamW's step) of all parameters, of the top 8 layers and of LoRA adapters.
 
     OMP_NUM_THREADS=1 python -m experiments.real_model_bench [--tokens 32] [--batches 16 64]
+    OMP_NUM_THREADS=1 python -m experiments.real_model_bench --updates [--tokens 24] [--batches 32]
 
 Sampler: greedy decoding of `chain` test questions through the chat template, both sides from the same
 prompts, stopping at the turn's end; tokens/s counts generated tokens (up to and including the end), and
@@ -17,11 +19,15 @@ import time
 
 import torch
 
-from common.model import load_policy, resolve_model, trainable_parameters
+from common.model import add_lora, load_policy, resolve_model, trainable_parameters
 from common.sampling import left_pad, prompt_ids, sample, token_logprobs
 from common.world.chain import make_chain
 
 TOP_LAYERS = r"layers\.2[2-9]\.|^model\.norm"
+# What one update trains: (name, --train-params, LoRA rank, --lora-modules) as the scripts take them.
+UPDATES = [("all parameters", "", 0, ""), ("top 8 layers", TOP_LAYERS, 0, ""),
+           ("LoRA r=16, every layer", "", 16, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+           ("LoRA r=16, top 8 layers", "", 16, r".*layers\.2[2-9]\..*_proj")]  # fmt: skip
 
 
 def resident_peak(work) -> tuple[float, int]:
@@ -73,13 +79,52 @@ def bench_update(model, rollout, pattern):
     return int(rollout.completion_mask.sum()) / seconds, peak
 
 
+def one_update(folder, rollout, pattern, rank, modules) -> tuple[int, float, int]:
+    """(trained parameters, seconds, resident memory rise) of one update on a freshly loaded model: token log-probs,
+    backward, and AdamW's step (whose first step makes its state, as every step of a run holds it)."""
+    model = load_policy(folder)[0]
+    if rank:
+        add_lora(model, rank, 2.0 * rank, modules)
+    params = trainable_parameters(model, pattern)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+
+    def update():
+        token_logprobs(model, rollout).sum().backward()
+        optimizer.step()
+
+    seconds, peak = resident_peak(update)
+    return sum(p.numel() for p in params), seconds, peak
+
+
+def updates_table(a, folder):
+    model, tokenizer = load_policy(folder)
+    questions = [e["question"] for e in make_chain().test]
+    print(f"threads {torch.get_num_threads()}, {a.tokens} new tokens, sampled at T = 1, fp32\n")
+    print("| batch | trains | parameters | s per update | tok/s | peak |\n|---|---|---|---|---|---|")
+    for batch in a.batches:
+        prompts = prompt_ids(tokenizer, questions[:batch], make_chain().instruction)
+        rollout = sample(model, prompts, a.tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+        rollout.completion_mask[:] = 1  # the update sees every position, as a run whose rows all run long
+        for name, pattern, rank, modules in UPDATES:
+            one_update(folder, rollout, pattern, rank, modules)  # a first update pays one-time set-up costs
+            count, seconds, peak = one_update(folder, rollout, pattern, rank, modules)
+            tokens = int(rollout.completion_mask.sum())
+            print(f"| {batch} | {name} | {count / 1e6:.2f}M | {seconds:.2f} | {tokens / seconds:.0f}"
+                  f" | {peak / 2**20:.0f} MiB |", flush=True)  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--bf16-batches", type=int, nargs="+", default=[16])
+    parser.add_argument("--updates", action="store_true", help="one whole update: all, top 8 layers, LoRA")
     a = parser.parse_args()
     folder = resolve_model("smollm2")
+    if a.updates:
+        return updates_table(a, folder)
     questions = [e["question"] for e in make_chain().test]
     print(f"threads {torch.get_num_threads()}, {a.tokens} new tokens, greedy, chain test questions\n")
     print("| dtype | batch | sampler tok/s | generate tok/s | ratio | same tokens | update tok/s (all) | peak (all) "

@@ -124,6 +124,22 @@ CASES = [
     ("every-prompt-too-long", "grpo",
      lambda d: dict(task=jsonl(d / "p.jsonl", [{"question": "9" * 400 + str(i), "answer": "1"} for i in range(40)])),
      "error", "every train prompt is longer than 252 tokens"),
+    # ---- LoRA, the reward's form ----
+    ("lora-rank-negative", "grpo", lambda d: dict(lora_rank=-1), "error", "--lora-rank -1: must be at least 0"),
+    ("lora-alpha-zero", "ippo", lambda d: dict(lora_rank=4, lora_alpha=0.0), "error", "--lora-alpha 0.0: must be pos"),
+    ("lora-with-train-params", "pods", lambda d: dict(lora_rank=4, train_params="layers"), "error",
+     "--train-params 'layers' with --lora-rank: LoRA trains its adapter and freezes every weight"),
+    ("lora-fsdp", "grpo", lambda d: dict(lora_rank=4, fsdp=True), "error", "--fsdp with --lora-rank: not supported"),
+    ("lora-modules-unknown", "cropi", lambda d: dict(lora_rank=4, lora_modules="q_proj,c_attn"), "error",
+     "--lora-modules 'q_proj,c_attn': c_attn matches no linear layer of the model; its linear layers are down_proj, "
+     "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    ("lora-modules-pattern-unmatched", "grpo", lambda d: dict(lora_rank=4, lora_modules=r".*layers\.9\..*"), "error",
+     r"--lora-modules '\.\*layers.*': it matches no linear layer of the model; its linear layers are down_proj"),
+    ("strict-without-a-form", "dppo", lambda d: dict(reward="strict", task=jsonl(d / "p.jsonl", rows())), "error",
+     r"--reward strict: the questions of p.jsonl ask for no answer form \(none names `####` or \\boxed\)"),
+    ("format-bonus-without-a-form", "grpo", lambda d: dict(format_bonus=0.1, task=jsonl(d / "p.jsonl", rows())),
+     "error", "--format-bonus: the questions of p.jsonl ask for no answer form"),
+    ("format-bonus-negative", "grpo", lambda d: dict(format_bonus=-0.1), "error", "--format-bonus -0.1: must be at"),
     # ---- --fsdp ----
     ("fsdp-one-process", "grpo", lambda d: dict(fsdp=True), "warning", "--fsdp: one process holds the whole model"),
     ("fsdp-no-layers", "grpo", lambda d: dict(fsdp=True, model=layerless_model(d)), "error",

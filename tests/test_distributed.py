@@ -37,7 +37,7 @@ def without_times(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
 
 
-def varying_reward(example, text):
+def varying_reward(example, text, form=None):
     """A random model rarely answers right; a reward that varies within a group gives every step a signal."""
     return float(len(text) % 2)
 

@@ -243,7 +243,7 @@ def _args(model_dir, tmp_path, **kw):
     return ippo.Args(**{**base, **kw})
 
 
-def varying_reward(example, text):
+def varying_reward(example, text, form=None):
     """A random model rarely answers right; a reward by the parity of the text's length mostly varies within
     a group (and with a critic the advantages are non-zero even where it does not)."""
     return float(len(text) % 2)
@@ -395,7 +395,7 @@ SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--epochs", "1", "-
 # signs, episodes are both kept and dropped, and the update runs (the script itself is unchanged).
 WRAPPER = """import ippo
 from common.run import parse_args
-ippo.reward = lambda example, text: float(len(text) % 2)
+ippo.reward = lambda example, text, form=None: float(len(text) % 2)
 ippo.main(parse_args(ippo.Args))
 """
 

@@ -75,7 +75,7 @@ def test_only_kept_sequences_are_trained_and_parameters_change(random_model_dir,
     monkeypatch.setattr(pods, "token_logprobs", counting)
     before = {k: v.clone() for k, v in load_policy(random_model_dir)[0].state_dict().items()}
     # a random model rarely answers right; a reward that varies within each group guarantees a nonzero gradient
-    monkeypatch.setattr(pods, "reward", lambda example, text: float(len(text) % 2))
+    monkeypatch.setattr(pods, "reward", lambda example, text, form=None: float(len(text) % 2))
     pods.main(_args(random_model_dir, tmp_path, run_name="count", micro_batch=4, steps=2))
     assert rows_trained == [4, 2, 4, 2], "B*m = 6 sequences per step, in micro-batches of 4, never B*n = 12"
     after, _ = load_policy(str(tmp_path / "count" / "checkpoints" / "step_000002"))

@@ -15,7 +15,7 @@ SMALL = dict(steps=2, batch_prompts=2, n=4, eval_prompts=6, eval_every=1, log_ev
 
 
 def test_a_changed_reward_is_what_training_samples_and_evaluation_read(random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(grpo, "reward", lambda example, completion: 0.25)  # a script variant with its own reward
+    monkeypatch.setattr(grpo, "reward", lambda example, completion, form=None: 0.25)  # a variant with its own reward
     grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", **SMALL))
     train, evals = metric_rows(tmp_path / "r", "reward/mean"), metric_rows(tmp_path / "r", "eval/acc_greedy")
     assert [r["reward/mean"] for r in train] == [0.25, 0.25]

@@ -116,7 +116,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(random_model_dir, tmp_pa
 
 
 def test_no_learning_signal_is_warned_about(random_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(grpo, "reward", lambda example, text: 0.0)
+    monkeypatch.setattr(grpo, "reward", lambda example, text, form=None: 0.0)
     grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", batch_prompts=2, n=4,
                         eval_prompts=4, steps=10, eval_every=10, max_new_tokens=6))  # fmt: skip
     out = capsys.readouterr()

@@ -1,0 +1,82 @@
+"""--reward strict pays only an answer written in the task's asked form; --format-bonus adds R1's format reward in
+training only; evaluation reports the share of completions in the asked form whatever the reward."""
+
+import json
+
+import pytest
+import torch
+from conftest import metric_rows
+
+import grpo
+from common.data import load_task
+from common.verifier import in_form, is_correct
+from common.world.chain import make_chain
+
+
+@pytest.mark.parametrize("response, gold, answer_rule, strict", [
+    ("#### 26", "26", True, True),
+    ("17 + 9 equals 26", "26", True, False),  # the last-number fallback pays; the form does not hold
+    ("#### 26\nso the sum is 26", "26", True, True),  # the rest of the `####` line is the answer
+    ("26 is my guess\n#### 25", "26", False, False),
+    ("#### 4 or 5", "4", False, False),  # a hedge is no answer in either rule
+    ("\\boxed{26}", "26", True, False),  # another form than the one asked
+    ("####", "26", False, False),
+])  # fmt: skip
+def test_strict_reads_only_the_asked_form(response, gold, answer_rule, strict):
+    assert is_correct(response, gold) is answer_rule
+    assert is_correct(response, gold, "####") is strict
+
+
+def test_the_boxed_form_and_what_counts_as_in_form():
+    assert is_correct("so \\boxed{26}", "26", "\\boxed{}") and not is_correct("#### 26", "26", "\\boxed{}")
+    assert [in_form(t, "####") for t in ("#### 26", "#### wrong", "####  ", "26", "")] == [1, 1, 0, 0, 0]
+    assert in_form("\\boxed{x}", "\\boxed{}") and not in_form("#### 26", None)
+
+
+@pytest.mark.parametrize("question, form", [("What is 2+2? Answer after ####.", "####"),
+                                            ("What is 2+2? Put it in \\boxed{}.", "\\boxed{}"),
+                                            ("What is 2+2?", None)])  # fmt: skip
+def test_a_file_s_asked_form_is_the_one_every_question_names(question, form, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"question": f"{question} ({i})", "answer": "4"}) + "\n" for i in range(30)))
+    assert load_task(str(path)).answer_form == form
+    assert make_chain().answer_form == "####"
+
+
+@pytest.fixture
+def asked_coin_task(tmp_path):
+    """The coin questions, each naming the `####` form: the coin model writes `1` (right, but never in the form)
+    or nothing."""
+    path = tmp_path / "asked.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {a}-{a - 1}? Answer after ####.", "answer": "1"}) + "\n"
+                            for a in range(1, 101)))  # fmt: skip
+    return str(path)
+
+
+SMALL = dict(steps=2, batch_prompts=4, n=4, eval_prompts=8, eval_every=2, log_every=1, max_new_tokens=4)
+
+
+def test_strict_pays_nothing_for_an_answer_outside_the_form(coin_model_dir, asked_coin_task, tmp_path):
+    for rule in ("answer", "strict"):
+        grpo.main(grpo.Args(model=coin_model_dir, task=asked_coin_task, output_dir=str(tmp_path), run_name=rule,
+                            reward=rule, **SMALL))  # fmt: skip
+    lenient, strict = metric_rows(tmp_path / "answer"), metric_rows(tmp_path / "strict")
+    assert sum(r.get("reward/mean", 0) for r in lenient) > 0  # a bare `1` is right 1 time in 4
+    assert all(r.get(key, 0) == 0 for r in strict for key in ("reward/mean", "eval/acc_sampled", "eval/acc_greedy"))
+    assert all(r["eval/format_frac_sampled"] == 0 for r in strict if "eval/format_frac_sampled" in r)
+
+
+def test_the_format_bonus_is_added_in_training_and_never_in_evaluation(coin_model_dir, asked_coin_task, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    """Every completion counted in the form (as if the model wrote `#### ...`): the training reward is the answer
+    reward plus the bonus; a bonus every completion of a group gets leaves its advantages as they were, so the two
+    runs train alike and evaluate alike."""
+    monkeypatch.setattr(grpo, "in_asked_form", lambda texts, task: torch.ones(len(texts)))
+    for bonus in (0.0, 0.5):
+        grpo.main(grpo.Args(model=coin_model_dir, task=asked_coin_task, output_dir=str(tmp_path),
+                            run_name=f"b{bonus}", format_bonus=bonus, **SMALL))  # fmt: skip
+    plain, shaped = metric_rows(tmp_path / "b0.0"), metric_rows(tmp_path / "b0.5")
+    rewards = lambda rows: [r["reward/mean"] for r in rows if "reward/mean" in r]  # noqa: E731
+    evals = lambda rows: [r["eval/acc_sampled"] for r in rows if "eval/acc_sampled" in r]  # noqa: E731
+    assert rewards(shaped) == [r + 0.5 for r in rewards(plain)] and max(rewards(plain)) > 0
+    assert evals(shaped) == evals(plain)
