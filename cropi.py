@@ -22,7 +22,8 @@ import torch
 
 from common.data import check_skills, of_skills
 from common.errors import check_flags, fail, flag, warn
-from common.model import LORA_MODULES, matching_parameters, reference_policy
+from common.lora import LORA_MODULES, reference_policy
+from common.model import matching_parameters
 from common.run import Run, evaluate, parse_args, shown_value
 from common.sampling import Rollout, Scored, draw_prompts, prompt_ids, rollout_metrics, sample, seeded_generator
 from common.sampling import in_asked_form, token_logprobs
@@ -303,9 +304,8 @@ def collect_store(model, tokenizer, task, examples, K, args, generator, form) ->
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         for i, example in enumerate(chunk):
             rows = torch.arange(i * K, (i + 1) * K, device=rollout.input_ids.device)
-            group = texts[i * K : (i + 1) * K]
-            rewards = torch.tensor([reward(example, t, form) for t in group])
-            rewards += args.format_bonus * in_asked_form(group, task)  # shaping, 0 by default
+            rewards = torch.tensor([reward(example, t, form) for t in texts[i * K : (i + 1) * K]])
+            rewards += args.format_bonus * in_asked_form(texts[i * K : (i + 1) * K], task)  # shaping, 0 by default
             store.append({"rollout": trim(rollout.select(rows)), "rewards": rewards})
     return store
 

@@ -23,7 +23,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from common.errors import check_flags, fail, warn
-from common.model import LORA_MODULES, load_policy, matching_parameters, reference_policy
+from common.lora import LORA_MODULES, reference_policy
+from common.model import load_policy, matching_parameters
 from common.run import Run, parse_args
 from common.sampling import Rollout, Scored, draw_prompts, left_pad, positions, prompt_ids, rollout_metrics, sample
 from common.sampling import in_asked_form, seeded_generator, token_logprobs, unfaithful

@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 
 from common.errors import check_flags, fail
-from common.model import LORA_MODULES, reference_policy, trainable_parameters
+from common.lora import LORA_MODULES, reference_policy
+from common.model import trainable_parameters
 from common.run import Run, parse_args
 from common.sampling import Scored, draw_prompts, frac_zero_std, in_asked_form, rollout_metrics, sample, token_logprobs
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, shard, world_size

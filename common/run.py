@@ -34,7 +34,8 @@ import tyro
 from tqdm import tqdm
 
 from common.errors import creation_problem, fail, first_line, flag, warn
-from common.model import add_lora, has_lora, load_adapter, load_policy, merged_state_dict, read_policy, save_adapter
+from common.lora import add_lora, load_adapter, lora_layers, merged_state_dict, save_adapter
+from common.model import load_policy, read_policy
 from common.sampling import Scored, in_asked_form, prompt_ids, rollout_texts, seeded_generator, unfaithful
 from common.torchrun import all_reduce, from_main_rank, gathered, is_main, is_sharded, setup_distributed
 from common.world import model_folder, task_named  # the one place the built-in world plugs in
@@ -414,7 +415,7 @@ class Run:
     def save(self, step: int, state: dict | None = None):
         """A checkpoint: the policy, the optimizer, the random states, the training time and the script's `state`."""
         self.checkpoint = save_checkpoint(self.run_dir, step, self.model, self.tokenizer, self.optimizer,
-                                          {"train_time": self.train_time, **(state or {})}, self.args)  # fmt: skip
+                                          {"train_time": self.train_time, **(state or {})})  # fmt: skip
 
     @when_disk_full
     def finish(self):
@@ -669,7 +670,7 @@ def rows_up_to(path: str, step: int, warn=warn) -> list[str] | None:
 # ---- checkpoints and resume -------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict, args) -> str:
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict) -> str:
     """`checkpoints/step_<N>/`: the model as transformers saves it (with LoRA: merged, and the adapter alone in
     `adapter/`), and `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes into a folder
     renamed when complete: a kill never leaves one that looks so."""
@@ -684,9 +685,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     with removed_on_error(partial):  # a full disk leaves no half-written folder behind
-        if has_lora(model):  # the adapter folded in, as an ordinary model; and the adapter alone, for --resume
+        if lora_layers(model):  # the adapter folded in, as an ordinary model; and the adapter alone, for --resume
             weights = merged_state_dict(model)
-            save_adapter(model, os.path.join(partial, "adapter"), args)
+            save_adapter(model, os.path.join(partial, "adapter"))
         model.save_pretrained(partial, state_dict=weights)
         tokenizer.save_pretrained(partial)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from common.model import add_lora, load_policy, resolve_model, trainable_parameters
+from common.lora import add_lora
+from common.model import load_policy, resolve_model, trainable_parameters
 from common.sampling import left_pad, prompt_ids, sample, token_logprobs
 from common.world.chain import make_chain
 

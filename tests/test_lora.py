@@ -13,16 +13,8 @@ import dppo
 import grpo
 import ippo
 import pods
-from common.model import (
-    AdapterOff,
-    add_lora,
-    load_adapter,
-    matching_parameters,
-    merged_state_dict,
-    read_policy,
-    save_adapter,
-    trainable_parameters,
-)
+from common.lora import AdapterOff, add_lora, load_adapter, merged_state_dict, save_adapter
+from common.model import matching_parameters, read_policy, trainable_parameters
 from common.run import parse_args
 
 SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}
@@ -101,8 +93,8 @@ def test_the_reference_is_the_base_model_with_the_adapter_off(model_dir):
 def test_merged_weights_load_as_an_ordinary_model_and_the_adapter_reloads_exactly(model_dir, tmp_path):
     model, base = moved_adapter(model_dir)
     model.save_pretrained(tmp_path / "merged", state_dict=merged_state_dict(model))
-    args = type("Args", (), dict(lora_rank=4, lora_alpha=8.0, lora_modules="q_proj,v_proj,down_proj", model="m"))
-    save_adapter(model, str(tmp_path / "merged" / "adapter"), args)
+    args = type("Args", (), dict(lora_rank=4, lora_alpha=8.0, lora_modules="q_proj,v_proj,down_proj"))
+    save_adapter(model, str(tmp_path / "merged" / "adapter"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         assert torch.allclose(merged(IDS).logits, model(IDS).logits, atol=1e-5)  # W + (alpha / r) B A

@@ -65,8 +65,9 @@ def test_the_world_plugs_in_at_one_place():
 
 # Lines of common/ without world/: lower it when common/ shrinks; raise it only in the change that needs the lines,
 # saying why (1553 -> 1693: stopping on SIGTERM/SIGHUP, a full disk, the strict verifier, data checks, schedules,
-# the truncated completions, no SIGHUP or `resource` on Windows).
-COMMON_BUDGET = 1693
+# the truncated completions, no SIGHUP or `resource` on Windows; 1693 -> 1887: LoRA in lora.py, the strict reward's
+# answer form, Weights & Biases).
+COMMON_BUDGET = 1887
 
 
 def test_common_stays_small():
@@ -104,8 +105,9 @@ def test_shared_functions_are_still_grpo_s(script):
         assert own[name] == grpo[name], f"{script}.py's {name} differs from grpo.py's"
 
 
-# Changed lines of `diff grpo.py X.py`: what the idea costs to read. Raise a budget only with the idea.
-DIFF_BUDGET = {"pods": 100, "dppo": 293, "cropi": 401}
+# Changed lines of `diff grpo.py X.py`: what the idea costs to read. Raise a budget only with the idea (cropi 402: its
+# offline store's rewards take the --format-bonus too).
+DIFF_BUDGET = {"pods": 100, "dppo": 293, "cropi": 402}
 
 
 def changed_lines(a: str, b: str) -> int:
