@@ -46,8 +46,10 @@ def written_in(text: str, form: str):
 
 
 def in_form(text: str, form: str | None) -> bool:
-    """The response gives an answer in the asked form (`####` or `\\boxed{}`), right or wrong."""
-    return bool(form) and bool((written_in(text, form) or "").strip())
+    """The response gives one answer in the asked form (`####` or `\\boxed{}`), right or wrong: one number, or words
+    without a number; not an expression (`#### 4 + 6 = 10`) or a hedge, which no reward reads as an answer."""
+    found = (written_in(text, form) if form else None) or ""
+    return bool(found.strip()) and (one_number(found) is not None or not NUMBER.search(plain(found)))
 
 
 def extract_answer(text: str, numeric: bool = True, form: str | None = None):
