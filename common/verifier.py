@@ -46,10 +46,9 @@ def written_in(text: str, form: str):
 
 
 def in_form(text: str, form: str | None) -> bool:
-    """The response gives one answer in the asked form (`####` or `\\boxed{}`), right or wrong: one number, or words
-    without a number; not an expression (`#### 4 + 6 = 10`) or a hedge, which no reward reads as an answer."""
-    found = (written_in(text, form) if form else None) or ""
-    return bool(found.strip()) and (one_number(found) is not None or not NUMBER.search(plain(found)))
+    """The response writes one number in the asked form (`####` or `\\boxed{}`), right or wrong: not an expression
+    (`#### 4 + 6 = 10`), a hedge or a word, which no reward reads as a numeric answer."""
+    return bool(form) and extract_answer(text, True, form) is not None
 
 
 def extract_answer(text: str, numeric: bool = True, form: str | None = None):

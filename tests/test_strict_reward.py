@@ -29,9 +29,9 @@ def test_strict_reads_only_the_asked_form(response, gold, answer_rule, strict):
 
 def test_the_boxed_form_and_what_counts_as_in_form():
     assert is_correct("so \\boxed{26}", "26", "\\boxed{}") and not is_correct("#### 26", "26", "\\boxed{}")
-    answers = ("#### 26", "#### 25 apples", "#### Paris", "#### 4 + 6 = 10", "#### 4 or 5", "####  ", "26", "")
-    assert [in_form(t, "####") for t in answers] == [1, 1, 1, 0, 0, 0, 0, 0]
-    assert in_form("\\boxed{x}", "\\boxed{}") and not in_form("#### 26", None)
+    answers = ("#### 26", "#### 25 apples", "#### ders", "#### 4 + 6 = 10", "#### 4 or 5", "####  ", "26", "")
+    assert [in_form(t, "####") for t in answers] == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert in_form("\\boxed{7}", "\\boxed{}") and not in_form("#### 26", None)
 
 
 @pytest.mark.parametrize("question, form", [("What is 2+2? Answer after ####.", "####"),
