@@ -1,23 +1,24 @@
 """DPPO: Divergence Proximal Policy Optimization.
 
-PPO keeps each update in a trust region by clipping the sampled token's ratio pi/mu, a one-sample and
-badly scaled estimate of how far the next-token distribution moved. DPPO masks a token's update by an
-estimate of the divergence itself (total variation or KL, Binary or Top-K approximation) between the
-sampling policy mu, recorded at sampling time, and the current policy pi.
+For every prompt, sample a group of n completions and score each with a verifier. A completion's
+advantage is its reward's standing in its group, A_i = (r_i - mean r) / std r, given to all its
+tokens, as in GRPO. PPO keeps each update in a trust region by clipping the sampled token's ratio pi/mu, a
+one-sample and badly scaled estimate of how far the next-token distribution moved. DPPO masks a token's
+update by an estimate of the divergence itself (total variation or KL, Binary or Top-K approximation)
+between the sampling policy mu, recorded at sampling time, and the current policy pi.
 Paper: P. Qi, X. Zhou, Z. Liu, T. Pang, C. Du, M. Lin, W. S. Lee, "Rethinking the Trust Region in LLM
 Reinforcement Learning", arXiv 2602.04879.
 
     python dppo.py                                    # built-in tiny model and chain task, CPU, minutes
-    python dppo.py --trust-region ratio               # GRPO/PPO clipping (--eps-low/--eps-high)
-    python dppo.py --sampler-temperature 1.2          # inject a sampling/training mismatch
-    python dppo.py --no-scale-rewards --aggregation seq-mean-token-sum-norm   # the paper's advantage and loss
+    python dppo.py --trust-region ratio --anchor recomputed --sampler-noise 2   # PPO clip around pi_old; noisy mu
     python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --lr 1e-6
     torchrun --nproc_per_node 2 -- dppo.py
 """
 
+import contextlib
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -32,7 +33,6 @@ from common.verifier import is_correct
 from kernels.topk_divergence import topk_divergence, triton_usable
 
 TrustRegion = Literal["binary-tv", "binary-kl", "topk-tv", "topk-kl", "ratio", "none"]
-EPS = 1e-12  # floor of a probability inside a log
 
 
 @dataclass
@@ -85,18 +85,16 @@ class Args:
     """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""
     n: int = 8
     """rollouts per prompt (a group)"""
-    minibatches: int = 4
-    """optimizer steps per rollout batch: the batch is shuffled and split into this many mini-batches (4: every
-    step after the first is off-policy, where a trust region acts)"""
+    minibatches: int = 4  # every step after the first is off-policy: there a trust region acts
+    """optimizer steps per rollout batch: the batch is shuffled and split into this many mini-batches"""
     micro_batch: int = 0
     """sequences per forward/backward inside a mini-batch (gradient accumulation); 0 = the whole mini-batch"""
     temperature: float = 1.0
     """sampling temperature (training log-probs use the same temperature)"""
     max_new_tokens: int = 0
     """completion length limit; 0 picks 48 for `chain` and 512 otherwise"""
-    lr: float = 5e-5
-    """AdamW learning rate (see --lr-schedule; 4 optimizer steps per batch at grpo.py's 2e-4 collapse `tiny`);
-    use about 1e-6 for a 0.5B model"""
+    lr: float = 5e-5  # 4 optimizer steps per batch at grpo.py's 2e-4 collapse `tiny`
+    """AdamW learning rate (see --lr-schedule); use about 1e-6 for a 0.5B model"""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """the learning rate after the warm-up: constant, or a linear or cosine decay to 0 at --steps"""
     warmup_steps: int = 0
@@ -134,26 +132,26 @@ class Args:
     or per sequence sum / max-new-tokens then mean (Dr. GRPO)"""
     # ---- the trust region ----
     trust_region: TrustRegion = "binary-tv"
-    """what masks an update: a divergence (tv/kl, binary/topk), PPO ratio clipping (`ratio`, by --eps-low and
-    --eps-high), or nothing (`none`)"""
+    """what masks an update: a divergence (tv/kl, binary/topk), PPO's ratio clip (`ratio`), or nothing (`none`)"""
     delta_low: float | None = None
     """divergence threshold for tokens with A < 0 (default 0.15 for TV, 0.05 for KL)"""
     delta_high: float | None = None
     """divergence threshold for tokens with A > 0 (default 0.15 for TV, 0.05 for KL)"""
     top_k: int = 20
     """K: behaviour top-K recorded at sampling time for the topk-* trust regions"""
+    anchor: Literal["mu", "recomputed"] = "mu"
+    """what pi is measured against: `mu`, the sampler's record (the paper), or `recomputed`: pi_old, the trainer's"""
     is_cap: float = math.inf
-    """C: the importance weight min(pi/mu, C) in the loss; infinity (default) means no truncation"""
-    sampler_temperature: float = 0.0
-    """mismatch injection: the sampler draws (and records mu) at this temperature while the trainer keeps
-    --temperature, so pi != mu before any update, as with an inference engine whose numerics differ from the
-    trainer's; 0 (default) = --temperature, no mismatch"""
-    sampler_bits: int = 0
-    """mismatch as weight-quantized rollout engines make it: the sampler is a second copy of the policy with every
-    weight matrix rounded per output channel to this many bits (refreshed each step), mu its record, pi the
-    full-precision trainer's; 0 (default) = the policy itself"""
+    """C, the truncated importance weight: min(pi/mu, C) anchored at mu, min(pi_old/mu, C) at pi_old; inf: none"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """Top-K divergence implementation: `auto` = the Triton kernel on CUDA and the PyTorch reference elsewhere"""
+    # ---- a training/inference mismatch, for experiments: the sampler of the training rollouts differs ----
+    sampler_temperature: float = 0.0
+    """the sampler draws (and records mu) at this temperature, the trainer keeps --temperature; 0 = --temperature"""
+    sampler_bits: int = 0
+    """the sampler is the policy with every weight matrix rounded per output channel to this many bits; 0 = none"""
+    sampler_noise: float = 0.0
+    """sigma: the sampler adds i.i.d. N(0, sigma^2) noise to every logit before its softmax; 0 = none"""
 
 
 def thresholds(args: Args) -> tuple[float, float]:
@@ -163,8 +161,7 @@ def thresholds(args: Args) -> tuple[float, float]:
     if args.trust_region == "ratio":
         return args.eps_low, args.eps_high
     default = 0.15 if args.trust_region.endswith("tv") else 0.05
-    low, high = args.delta_low, args.delta_high
-    return (default if low is None else low), (default if high is None else high)
+    return tuple(default if delta is None else delta for delta in (args.delta_low, args.delta_high))
 
 
 def check_args(args: Args, world: int):
@@ -175,14 +172,13 @@ def check_args(args: Args, world: int):
                                 "temperature", "lr", "max_grad_norm", "eps_low", "eps_high", "is_cap"),
                 may_be_infinite=("is_cap",),
                 non_negative=("beta", "max_time", "save_every", "micro_batch", "max_new_tokens",
-                              "sampler_temperature"),
+                              "sampler_temperature", "sampler_noise"),
                 below_one=("eps_low",))  # fmt: skip
     for name in ("delta_low", "delta_high"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"{flag(name)} {getattr(args, name)}: must be positive")
     if args.fsdp and args.sampler_bits:
-        fail("--fsdp with --sampler-bits: the quantized sampler is a second, whole copy of the policy; use one or the"
-             " other")  # fmt: skip
+        fail("--fsdp with --sampler-bits: the quantized sampler is a second, whole copy of the policy; not both")
     if args.sampler_bits and not 2 <= args.sampler_bits <= 16:
         fail(f"--sampler-bits {args.sampler_bits}: must be between 2 and 16 (or 0: no quantized sampler)")
     if args.trust_region.startswith("topk") and args.top_k < 1:
@@ -214,7 +210,7 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
     return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
 
 
-# ---- divergences between mu (sampler, recorded) and pi (current policy), per token ----------------------
+# ---- divergences between mu (sampler, recorded) and pi (current policy) per token; the mask replaces the clip --
 
 
 def binary_tv(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
@@ -223,8 +219,8 @@ def binary_tv(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tenso
 
 
 def log1m_exp(logprobs: torch.Tensor) -> torch.Tensor:
-    """log(1 - p) from log p, accurate as p -> 1 (expm1) and floored at log(EPS)."""
-    return (-torch.expm1(logprobs.clamp(max=0))).clamp(min=EPS).log()
+    """log(1 - p) from log p, accurate as p -> 1 (expm1) and floored at log(1e-12)."""
+    return (-torch.expm1(logprobs.clamp(max=0))).clamp(min=1e-12).log()
 
 
 def binary_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
@@ -241,29 +237,41 @@ def ratio_deviation(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch
 
 def token_divergence(trust_region: str, logprobs, old_logprobs, topk: dict | None = None) -> torch.Tensor:
     """D_t of the chosen trust region [N, L] (no gradient). `none` reports the binary TV, masking nothing."""
-    logprobs = logprobs.detach()
-    if trust_region in ("binary-tv", "none"):
-        return binary_tv(logprobs, old_logprobs)
-    if trust_region == "binary-kl":
-        return binary_kl(logprobs, old_logprobs)
-    if trust_region == "ratio":
-        return ratio_deviation(logprobs, old_logprobs)
-    return topk["tv" if trust_region == "topk-tv" else "kl"]
+    if trust_region.startswith("topk"):
+        return topk[trust_region.removeprefix("topk-")]
+    divergence = {"binary-kl": binary_kl, "ratio": ratio_deviation}.get(trust_region, binary_tv)
+    return divergence(logprobs.detach(), old_logprobs)
 
 
-# ---- the mask and the loss: the mask replaces the clip ---------------------------------------------------------------
+class TopKRecord:
+    """A `sample(on_token=...)` hook: at every sampled position, mu's K most likely tokens and their log-probs.
+    The sampled token is always in the set: where it is not among the K it overwrites the last slot (the
+    authors' convention), so log mu(sampled) is exact. O(tokens x K) memory, never O(tokens x vocabulary)."""
+
+    def __init__(self, k: int):
+        self.k, self.ids, self.logprobs = k, [], []
+
+    def __call__(self, logprobs: torch.Tensor, token: torch.Tensor):  # logprobs [N, V] of mu, token [N]
+        top_logprobs, top_ids = logprobs.topk(self.k, dim=-1)
+        missing = (top_ids != token[:, None]).all(-1)
+        top_ids[missing, -1] = token[missing]
+        top_logprobs[missing, -1] = logprobs.gather(-1, token[:, None]).squeeze(-1)[missing]
+        self.ids.append(top_ids)
+        self.logprobs.append(top_logprobs)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, log-probs), each [N, L, K]."""
+        return torch.stack(self.ids, 1), torch.stack(self.logprobs, 1)
 
 
 def trust_region_mask(divergence, logprobs, old_logprobs, advantages, delta_low, delta_high) -> torch.Tensor:
-    """M_t in {0, 1} [N, L]: 0 only for an update that would push the sampled token further the way it
-    already moved once the distribution has drifted past the threshold:
-        (A > 0 and pi > mu and D > delta_high)  or  (A < 0 and pi < mu and D > delta_low).
+    """M_t in {0, 1} [N, L], 0 only for an update pushing the sampled token further the way it moved once past the
+    threshold: (A > 0 and pi > mu and D > delta_high) or (A < 0 and pi < mu and D > delta_low), mu the anchor.
     Updates that move pi back toward mu are never masked. advantages [N] (one per sequence)."""
     logprobs, A = logprobs.detach(), advantages[:, None]
-    blocked = ((A > 0) & (logprobs > old_logprobs) & (divergence > delta_high)) | (
-        (A < 0) & (logprobs < old_logprobs) & (divergence > delta_low)
-    )
-    return (~blocked).float()
+    further_up = (A > 0) & (logprobs > old_logprobs) & (divergence > delta_high)
+    further_down = (A < 0) & (logprobs < old_logprobs) & (divergence > delta_low)
+    return (~(further_up | further_down)).float()
 
 
 def dppo_token_loss(logprobs, old_logprobs, advantages, mask, is_cap=math.inf) -> torch.Tensor:
@@ -299,7 +307,93 @@ def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normal
     return per_token.sum() / normaliser  # token-mean: every token weighs the same
 
 
-# ---- the sampler of --sampler-bits: the policy with its weights rounded, as a quantized rollout engine has it ----
+# ---- one rollout batch: --minibatches optimizer steps, all measured against one anchor (mu or pi_old) ----
+
+
+def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, dict]:
+    """log pi of the sampled tokens [N, L] (differentiable) and, without gradient: the entropy of pi and, for topk-*,
+    the Top-K TV and KL to the rollout's anchor and log pi on the top-K set (`set`, [N, L, K]), from the same logits."""
+    N, L = rollout.completion_mask.shape
+    extra = {k: torch.zeros(N * L, device=rollout.input_ids.device) for k in ("tv", "kl")}
+    valid, sampled, sets = rollout.completion_mask.flatten().bool(), rollout.completion_ids.flatten(), []
+
+    def topk_divergences(start, logits):  # the rollout holds mu's top-K (TopKRecord), or pi_old's on that set
+        rows = slice(start, start + logits.shape[0])
+        ids, logprobs = rollout.topk_ids.flatten(0, 1)[rows], rollout.topk_logprobs.flatten(0, 1)[rows]
+        div = topk_divergence(logits, ids, logprobs, sampled[rows], args.temperature, valid[rows], args.kernels)
+        extra["tv"][rows], extra["kl"][rows] = div["tv"], div["kl"]
+        sets.append(logits.gather(-1, ids).float() / args.temperature - div["log_z"][:, None])  # z_k / T - log Z
+
+    topk = topk_divergences if args.trust_region.startswith("topk") else None
+    logprobs, entropy = token_logprobs(model, rollout, args.temperature, on_logits=topk, entropy=True)
+    extra = {k: v.view(N, L) for k, v in extra.items()} | ({"set": torch.cat(sets).view(N, L, -1)} if sets else {})
+    return logprobs, {"entropy": entropy, **extra}
+
+
+def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
+    """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
+    sampled the batch, mu, as the sampler recorded it (rollout.old_logprobs and its top-K), or (--anchor recomputed)
+    the trainer's own before the first step. Every step masks a token's update once pi has left its trust region."""
+    model.train()
+    delta_low, delta_high = thresholds(args)
+    behaviour, cap = rollout.old_logprobs, args.is_cap  # log mu, whatever the anchor; C caps the ratio pi / mu
+    if args.anchor == "recomputed":  # pi_old := the trainer's log-probs before the first step (one more forward
+        with torch.no_grad():  # pass), of the sampled tokens and, for topk-*, on mu's recorded top-K set
+            logprobs, extra = current_policy(model, rollout, args)
+        rollout, cap = replace(rollout, old_logprobs=logprobs, topk_logprobs=extra.get("set")), math.inf  # C: below
+    order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
+    totals = Totals("tokens", "masked", "pos", "pos_masked", "neg", "neg_masked", "D", "abs_pi_mu", "abs_pi_old",
+                    "kept", "towards_mu", "entropy", "kl", "loss")  # fmt: skip
+    grad_norms, max_d = [], 0.0
+    for minibatch in order.chunk(args.minibatches):
+        normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
+        optimizer.zero_grad()
+        for rows in minibatch.split(args.micro_batch or len(minibatch)):
+            micro, A = rollout.select(rows), advantages[rows]
+            mu = behaviour[rows]  # the sampler's record; micro.old_logprobs is the anchor's
+            valid = micro.completion_mask.float()
+            logprobs, extra = current_policy(model, micro, args)
+            D = token_divergence(args.trust_region, logprobs, micro.old_logprobs, extra)
+            mask = trust_region_mask(D, logprobs, micro.old_logprobs, A, delta_low, delta_high)
+            per_token = dppo_token_loss(logprobs, micro.old_logprobs, A, mask, cap)
+            if args.anchor == "recomputed":  # times the truncated importance weight min(pi_old / mu, C)
+                per_token = per_token * (micro.old_logprobs - mu).exp().clamp(max=args.is_cap)
+            kl = torch.zeros_like(logprobs)
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logprobs = token_logprobs(ref_model, micro, args.temperature)
+                kl = kl_k3(logprobs, ref_logprobs)
+            loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
+            loss.backward()
+            masked, pos, neg = (1 - mask) * valid, (A > 0)[:, None] * valid, (A < 0)[:, None] * valid
+            pi = logprobs.detach()  # kept: the updates with a gradient; towards_mu: those moving pi(y_t) to mu(y_t)
+            totals.add(tokens=valid, masked=masked, pos=pos, pos_masked=masked * pos, neg=neg, neg_masked=masked * neg,
+                       D=D * valid, abs_pi_mu=binary_tv(pi, mu) * valid, abs_pi_old=binary_tv(pi, micro.old_logprobs)
+                       * valid, kept=mask * (pos + neg), towards_mu=mask * (pos * (pi < mu) + neg * (pi > mu)),
+                       entropy=extra["entropy"] * valid, kl=kl.detach() * valid, loss=loss.detach())  # fmt: skip
+            max_d = max(max_d, (D * valid).max().item())
+        grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
+    model.eval()
+    t = totals.over_ranks()
+    per = lambda num, den: t[num] / max(1.0, t[den])
+    return {
+        "loss/masked_surrogate": t["loss"] / world_size() / args.minibatches,
+        "trust_region/masked_frac": per("masked", "tokens"),
+        "trust_region/masked_frac_pos": per("pos_masked", "pos"),
+        "trust_region/masked_frac_neg": per("neg_masked", "neg"),
+        "trust_region/divergence_mean": per("D", "tokens"),
+        "trust_region/divergence_max": all_reduce(max_d, "max"),
+        "trust_region/abs_pi_mu": per("abs_pi_mu", "tokens"),
+        "trust_region/abs_pi_old": per("abs_pi_old", "tokens"),
+        "trust_region/towards_mu_frac": per("towards_mu", "kept"),
+        "policy/entropy": per("entropy", "tokens"),
+        **({"policy/kl_ref": per("kl", "tokens")} if ref_model is not None else {}),
+        **grad_norm_metrics(grad_norms),
+        "train/update_tokens": t["tokens"] / world_size(),
+    }
+
+
+# ---- a training/inference mismatch, for experiments (not DPPO): only the training rollouts' sampler differs ----
 
 
 def round_per_channel(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -316,101 +410,18 @@ def refresh_sampler(sampler, model, bits: int):
         target.copy_(round_per_channel(source, bits) if source.dim() == 2 else source)
 
 
-# ---- mu's top-K, recorded at sampling time for the topk-* trust regions -------------------------------------
+def mismatched(sampler, model, args: Args, generator):
+    """The context of one step's training sampler: --sampler-bits, the policy's weights rounded; --sampler-noise sigma,
+    every logit z it returns is z + sigma * eps, eps ~ N(0, 1) i.i.d. from the run's seeded `generator` (a hook,
+    removed on leaving), so mu = softmax((z + sigma * eps) / T_s) is drawn and recorded (T_s: --sampler-temperature)."""
+    if args.sampler_bits:
+        refresh_sampler(sampler, model, args.sampler_bits)
 
+    def add_noise(module, inputs, out):  # a forward hook: the prefill's and every later step's logits
+        noise = torch.randn(out.logits.shape, generator=generator, device=out.logits.device)
+        out.logits = out.logits.float() + args.sampler_noise * noise
 
-class TopKRecord:
-    """A `sample(on_token=...)` hook: at every sampled position, mu's K most likely tokens and their log-probs.
-    The sampled token is always in the set: where it is not among the K it overwrites the last slot (the
-    authors' convention), so log mu(sampled) is exact. O(tokens x K) memory, never O(tokens x vocabulary)."""
-
-    def __init__(self, k: int):
-        self.k, self.ids, self.logprobs = k, [], []
-
-    def __call__(self, logprobs: torch.Tensor, token: torch.Tensor):  # logprobs [N, V] of mu, token [N]
-        top_logprobs, top_ids = logprobs.topk(self.k, dim=-1)
-        missing = (top_ids != token[:, None]).all(-1)
-        top_ids[missing, -1] = token[missing]
-        top_logprobs[missing, -1] = logprobs.gather(-1, token[:, None]).squeeze(-1)[missing]
-        self.ids.append(top_ids)
-        self.logprobs.append(top_logprobs)
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, log-probs), each [N, L, K]."""
-        return torch.stack(self.ids, 1), torch.stack(self.logprobs, 1)
-
-
-# ---- one rollout batch: --minibatches optimizer steps, all measured against the recorded mu -------------
-
-
-def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, dict]:
-    """log pi of the sampled tokens [N, L] (differentiable) and, without gradient: the entropy of pi and, for the
-    topk-* trust regions, the Top-K TV and KL to the recorded mu, from the same logits chunks."""
-    N, L = rollout.completion_mask.shape
-    extra = {k: torch.zeros(N * L, device=rollout.input_ids.device) for k in ("tv", "kl")}
-    valid = rollout.completion_mask.flatten().bool()
-
-    def topk_divergences(start, logits):  # the rollout holds mu's top-K (TopKRecord)
-        rows = slice(start, start + logits.shape[0])
-        ids, logprobs = rollout.topk_ids.flatten(0, 1)[rows], rollout.topk_logprobs.flatten(0, 1)[rows]
-        sampled = rollout.completion_ids.flatten()[rows]
-        div = topk_divergence(logits, ids, logprobs, sampled, args.temperature, valid[rows], args.kernels)
-        extra["tv"][rows], extra["kl"][rows] = div["tv"], div["kl"]
-
-    topk = topk_divergences if args.trust_region.startswith("topk") else None
-    logprobs, entropy = token_logprobs(model, rollout, args.temperature, on_logits=topk, entropy=True)
-    return logprobs, {"entropy": entropy, **{k: v.view(N, L) for k, v in extra.items()}}
-
-
-def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
-    """Shuffle the batch and split it into --minibatches, one optimizer step each. Every step measures pi
-    against mu, the policy that sampled the batch as the sampler recorded it (rollout.old_logprobs and its
-    top-K), never a recomputed copy: a token's update is masked once pi has left the trust region."""
-    model.train()
-    delta_low, delta_high = thresholds(args)
-    order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
-    totals = Totals("tokens", "masked", "pos", "pos_masked", "neg", "neg_masked", "D", "abs_pi_mu", "entropy", "kl",
-                    "loss")  # fmt: skip
-    grad_norms, max_d = [], 0.0
-    for minibatch in order.chunk(args.minibatches):
-        normaliser = loss_normaliser(rollout.completion_mask[minibatch], args.aggregation)
-        optimizer.zero_grad()
-        for rows in minibatch.split(args.micro_batch or len(minibatch)):
-            micro, A = rollout.select(rows), advantages[rows]
-            valid = micro.completion_mask.float()
-            logprobs, extra = current_policy(model, micro, args)
-            D = token_divergence(args.trust_region, logprobs, micro.old_logprobs, extra)
-            mask = trust_region_mask(D, logprobs, micro.old_logprobs, A, delta_low, delta_high)
-            per_token = dppo_token_loss(logprobs, micro.old_logprobs, A, mask, args.is_cap)
-            kl = torch.zeros_like(logprobs)
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref_logprobs = token_logprobs(ref_model, micro, args.temperature)
-                kl = kl_k3(logprobs, ref_logprobs)
-            loss = aggregate(per_token + args.beta * kl, valid, args.aggregation, args.max_new_tokens, normaliser)
-            loss.backward()
-            masked, pos, neg = (1 - mask) * valid, (A > 0)[:, None] * valid, (A < 0)[:, None] * valid
-            totals.add(tokens=valid, masked=masked, pos=pos, pos_masked=masked * pos, neg=neg, neg_masked=masked * neg,
-                       D=D * valid, abs_pi_mu=binary_tv(logprobs.detach(), micro.old_logprobs) * valid,
-                       entropy=extra["entropy"] * valid, kl=kl.detach() * valid, loss=loss.detach())  # fmt: skip
-            max_d = max(max_d, (D * valid).max().item())
-        grad_norms.append(optimizer_step(model, optimizer, args.max_grad_norm))  # skipped if not finite
-    model.eval()
-    t = totals.over_ranks()
-    per = lambda num, den: t[num] / max(1.0, t[den])
-    return {
-        "loss/masked_surrogate": t["loss"] / world_size() / args.minibatches,
-        "trust_region/masked_frac": per("masked", "tokens"),
-        "trust_region/masked_frac_pos": per("pos_masked", "pos"),
-        "trust_region/masked_frac_neg": per("neg_masked", "neg"),
-        "trust_region/divergence_mean": per("D", "tokens"),
-        "trust_region/divergence_max": all_reduce(max_d, "max"),
-        "trust_region/abs_pi_mu": per("abs_pi_mu", "tokens"),
-        "policy/entropy": per("entropy", "tokens"),
-        **({"policy/kl_ref": per("kl", "tokens")} if ref_model is not None else {}),
-        **grad_norm_metrics(grad_norms),
-        "train/update_tokens": t["tokens"] / world_size(),
-    }
+    return sampler.register_forward_hook(add_noise) if args.sampler_noise else contextlib.nullcontext()
 
 
 # ---- training loop ---------------------------------------------------------------------------------------
@@ -430,27 +441,24 @@ def main(args: Args):
     model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     sampler = copy.deepcopy(model).eval() if args.sampler_bits else model  # a second copy of the weights
-    sampler_weights = f"weights rounded to {args.sampler_bits} bits" if args.sampler_bits else "the policy's weights"
     run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
-    run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
-              f" | trust region {args.trust_region} (low, high) = {thresholds(args)}"
-              f" | sampler T {sampler_temperature}, {sampler_weights}; trainer T {args.temperature}")  # fmt: skip
+    run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es) | trust region"
+              f" {args.trust_region} {thresholds(args)} around {args.anchor} | sampler T {sampler_temperature},"
+              f" {args.sampler_bits or 'all'} weight bits, logit noise {args.sampler_noise}")  # fmt: skip
     run.open()  # the run folder is made now, after every start-up check
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
         run.set_learning_rate(step)  # --warmup-steps, then --lr-schedule (train/lr)
-        # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored; the
-        #    sampler records log mu of every sampled token, and here mu's top-K for the topk-* trust regions.
+        # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, mu recorded, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank, run.world)
         with run.timer("generate"):
             group_prompts = [p for p in prompts for _ in range(n)]  # each prompt's n rollouts side by side
             record = TopKRecord(top_k) if top_k else None
-            if args.sampler_bits:
-                refresh_sampler(sampler, model, args.sampler_bits)
-            rollout = sample(sampler, group_prompts, args.max_new_tokens, sampler_temperature, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, generator=run.generator("sample", step, device=device),
-                             on_token=record)  # fmt: skip
+            with mismatched(sampler, model, args, run.generator("sampler_noise", step, device=device)):
+                rollout = sample(sampler, group_prompts, args.max_new_tokens, sampler_temperature,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 generator=run.generator("sample", step, device=device), on_token=record)  # fmt: skip
             if record:
                 rollout.topk_ids, rollout.topk_logprobs = record.tensors()
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)

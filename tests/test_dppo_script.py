@@ -57,6 +57,17 @@ def test_torchrun_two_processes(random_model_dir, tmp_path):
     assert [r["step"] for r in train_rows(tmp_path / "ddp")] == [1, 2]
 
 
+@pytest.mark.slow
+def test_torchrun_fsdp_with_the_recomputed_anchor_and_a_noisy_sampler(random_model_dir, tmp_path):
+    """The extra forward pass of --anchor recomputed is the loss's own path, so it runs sharded as well."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--", "dppo.py"]
+    out = run(["--model", random_model_dir, "--output-dir", str(tmp_path), "--run-name", "f", *SMALL, "--fsdp",
+               "--anchor", "recomputed", "--sampler-noise", "1", "--trust-region", "topk-tv", "--top-k", "3"],
+              torchrun)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all(r["trust_region/abs_pi_mu"] > 0 for r in train_rows(tmp_path / "f"))
+
+
 def _rollout(model_dir, sampler_temperature, top_k=0):
     model, tok = load_policy(model_dir)
     prompts = [tok("What is 1+2?\n")["input_ids"]] * 8
@@ -64,7 +75,7 @@ def _rollout(model_dir, sampler_temperature, top_k=0):
     record = dppo.TopKRecord(top_k) if top_k else None
     r = sample(model, prompts, 8, sampler_temperature, tok.eos_token_id, tok.pad_token_id, generator=g, on_token=record)
     if record:
-        r.topk_ids, r.topk_logprobs = record.tensors()
+        r.topk_ids, r.topk_logprobs = torch.stack(record.ids, 1), torch.stack(record.logprobs, 1)
     return model, r
 
 
@@ -124,20 +135,27 @@ def test_topk_divergence_in_training_matches_the_reference(random_model_dir):
         (["--trust-region", "topk-kl", "--top-k", "100000"], "larger than the vocabulary"),
         (["--minibatches", "3"], "--minibatches 3 does not divide"),
         (["--sampler-bits", "1"], "--sampler-bits 1: must be between 2 and 16"),
+        (["--sampler-noise", "-0.5"], "--sampler-noise -0.5: must be non-negative"),
+        (["--is-cap", "0"], "--is-cap 0.0: must be positive"),
+        (["--anchor", "recomputed", "--is-cap", "-2"], "--is-cap -2.0: must be positive"),
     ],
 )
 def test_bad_input_gets_a_one_line_error(flags, message, random_model_dir, tmp_path):
+    out = tmp_path / "runs"
     with pytest.raises(SystemExit) as error:
-        dppo.main(parse_args(dppo.Args, ["--model", random_model_dir, "--output-dir", str(tmp_path), *SMALL, *flags]))
+        dppo.main(parse_args(dppo.Args, ["--model", random_model_dir, "--output-dir", str(out), *SMALL, *flags]))
     assert str(error.value.code).startswith("error: ") and message in str(error.value.code)
+    assert "\n" not in str(error.value.code) and not out.exists(), "one line, nothing written"
 
 
-def test_unknown_trust_region_is_refused_by_the_cli(capsys):
+@pytest.mark.parametrize("flag,value,choices", [("--trust-region", "clip", get_args(dppo.TrustRegion)),
+                                                ("--anchor", "pi", ("mu", "recomputed"))])  # fmt: skip
+def test_unknown_choice_is_refused_by_the_cli(flag, value, choices, capsys):
     """tyro checks a Literal flag's value before main runs: the message names the flag and the choices."""
     with pytest.raises(SystemExit) as error:
-        parse_args(dppo.Args, ["--trust-region", "clip"])
+        parse_args(dppo.Args, [flag, value])
     err = capsys.readouterr().err
-    assert error.value.code != 0 and "--trust-region" in err and all(name in err for name in get_args(dppo.TrustRegion))
+    assert error.value.code != 0 and flag in err and all(name in err for name in choices)
 
 
 def test_topk_run_with_the_triton_kernel(random_model_dir, tmp_path):
@@ -182,7 +200,7 @@ def test_round_per_channel_is_a_per_row_grid_within_half_a_step(bits):
 def test_the_quantized_sampler_records_its_own_mu_and_differs_from_pi(random_model_dir):
     model, tok = load_policy(random_model_dir)
     sampler = load_policy(random_model_dir)[0]
-    dppo.refresh_sampler(sampler, model, 4)
+    dppo.mismatched(sampler, model, dppo.Args(sampler_bits=4), None)  # rounds the sampler's weights
     for (name, p), q in zip(model.named_parameters(), sampler.parameters()):
         assert torch.equal(q, dppo.round_per_channel(p, 4) if p.dim() == 2 else p), name
     prompts = [tok("What is 1+2?\n")["input_ids"]] * 8
@@ -199,4 +217,4 @@ def test_smoke_run_with_a_quantized_sampler(random_model_dir, tmp_path):
                "--sampler-bits", "4"])  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert [r["step"] for r in train_rows(tmp_path / "r")] == [1, 2]
-    assert "weights rounded to 4 bits" in out.stdout + out.stderr
+    assert "4 weight bits" in out.stdout + out.stderr

@@ -1,0 +1,162 @@
+"""DPPO's anchor under a training/inference mismatch: is the trust region better anchored at mu, the sampler's record
+(the paper), or at pi_old, the trainer's own log-probs recomputed before the batch's first step, with the sampler
+corrected by the truncated importance weight min(pi_old / mu, C)?
+
+Arms: `none` (PG-IS), `ratio` (clip-higher 0.2 / 0.28), `binary-tv`, `topk-tv` (K = 20), each with `--anchor mu` and
+`--anchor recomputed`; seeds 1-10; under two mismatches, each into its own folder of runs:
+- noise (runs/dppo_anchor_noise): the sampler adds N(0, sigma^2) to every logit (`--sampler-noise SIGMA`);
+- bits (runs/dppo_anchor_bits): the sampler's weights rounded to 3 bits (`--sampler-bits 3`).
+The paper's advantage and loss (mean-centred advantages, the fixed-horizon token sum, clip-higher for `ratio`),
+4 optimizer steps per rollout batch at lr 1e-4, 60 steps, C = infinity (the paper's stability setting), a held-out
+evaluation every 10 steps. With `none` and C = infinity both anchors give the same gradient, pi / pi_old *
+pi_old / mu = pi / mu: that pair is a control, equal up to rounding.
+
+The collapse rule, fixed before any run: a run collapses when its held-out sampled accuracy falls below 0.35 at any
+evaluation. The base model's is 0.550 on the 200 test prompts (0.51-0.60 over evaluation seeds); its sampling
+spread is sqrt(0.55 * 0.45 / 200) = 0.035, so 0.35 is 5.7 spreads below: a policy that did not lose accuracy falls
+under it with odds below 1e-8 per evaluation, and the collapsed runs of the 3-bit comparison in docs/dppo.md ended
+at 0.04-0.11, far under it.
+
+The pilot (`--pilot`) chooses sigma before the comparison, on seeds 101-103, which the comparison does not use:
+`none` anchored at mu at sigma 1, 1.5, 2 and 3; take the sigma where it collapses in about half the runs and pass it
+as `--sigma` (2 until the pilot says otherwise).
+
+    python -m experiments.dppo_anchor --pilot           # 12 runs: about 10 minutes on 2 CPU cores
+    python -m experiments.dppo_anchor --sigma 2         # 160 runs: about 2 hours on 2 CPU cores, then the report
+    python -m experiments.dppo_anchor --report          # the report alone, from the finished runs
+
+Runs go two at a time with one core each (experiments.helpers.run_all); a finished run is not run again. The report:
+a markdown table, docs/dppo_anchor.png (held-out accuracy, mean |pi - mu|, mean |pi - pi_old| and the share of kept
+updates that move pi towards mu, per step, for both anchors).
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+from experiments.helpers import ROOT, finished_runs, load, run_all, save, subplots
+
+PAPER = ["--no-scale-rewards", "--aggregation", "seq-mean-token-sum-norm", "--eps-high", "0.28"]
+TRUST_REGIONS = ("none", "ratio", "binary-tv", "topk-tv")
+ANCHORS = ("mu", "recomputed")
+SETTINGS = ["--lr", "1e-4", "--eval-every", "10", "--log-every", "20"]  # 4 mini-batches: dppo.py's default
+STEPS, SEEDS, PILOT_SEEDS, PILOT_SIGMAS = 60, range(1, 11), range(101, 104), (1.0, 1.5, 2.0, 3.0)
+COLLAPSE_BELOW = 0.35
+MECHANISM = {"trust_region/abs_pi_mu": "mean |pi - mu|", "trust_region/abs_pi_old": "mean |pi - pi_old|",
+             "trust_region/towards_mu_frac": "kept updates moving pi towards mu"}  # fmt: skip
+
+
+def arms(trust_regions=TRUST_REGIONS, anchors=ANCHORS) -> dict:
+    """<trust region>-<anchor> -> its command."""
+    return {f"{tr}-{anchor}": ["dppo.py", "--trust-region", tr, "--anchor", anchor, "--top-k", "20", *PAPER]
+            for tr in trust_regions for anchor in anchors}  # fmt: skip
+
+
+RUNS = os.path.join(ROOT, "runs")  # where the folders of runs go (--runs)
+
+
+def mismatches(sigma: float) -> dict:
+    """folder name -> the flags of its mismatch."""
+    return {"dppo_anchor_noise": ["--sampler-noise", str(sigma)], "dppo_anchor_bits": ["--sampler-bits", "3"]}
+
+
+def first_below(evals):
+    """The first evaluation step whose held-out sampled accuracy is under the collapse line, or None."""
+    return next((e["step"] for e in evals if e["eval/acc_sampled"] < COLLAPSE_BELOW), None)
+
+
+def table(folder, names):
+    print("| arm | anchor | mismatch | collapsed runs | first step below 0.35 (median) | final acc, sampled, mean +- sd"
+          " | mean abs(pi - mu) | mean abs(pi - pi_old) | kept updates towards mu |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        runs = [load(d) for d in finished_runs(folder, name)]
+        if not runs:
+            continue
+        below = [s for s in (first_below(evals) for _, evals in runs) if s is not None]
+        finals = [evals[-1]["eval/acc_sampled"] for _, evals in runs]
+        means = [np.mean([np.mean([r[k] for r in train if k in r]) for train, _ in runs]) for k in MECHANISM]
+        tr, anchor = name.rsplit("-", 1)
+        print(f"| {tr} | {anchor} | {os.path.basename(folder).removeprefix('dppo_anchor_')} | {len(below)} of"
+              f" {len(runs)} | {np.median(below) if below else '-'} | {np.mean(finals):.3f} +- {np.std(finals):.3f}"
+              f" | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.3f} |")  # fmt: skip
+
+
+def curves(ax, folder, names, key, evals=False):
+    """Mean over seeds of a per-step (or, with `evals`, per-evaluation) metric, one line per arm: colour by trust
+    region, solid for mu, dashed for pi_old; band: one standard deviation."""
+    for name in names:
+        runs = [load(d)[1 if evals else 0] for d in finished_runs(folder, name)]
+        if not runs:
+            continue
+        longest = max(runs, key=len)  # a run stopped early (non-finite gradients) is shorter: nan after its end
+        values = np.full((len(runs), len(longest)), np.nan)
+        for i, rows in enumerate(runs):
+            values[i, : len(rows)] = [r.get(key, np.nan) for r in rows]
+        mean, sd = np.nanmean(values, 0), np.nanstd(values, 0)
+        steps = [r["step"] for r in longest]
+        tr, anchor = name.rsplit("-", 1)
+        colour = f"C{TRUST_REGIONS.index(tr)}"
+        ax.plot(steps, mean, color=colour, ls="-" if anchor == "mu" else "--", lw=1.5, label=f"{tr}, {anchor}")
+        ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.07)
+    ax.grid(alpha=0.3)
+
+
+def report(sigma: float, names):
+    folders = [os.path.join(RUNS, f) for f in mismatches(sigma)]
+    for folder in folders:
+        table(folder, names)
+        print()
+    made = [f for f in folders if any(finished_runs(f, n) for n in names)]
+    if not made:
+        print("no finished runs yet")
+        return
+    fig, axes = subplots(len(made), 4, figsize=(20, 4.5 * len(made)), squeeze=False)
+    for row, folder in zip(axes, made):
+        curves(row[0], folder, names, "eval/acc_sampled", evals=True)
+        row[0].axhline(COLLAPSE_BELOW, color="gray", ls=":", label="collapse line")
+        row[0].set(ylabel="held-out accuracy, sampled", ylim=(0, 1), title=os.path.basename(folder))
+        for ax, (key, label) in zip(row[1:], MECHANISM.items()):
+            curves(ax, folder, names, key)
+            ax.set(ylabel=label, xlabel="training step")
+        row[0].legend(title="mean over seeds, band: one sd; dashed: pi_old", title_fontsize=7, fontsize=7)
+    save(fig, "dppo_anchor.png")
+
+
+def pilot(steps, seeds):
+    """`none` anchored at mu under the noisy sampler at each sigma: how many runs collapse."""
+    for sigma in PILOT_SIGMAS:
+        folder = os.path.join(RUNS, f"dppo_anchor_pilot_sigma{sigma:g}")
+        run_all(folder, arms(("none",), ("mu",)), seeds, steps, [*SETTINGS, "--sampler-noise", str(sigma)])
+    print("| sigma | collapsed runs | first step below 0.35 | final acc, sampled |\n|---|---|---|---|")
+    for sigma in PILOT_SIGMAS:
+        runs = [load(d)[1] for d in finished_runs(os.path.join(RUNS, f"dppo_anchor_pilot_sigma{sigma:g}"),
+                                                  "none-mu")]  # fmt: skip
+        below = [first_below(e) for e in runs]
+        print(f"| {sigma:g} | {sum(b is not None for b in below)} of {len(runs)} | {below}"
+              f" | {[round(e[-1]['eval/acc_sampled'], 2) for e in runs]} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pilot", action="store_true", help="choose sigma on seeds 101-103 (no report)")
+    parser.add_argument("--report", action="store_true", help="only the report, from the finished runs")
+    parser.add_argument("--sigma", type=float, default=2.0, help="the noise scale of the noisy sampler")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per run (a toy size to try it)")
+    parser.add_argument("--seeds", type=int, default=None, help="the first N seeds only (a toy size to try it)")
+    parser.add_argument("--arms", default=",".join(TRUST_REGIONS), help="comma-separated trust regions")
+    parser.add_argument("--mismatch", choices=("noise", "bits", "both"), default="both")
+    parser.add_argument("--runs", default=RUNS, help="the folder that holds the folders of runs")
+    a = parser.parse_args()
+    RUNS = a.runs
+    if a.pilot:
+        pilot(a.steps, PILOT_SEEDS if a.seeds is None else PILOT_SEEDS[: a.seeds])
+        raise SystemExit
+    chosen = arms(tuple(a.arms.split(",")))
+    if not a.report:
+        for folder, flags in mismatches(a.sigma).items():
+            if a.mismatch in ("both", folder.removeprefix("dppo_anchor_")):
+                seeds = SEEDS if a.seeds is None else SEEDS[: a.seeds]
+                run_all(os.path.join(RUNS, folder), chosen, seeds, a.steps, [*SETTINGS, *flags])
+    report(a.sigma, tuple(chosen))
