@@ -26,7 +26,7 @@ from common.lora import LORA_MODULES, reference_policy
 from common.model import matching_parameters
 from common.run import Run, evaluate, parse_args, shown_value
 from common.sampling import Rollout, Scored, draw_prompts, prompt_ids, rollout_metrics, sample, seeded_generator
-from common.sampling import in_asked_form, token_logprobs
+from common.sampling import shaping, token_logprobs
 from common.torchrun import Totals, all_reduce, gather_strided, grad_norm_metrics, optimizer_step, world_size
 from common.verifier import is_correct
 from kernels.projection import project, triton_usable
@@ -106,6 +106,9 @@ class Args:
     format_bonus: float = 0.0
     """added in training to the reward of a completion that answers in the task's asked form, right or wrong (R1's
     format reward): shaping for a model that seldom writes the form; evaluation never counts it"""
+    answer_credit: float = 0.0
+    """with --reward strict: added in training to the reward of a right answer written outside the asked form, so
+    that a model learns the answer while strict pays the form; evaluation never counts it"""
     lora_rank: int = 0
     """r > 0: train a LoRA adapter of rank r on the --lora-modules instead of the weights (peft); 0 = off"""
     lora_alpha: float = 32.0
@@ -305,7 +308,7 @@ def collect_store(model, tokenizer, task, examples, K, args, generator, form) ->
         for i, example in enumerate(chunk):
             rows = torch.arange(i * K, (i + 1) * K, device=rollout.input_ids.device)
             rewards = torch.tensor([reward(example, t, form) for t in texts[i * K : (i + 1) * K]])
-            rewards += args.format_bonus * in_asked_form(texts[i * K : (i + 1) * K], task)  # shaping, 0 by default
+            rewards += shaping([example], texts[i * K : (i + 1) * K], task, args)  # 0 by default
             store.append({"rollout": trim(rollout.select(rows)), "rewards": rewards})
     return store
 
@@ -583,7 +586,7 @@ def main(args: Args):
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
         rewards = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)]).view(-1, n)
-        rewards += args.format_bonus * in_asked_form(texts, task).view(-1, n)  # shaping, 0 by default
+        rewards += shaping(examples, texts, task, args).view(-1, n)  # --format-bonus, --answer-credit; 0 by default
         scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)

@@ -27,7 +27,7 @@ from common.errors import check_flags, fail, flag
 from common.lora import LORA_MODULES, reference_policy
 from common.model import trainable_parameters
 from common.run import Run, parse_args
-from common.sampling import Rollout, Scored, draw_prompts, in_asked_form, rollout_metrics, sample, token_logprobs
+from common.sampling import Rollout, Scored, draw_prompts, rollout_metrics, sample, shaping, token_logprobs
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, peak_memory_gb, shard, world_size
 from common.verifier import is_correct
 from kernels.topk_divergence import topk_divergence, triton_usable
@@ -108,6 +108,9 @@ class Args:
     format_bonus: float = 0.0
     """added in training to the reward of a completion that answers in the task's asked form, right or wrong (R1's
     format reward): shaping for a model that seldom writes the form; evaluation never counts it"""
+    answer_credit: float = 0.0
+    """with --reward strict: added in training to the reward of a right answer written outside the asked form, so
+    that a model learns the answer while strict pays the form; evaluation never counts it"""
     lora_rank: int = 0
     """r > 0: train a LoRA adapter of rank r on the --lora-modules instead of the weights (peft); 0 = off"""
     lora_alpha: float = 32.0
@@ -465,7 +468,7 @@ def main(args: Args):
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
         rewards = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)]).view(-1, n)
-        rewards += args.format_bonus * in_asked_form(texts, task).view(-1, n)  # shaping, 0 by default
+        rewards += shaping(examples, texts, task, args).view(-1, n)  # --format-bonus, --answer-credit; 0 by default
         scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)

@@ -27,7 +27,7 @@ from common.lora import LORA_MODULES, reference_policy
 from common.model import load_policy, matching_parameters
 from common.run import Run, parse_args
 from common.sampling import Rollout, Scored, draw_prompts, left_pad, positions, prompt_ids, rollout_metrics, sample
-from common.sampling import in_asked_form, seeded_generator, token_logprobs, unfaithful
+from common.sampling import seeded_generator, shaping, token_logprobs, unfaithful
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, world_size
 from common.verifier import is_correct
 from kernels.projection import project
@@ -109,6 +109,9 @@ class Args:
     format_bonus: float = 0.0
     """added in training to the reward of a completion that answers in the task's asked form, right or wrong (R1's
     format reward): shaping for a model that seldom writes the form; evaluation never counts it"""
+    answer_credit: float = 0.0
+    """with --reward strict: added in training to the reward of a right answer written outside the asked form, so
+    that a model learns the answer while strict pays the form; evaluation never counts it"""
     lora_rank: int = 0
     """r > 0: train a LoRA adapter of rank r on the --lora-modules instead of the weights (peft); 0 = off"""
     lora_alpha: float = 32.0
@@ -498,7 +501,7 @@ def main(args: Args):
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
         outcome = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)])
-        outcome += args.format_bonus * in_asked_form(texts, task)  # shaping, 0 by default
+        outcome += shaping(examples, texts, task, args)  # --format-bonus, --answer-credit; 0 by default
         scored = Scored(examples, texts, outcome.view(-1, n))  # the one reward that training, logs and samples read
         outcome, mask = outcome.to(device), rollout.completion_mask.float()
         # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.

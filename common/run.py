@@ -104,9 +104,12 @@ def check_shared_flags(args):
         fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
     if not 0 <= args.warmup_steps < args.steps:
         fail(f"--warmup-steps {args.warmup_steps}: must be at least 0 and below --steps {args.steps}")
-    if args.format_bonus < 0 or args.lora_rank < 0 or args.lora_alpha <= 0:
-        name = "format_bonus" if args.format_bonus < 0 else "lora_rank" if args.lora_rank < 0 else "lora_alpha"
-        fail(f"{flag(name)} {getattr(args, name)}: must be {'positive' if name == 'lora_alpha' else 'at least 0'}")
+    for name in ("format_bonus", "answer_credit", "lora_rank", "lora_alpha"):
+        if getattr(args, name) < 0 or name == "lora_alpha" and args.lora_alpha == 0:
+            fail(f"{flag(name)} {getattr(args, name)}: must be {'positive' if name == 'lora_alpha' else 'at least 0'}")
+    if args.answer_credit and args.reward != "strict":
+        fail(f"--answer-credit {args.answer_credit}: only with --reward strict (--reward answer pays every right"
+             " answer already)")  # fmt: skip
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track: Weights & Biases is not installed; install it with: pip install -r requirements-real.txt")
     if args.lora_rank and getattr(args, "train_params", ""):

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common.model import prompt_text
 from common.torchrun import gathered
-from common.verifier import in_form
+from common.verifier import in_form, is_correct
 
 
 def seeded_generator(*keys, device="cpu") -> torch.Generator:
@@ -196,6 +196,19 @@ def unfaithful(task, examples, texts, rewards) -> list[bool]:
 def in_asked_form(texts: list[str], task) -> torch.Tensor:
     """1.0 for each completion that answers in the task's asked form (`####`), right or wrong; else 0.0."""
     return torch.tensor([float(in_form(t, task.answer_form)) for t in texts])
+
+
+def shaping(examples: list, texts: list[str], task, args) -> torch.Tensor:
+    """What training adds to the script's reward, per completion (`examples` one per prompt, `texts` n per prompt
+    side by side); 0 by default, never counted by evaluation. --format-bonus: for writing one number in the task's
+    asked form, right or wrong (R1's format reward). --answer-credit, with --reward strict: for a right answer
+    written outside that form, which strict pays nothing (what --reward answer would pay)."""
+    n, form = len(texts) // max(1, len(examples)), task.answer_form
+    formed = [in_form(t, form) for t in texts]
+    answered = [args.answer_credit > 0 and not f and is_correct(t, examples[i // n]["answer"])
+                for i, (t, f) in enumerate(zip(texts, formed))]  # fmt: skip
+    return args.format_bonus * torch.tensor(formed, dtype=torch.float) + args.answer_credit * torch.tensor(
+        answered, dtype=torch.float)  # fmt: skip
 
 
 def frac_zero_std(rewards: torch.Tensor) -> float:

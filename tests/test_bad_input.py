@@ -140,6 +140,10 @@ CASES = [
     ("format-bonus-without-a-form", "grpo", lambda d: dict(format_bonus=0.1, task=jsonl(d / "p.jsonl", rows())),
      "error", "--format-bonus: the questions of p.jsonl ask for no answer form"),
     ("format-bonus-negative", "grpo", lambda d: dict(format_bonus=-0.1), "error", "--format-bonus -0.1: must be at"),
+    ("answer-credit-without-strict", "pods", lambda d: dict(answer_credit=0.5), "error",
+     r"--answer-credit 0.5: only with --reward strict \(--reward answer pays every right answer already\)"),
+    ("answer-credit-negative", "grpo", lambda d: dict(answer_credit=-1.0, reward="strict"), "error",
+     "--answer-credit -1.0: must be at least 0"),
     # ---- --fsdp ----
     ("fsdp-one-process", "grpo", lambda d: dict(fsdp=True), "warning", "--fsdp: one process holds the whole model"),
     ("fsdp-no-layers", "grpo", lambda d: dict(fsdp=True, model=layerless_model(d)), "error",

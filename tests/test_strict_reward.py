@@ -4,9 +4,9 @@ training only; evaluation reports the share of completions in the asked form wha
 import json
 
 import pytest
-import torch
 from conftest import metric_rows
 
+import common.sampling
 import grpo
 from common.data import load_task
 from common.verifier import in_form, is_correct
@@ -72,7 +72,7 @@ def test_the_format_bonus_is_added_in_training_and_never_in_evaluation(coin_mode
     """Every completion counted in the form (as if the model wrote `#### ...`): the training reward is the answer
     reward plus the bonus; a bonus every completion of a group gets leaves its advantages as they were, so the two
     runs train alike and evaluate alike."""
-    monkeypatch.setattr(grpo, "in_asked_form", lambda texts, task: torch.ones(len(texts)))
+    monkeypatch.setattr(common.sampling, "in_form", lambda text, form: True)
     for bonus in (0.0, 0.5):
         grpo.main(grpo.Args(model=coin_model_dir, task=asked_coin_task, output_dir=str(tmp_path),
                             run_name=f"b{bonus}", format_bonus=bonus, **SMALL))  # fmt: skip
@@ -81,3 +81,17 @@ def test_the_format_bonus_is_added_in_training_and_never_in_evaluation(coin_mode
     evals = lambda rows: [r["eval/acc_sampled"] for r in rows if "eval/acc_sampled" in r]  # noqa: E731
     assert rewards(shaped) == [r + 0.5 for r in rewards(plain)] and max(rewards(plain)) > 0
     assert evals(shaped) == evals(plain)
+
+
+def test_the_answer_credit_pays_a_right_answer_outside_the_form_only(coin_model_dir, asked_coin_task, tmp_path):
+    """The coin model's `1` is right but never in the form: strict pays it 0, --answer-credit 0.5 pays it half of
+    what --reward answer pays, in training only (the first step draws the same completions in all three runs)."""
+    flags = dict(model=coin_model_dir, task=asked_coin_task, output_dir=str(tmp_path), **SMALL | dict(batch_prompts=8,
+                 n=8))  # fmt: skip
+    for name, rule in (("answer", dict(reward="answer")), ("strict", dict(reward="strict")),
+                       ("credit", dict(reward="strict", answer_credit=0.5))):  # fmt: skip
+        grpo.main(grpo.Args(**flags, run_name=name, **rule))
+    first = {name: metric_rows(tmp_path / name, "reward/mean")[0]["reward/mean"] for name in ("answer", "strict",
+                                                                                             "credit")}  # fmt: skip
+    assert first["answer"] > 0 and first["strict"] == 0 and first["credit"] == first["answer"] / 2
+    assert all(r["eval/acc_sampled"] == 0 for r in metric_rows(tmp_path / "credit", "eval/acc_sampled"))
