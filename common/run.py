@@ -36,8 +36,9 @@ from tqdm import tqdm
 from common.errors import creation_problem, fail, first_line, flag, warn
 from common.lora import add_lora, load_adapter, lora_layers, merged_state_dict, save_adapter
 from common.model import load_policy, read_policy
-from common.sampling import Scored, in_asked_form, prompt_ids, rollout_texts, seeded_generator, unfaithful
+from common.sampling import Scored, prompt_ids, rollout_texts, seeded_generator, unfaithful
 from common.torchrun import all_reduce, from_main_rank, gathered, is_main, is_sharded, setup_distributed
+from common.verifier import in_form
 from common.world import model_folder, task_named  # the one place the built-in world plugs in
 
 # ---- the command line, and a resumed run's own flags ------------------------------------------------------------
@@ -513,7 +514,7 @@ def evaluate(model, tokenizer, task, reward, form, n_prompts, max_new_tokens, te
         texts = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, max_new_tokens,
                               temperature, mode == "greedy", generator)  # fmt: skip
         rewards = [reward(e, t, form) for e, t in zip(examples, texts)]  # the script's reward, as in training
-        flawed, formed = unfaithful(task, examples, texts, rewards), in_asked_form(texts, task).tolist()
+        flawed, formed = unfaithful(task, examples, texts, rewards), [in_form(t, task.answer_form) for t in texts]
         sums = []
         for skill in [None, *skills]:
             rows = [i for i, e in enumerate(examples) if skill is None or e.get("skill") == skill]

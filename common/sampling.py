@@ -193,22 +193,17 @@ def unfaithful(task, examples, texts, rewards) -> list[bool]:
             for i, (t, r) in enumerate(zip(texts, rewards))]  # fmt: skip
 
 
-def in_asked_form(texts: list[str], task) -> torch.Tensor:
-    """1.0 for each completion that answers in the task's asked form (`####`), right or wrong; else 0.0."""
-    return torch.tensor([float(in_form(t, task.answer_form)) for t in texts])
-
-
 def shaping(examples: list, texts: list[str], task, args) -> torch.Tensor:
     """What training adds to the script's reward, per completion (`examples` one per prompt, `texts` n per prompt
     side by side); 0 by default, never counted by evaluation. --format-bonus: for writing one number in the task's
-    asked form, right or wrong (R1's format reward). --answer-credit, with --reward strict: for a right answer
-    written outside that form, which strict pays nothing (what --reward answer would pay)."""
-    n, form = len(texts) // max(1, len(examples)), task.answer_form
-    formed = [in_form(t, form) for t in texts]
-    answered = [args.answer_credit > 0 and not f and is_correct(t, examples[i // n]["answer"])
-                for i, (t, f) in enumerate(zip(texts, formed))]  # fmt: skip
-    return args.format_bonus * torch.tensor(formed, dtype=torch.float) + args.answer_credit * torch.tensor(
-        answered, dtype=torch.float)  # fmt: skip
+    asked form, right or wrong (R1's format reward). --answer-credit: for a right answer that --reward strict pays
+    nothing, as it is written outside that form."""
+    n, form, added = len(texts) // max(1, len(examples)), task.answer_form, []
+    for i, text in enumerate(texts):
+        gold = examples[i // n]["answer"]
+        outside = args.answer_credit and is_correct(text, gold) and not is_correct(text, gold, form)
+        added.append(args.format_bonus * in_form(text, form) + args.answer_credit * bool(outside))
+    return torch.tensor(added)
 
 
 def frac_zero_std(rewards: torch.Tensor) -> float:
@@ -224,7 +219,8 @@ def rollout_metrics(task, scored: Scored, rollout: Rollout) -> dict:
     return {
         "reward/mean": scored.rewards.mean().item(),
         "reward/zero_std_frac": frac_zero_std(scored.rewards),
-        **({"reward/format_frac": in_asked_form(scored.texts, task).mean().item()} if task.answer_form else {}),
+        **({"reward/format_frac": sum(in_form(t, task.answer_form) for t in scored.texts) / len(scored.texts)}
+           if task.answer_form else {}),  # fmt: skip
         "train/completion_len": sampled.sum(1).float().mean().item(),
         "train/gen_tokens": sampled.sum().item(),
         "train/truncated_frac": rollout.truncated.float().mean().item(),  # cut at --max-new-tokens before an EOS
