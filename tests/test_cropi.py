@@ -166,7 +166,7 @@ def test_target_evaluation_samples_each_prompt_k_times(monkeypatch):
     monkeypatch.setattr(common.run, "rollout_texts", answers)
     task = type(make_chain(seed=0))("file.jsonl", [], [], [{"question": "a", "answer": "1", "skill": "x"},
                                                           {"question": "b", "answer": "2", "skill": "y"}])
-    metrics = common.run.evaluate(None, None, task, cropi.reward, 2, 8, 1.0, None, samples=3)
+    metrics = common.run.evaluate(None, None, task, cropi.reward, None, 2, 8, 1.0, None, samples=3)
     assert seen == [(True, ["a", "b"]), (False, ["a", "a", "a", "b", "b", "b"])]
     assert metrics["eval/acc_greedy"] == 0.5 and metrics["eval/acc_sampled"] == pytest.approx(4 / 6)
     assert metrics["eval/acc_sampled/x"] == 1.0 and metrics["eval/acc_sampled/y"] == pytest.approx(1 / 3)
