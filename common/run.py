@@ -51,6 +51,7 @@ CHANGEABLE_ON_RESUME = ("resume", "steps", "max_time", "log_every", "eval_every"
 def parse_args(Args, argv=None):
     """The command line as Args. With --resume RUN it is parsed again with the run's saved flags as the
     defaults, so a flag left out keeps the run's value and a flag given at the run's own value changes nothing."""
+    check_choices(Args, sys.argv[1:] if argv is None else argv)
     args = tyro.cli(Args, args=argv)
     if args.resume:
         known = {f.name: f.default for f in fields(Args)}
@@ -58,6 +59,17 @@ def parse_args(Args, argv=None):
         own = {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in saved if k in known}
         args = tyro.cli(Args, args=argv, default=replace(Args(), **own))
     return args
+
+
+def check_choices(Args, argv):
+    """A flag that takes one of a few names (`--lr-schedule step`): an unknown one is a one-line error."""
+    for field in (f for f in fields(Args) if get_origin(f.type) is Literal):
+        names = [str(c) for c in get_args(field.type)]
+        for i, word in enumerate(argv):
+            name, equals, value = word.partition("=")
+            value = value if equals else argv[i + 1] if i + 1 < len(argv) else ""
+            if name == flag(field.name) and value not in names:
+                fail(f"{name} {value}".strip() + f": expected {', '.join(names[:-1])} or {names[-1]}")
 
 
 def saved_args(run_dir: str, Args, script: str | None = None) -> dict:
