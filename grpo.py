@@ -71,7 +71,7 @@ class Args:
     wandb_project: str = "tinyrlvr"
     """the W&B project of --track"""
     wandb_entity: str | None = None
-    """the W&B team or user of --track (default: yours)"""
+    """the W&B team or user of --track; None: your default one"""
     # ---- the algorithm ----
     batch_prompts: int = 16
     """B: prompts per step (over all ranks); each prompt's n rollouts stay on one rank"""

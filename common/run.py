@@ -544,12 +544,14 @@ def evaluate(model, tokenizer, task, reward, form, n_prompts, max_new_tokens, te
 
 
 def eval_line(step: int, metrics: dict) -> str:
-    """The console line of an evaluation: overall figures, sampled accuracy per skill, and a target's figures."""
-    overall = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1)
+    """The console line of an evaluation: overall figures, the asked form's share, accuracy per skill, a target's."""
+    overall = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1
+                       and "format" not in k)  # fmt: skip
+    form = " ".join(f"{k[17:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/format_frac_"))
     skills = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/acc_sampled/"))
     target = " ".join(f"{k[12:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval_target/"))
-    return (f"step {step:4d} | eval {overall}" + (f" | sampled by skill: {skills}" if skills else "")
-            + (f" | target {target}" if target else ""))  # fmt: skip
+    return (f"step {step:4d} | eval {overall}" + (f" | in the asked form: {form}" if form else "")
+            + (f" | sampled by skill: {skills}" if skills else "") + (f" | target {target}" if target else ""))
 
 
 def shown_value(v) -> str:

@@ -65,9 +65,9 @@ def test_the_world_plugs_in_at_one_place():
 
 # Lines of common/ without world/: lower it when common/ shrinks; raise it only in the change that needs the lines,
 # saying why (1553 -> 1693: stopping on SIGTERM/SIGHUP, a full disk, the strict verifier, data checks, schedules,
-# the truncated completions, no SIGHUP or `resource` on Windows; 1693 -> 1913: LoRA in lora.py, the strict reward's
+# the truncated completions, no SIGHUP or `resource` on Windows; 1693 -> 1915: LoRA in lora.py, the strict reward's
 # answer form and the training reward's shaping, Weights & Biases, a one-line error for a flag's unknown choice).
-COMMON_BUDGET = 1913
+COMMON_BUDGET = 1915
 
 
 def test_common_stays_small():
