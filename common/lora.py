@@ -44,13 +44,13 @@ class AdapterOff:
     """The policy with its adapter switched off, called like a model: the base model."""
 
     def __init__(self, policy):
-        self.policy = policy
+        self.policy, self.layers = policy, lora_layers(policy)  # found once: the adapter's layers do not change
 
     def __getattr__(self, name):  # parameters, base_model, get_output_embeddings: the policy's own
         return getattr(self.policy, name)
 
     def __call__(self, *args, **kwargs):
-        switch = lambda on: [layer.enable_adapters(on) for layer in lora_layers(self.policy)]  # noqa: E731
+        switch = lambda on: [layer.enable_adapters(on) for layer in self.layers]  # noqa: E731
         switch(False)
         try:
             return self.policy(*args, **kwargs)
