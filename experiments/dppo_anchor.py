@@ -7,9 +7,11 @@ Arms: `none` (PG-IS), `ratio` (clip-higher 0.2 / 0.28), `binary-tv`, `topk-tv` (
 - noise (runs/dppo_anchor_noise): the sampler adds N(0, sigma^2) to every logit (`--sampler-noise SIGMA`);
 - bits (runs/dppo_anchor_bits): the sampler's weights rounded to 3 bits (`--sampler-bits 3`).
 The paper's advantage and loss (mean-centred advantages, the fixed-horizon token sum, clip-higher for `ratio`),
-4 optimizer steps per rollout batch at lr 1e-4, 60 steps, C = infinity (the paper's stability setting), a held-out
-evaluation every 10 steps. With `none` and C = infinity both anchors give the same gradient, pi / pi_old *
-pi_old / mu = pi / mu: that pair is a control, equal up to rounding.
+4 optimizer steps per rollout batch at lr 1e-4, 60 steps, a held-out evaluation every 10 steps. Anchored at mu,
+C = infinity (the paper's stability setting: pi / mu is not capped); anchored at pi_old, C = 2 (the truncated
+importance weight min(pi_old / mu, 2), as frameworks that recompute pi_old use it). So the pair compares the paper's
+update with the decoupled one a practitioner would otherwise reach for; with `none` the two differ only by the
+truncation, since pi / pi_old * pi_old / mu = pi / mu.
 
 The collapse rule, fixed before any run: a run collapses when its held-out sampled accuracy falls below 0.35 at any
 evaluation. The base model's is 0.550 on the 200 test prompts (0.51-0.60 over evaluation seeds); its sampling
@@ -18,11 +20,11 @@ under it with odds below 1e-8 per evaluation, and the collapsed runs of the 3-bi
 at 0.04-0.11, far under it.
 
 The pilot (`--pilot`) chooses sigma before the comparison, on seeds 101-103, which the comparison does not use:
-`none` anchored at mu at sigma 1, 1.5, 2 and 3; take the sigma where it collapses in about half the runs and pass it
-as `--sigma` (2 until the pilot says otherwise).
+`none` anchored at mu at sigma 1, 1.5, 1.75, 2 and 3, to find where it collapses in about half the runs. It
+collapsed in 0, 0, 2, 3 and 3 of 3, so the comparison runs at sigma 1.75 (the default of `--sigma`).
 
-    python -m experiments.dppo_anchor --pilot           # 12 runs: about 10 minutes on 2 CPU cores
-    python -m experiments.dppo_anchor --sigma 2         # 160 runs: about 2 hours on 2 CPU cores, then the report
+    python -m experiments.dppo_anchor --pilot           # 15 runs: about 7 minutes on 2 CPU cores
+    python -m experiments.dppo_anchor                   # 160 runs: about 75 minutes on 2 CPU cores, then the report
     python -m experiments.dppo_anchor --report          # the report alone, from the finished runs
 
 Runs go two at a time with one core each (experiments.helpers.run_all); a finished run is not run again. The report:
@@ -41,16 +43,18 @@ PAPER = ["--no-scale-rewards", "--aggregation", "seq-mean-token-sum-norm", "--ep
 TRUST_REGIONS = ("none", "ratio", "binary-tv", "topk-tv")
 ANCHORS = ("mu", "recomputed")
 SETTINGS = ["--lr", "1e-4", "--eval-every", "10", "--log-every", "20"]  # 4 mini-batches: dppo.py's default
-STEPS, SEEDS, PILOT_SEEDS, PILOT_SIGMAS = 60, range(1, 11), range(101, 104), (1.0, 1.5, 2.0, 3.0)
+STEPS, SEEDS, PILOT_SEEDS, PILOT_SIGMAS = 60, range(1, 11), range(101, 104), (1.0, 1.5, 1.75, 2.0, 3.0)
 COLLAPSE_BELOW = 0.35
+IS_CAP = {"mu": [], "recomputed": ["--is-cap", "2"]}  # mu: C = infinity, the paper's; pi_old: truncated at 2
 MECHANISM = {"trust_region/abs_pi_mu": "mean |pi - mu|", "trust_region/abs_pi_old": "mean |pi - pi_old|",
              "trust_region/towards_mu_frac": "kept updates moving pi towards mu"}  # fmt: skip
+COST = "time/update"  # seconds of one step's update (the extra forward pass of pi_old included)
 
 
 def arms(trust_regions=TRUST_REGIONS, anchors=ANCHORS) -> dict:
     """<trust region>-<anchor> -> its command."""
-    return {f"{tr}-{anchor}": ["dppo.py", "--trust-region", tr, "--anchor", anchor, "--top-k", "20", *PAPER]
-            for tr in trust_regions for anchor in anchors}  # fmt: skip
+    return {f"{tr}-{anchor}": ["dppo.py", "--trust-region", tr, "--anchor", anchor, "--top-k", "20", *PAPER,
+                               *IS_CAP[anchor]] for tr in trust_regions for anchor in anchors}  # fmt: skip
 
 
 RUNS = os.path.join(ROOT, "runs")  # where the folders of runs go (--runs)
@@ -68,19 +72,19 @@ def first_below(evals):
 
 def table(folder, names):
     print("| arm | anchor | mismatch | collapsed runs | first step below 0.35 (median) | final acc, sampled, mean +- sd"
-          " | mean abs(pi - mu) | mean abs(pi - pi_old) | kept updates towards mu |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          " | mean abs(pi - mu) | mean abs(pi - pi_old) | kept updates towards mu | update s/step |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         runs = [load(d) for d in finished_runs(folder, name)]
         if not runs:
             continue
         below = [s for s in (first_below(evals) for _, evals in runs) if s is not None]
         finals = [evals[-1]["eval/acc_sampled"] for _, evals in runs]
-        means = [np.mean([np.mean([r[k] for r in train if k in r]) for train, _ in runs]) for k in MECHANISM]
+        means = [np.mean([np.mean([r[k] for r in train if k in r]) for train, _ in runs]) for k in [*MECHANISM, COST]]
         tr, anchor = name.rsplit("-", 1)
         print(f"| {tr} | {anchor} | {os.path.basename(folder).removeprefix('dppo_anchor_')} | {len(below)} of"
               f" {len(runs)} | {np.median(below) if below else '-'} | {np.mean(finals):.3f} +- {np.std(finals):.3f}"
-              f" | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.3f} |")  # fmt: skip
+              f" | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.3f} | {means[3]:.3f} |")  # fmt: skip
 
 
 def curves(ax, folder, names, key, evals=False):
@@ -142,7 +146,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pilot", action="store_true", help="choose sigma on seeds 101-103 (no report)")
     parser.add_argument("--report", action="store_true", help="only the report, from the finished runs")
-    parser.add_argument("--sigma", type=float, default=2.0, help="the noise scale of the noisy sampler")
+    parser.add_argument("--sigma", type=float, default=1.75, help="the noise scale of the noisy sampler")
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per run (a toy size to try it)")
     parser.add_argument("--seeds", type=int, default=None, help="the first N seeds only (a toy size to try it)")
     parser.add_argument("--arms", default=",".join(TRUST_REGIONS), help="comma-separated trust regions")
