@@ -11,7 +11,9 @@ The paper's advantage and loss (mean-centred advantages, the fixed-horizon token
 C = infinity (the paper's stability setting: pi / mu is not capped); anchored at pi_old, C = 2 (the truncated
 importance weight min(pi_old / mu, 2), as frameworks that recompute pi_old use it). So the pair compares the paper's
 update with the decoupled one a practitioner would otherwise reach for; with `none` the two differ only by the
-truncation, since pi / pi_old * pi_old / mu = pi / mu.
+truncation, since pi / pi_old * pi_old / mu = pi / mu. To tell the anchor from the truncation, a control
+(`--arms none,binary-tv --anchors mu+cap2`, 40 runs, added after the first seeds showed `none` differing between the
+two anchors) keeps the mu anchor and truncates its weight, min(pi / mu, 2).
 
 The collapse rule, fixed before any run: a run collapses when its held-out sampled accuracy falls below 0.35 at any
 evaluation. The base model's is 0.550 on the 200 test prompts (0.51-0.60 over evaluation seeds); its sampling
@@ -25,6 +27,7 @@ collapsed in 0, 0, 2, 3 and 3 of 3, so the comparison runs at sigma 1.75 (the de
 
     python -m experiments.dppo_anchor --pilot           # 15 runs: about 7 minutes on 2 CPU cores
     python -m experiments.dppo_anchor                   # 160 runs: about 75 minutes on 2 CPU cores, then the report
+    python -m experiments.dppo_anchor --arms none,binary-tv --anchors mu+cap2   # the control: 40 runs, 20 minutes
     python -m experiments.dppo_anchor --report          # the report alone, from the finished runs
 
 Runs go two at a time with one core each (experiments.helpers.run_all); a finished run is not run again. The report:
@@ -41,20 +44,22 @@ from experiments.helpers import ROOT, finished_runs, load, run_all, save, subplo
 
 PAPER = ["--no-scale-rewards", "--aggregation", "seq-mean-token-sum-norm", "--eps-high", "0.28"]
 TRUST_REGIONS = ("none", "ratio", "binary-tv", "topk-tv")
-ANCHORS = ("mu", "recomputed")
+ANCHORS = {"mu": ["--anchor", "mu"],  # C = infinity, the paper's
+           "recomputed": ["--anchor", "recomputed", "--is-cap", "2"],  # pi_old, the importance weight truncated at 2
+           "mu+cap2": ["--anchor", "mu", "--is-cap", "2"]}  # the control: mu's weight pi / mu truncated at 2
+LINE = {"mu": "-", "recomputed": "--", "mu+cap2": ":"}
 SETTINGS = ["--lr", "1e-4", "--eval-every", "10", "--log-every", "20"]  # 4 mini-batches: dppo.py's default
 STEPS, SEEDS, PILOT_SEEDS, PILOT_SIGMAS = 60, range(1, 11), range(101, 104), (1.0, 1.5, 1.75, 2.0, 3.0)
 COLLAPSE_BELOW = 0.35
-IS_CAP = {"mu": [], "recomputed": ["--is-cap", "2"]}  # mu: C = infinity, the paper's; pi_old: truncated at 2
 MECHANISM = {"trust_region/abs_pi_mu": "mean |pi - mu|", "trust_region/abs_pi_old": "mean |pi - pi_old|",
              "trust_region/towards_mu_frac": "kept updates moving pi towards mu"}  # fmt: skip
 COST = "time/update"  # seconds of one step's update (the extra forward pass of pi_old included)
 
 
-def arms(trust_regions=TRUST_REGIONS, anchors=ANCHORS) -> dict:
+def arms(trust_regions=TRUST_REGIONS, anchors=tuple(ANCHORS)) -> dict:
     """<trust region>-<anchor> -> its command."""
-    return {f"{tr}-{anchor}": ["dppo.py", "--trust-region", tr, "--anchor", anchor, "--top-k", "20", *PAPER,
-                               *IS_CAP[anchor]] for tr in trust_regions for anchor in anchors}  # fmt: skip
+    return {f"{tr}-{anchor}": ["dppo.py", "--trust-region", tr, *ANCHORS[anchor], "--top-k", "20", *PAPER]
+            for tr in trust_regions for anchor in anchors}  # fmt: skip
 
 
 RUNS = os.path.join(ROOT, "runs")  # where the folders of runs go (--runs)
@@ -102,7 +107,7 @@ def curves(ax, folder, names, key, evals=False):
         steps = [r["step"] for r in longest]
         tr, anchor = name.rsplit("-", 1)
         colour = f"C{TRUST_REGIONS.index(tr)}"
-        ax.plot(steps, mean, color=colour, ls="-" if anchor == "mu" else "--", lw=1.5, label=f"{tr}, {anchor}")
+        ax.plot(steps, mean, color=colour, ls=LINE[anchor], lw=1.5, label=f"{tr}, {anchor}")
         ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.07)
     ax.grid(alpha=0.3)
 
@@ -150,6 +155,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per run (a toy size to try it)")
     parser.add_argument("--seeds", type=int, default=None, help="the first N seeds only (a toy size to try it)")
     parser.add_argument("--arms", default=",".join(TRUST_REGIONS), help="comma-separated trust regions")
+    parser.add_argument("--anchors", default="mu,recomputed", help=f"comma-separated, of {', '.join(ANCHORS)}")
     parser.add_argument("--mismatch", choices=("noise", "bits", "both"), default="both")
     parser.add_argument("--runs", default=RUNS, help="the folder that holds the folders of runs")
     a = parser.parse_args()
@@ -157,10 +163,10 @@ if __name__ == "__main__":
     if a.pilot:
         pilot(a.steps, PILOT_SEEDS if a.seeds is None else PILOT_SEEDS[: a.seeds])
         raise SystemExit
-    chosen = arms(tuple(a.arms.split(",")))
+    chosen = arms(tuple(a.arms.split(",")), tuple(a.anchors.split(",")))
     if not a.report:
         for folder, flags in mismatches(a.sigma).items():
             if a.mismatch in ("both", folder.removeprefix("dppo_anchor_")):
                 seeds = SEEDS if a.seeds is None else SEEDS[: a.seeds]
                 run_all(os.path.join(RUNS, folder), chosen, seeds, a.steps, [*SETTINGS, *flags])
-    report(a.sigma, tuple(chosen))
+    report(a.sigma, tuple(arms()))  # every arm that has finished runs
