@@ -76,19 +76,21 @@ def first_below(evals):
 
 
 def table(folder, names):
-    print("| arm | anchor | mismatch | collapsed runs | first step below 0.35 (median) | final acc, sampled, mean +- sd"
-          " | mean abs(pi - mu) | mean abs(pi - pi_old) | kept updates towards mu | update s/step |")  # fmt: skip
+    print("| trust region | anchor | mismatch | collapsed runs | first step below 0.35 (per seed) | final acc, sampled,"
+          " mean +- sd (per seed) | mean abs(pi - mu) | mean abs(pi - pi_old) | kept updates towards mu"
+          " | update s/step |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         runs = [load(d) for d in finished_runs(folder, name)]
         if not runs:
             continue
-        below = [s for s in (first_below(evals) for _, evals in runs) if s is not None]
+        below = [first_below(evals) for _, evals in runs]
         finals = [evals[-1]["eval/acc_sampled"] for _, evals in runs]
         means = [np.mean([np.mean([r[k] for r in train if k in r]) for train, _ in runs]) for k in [*MECHANISM, COST]]
         tr, anchor = name.rsplit("-", 1)
-        print(f"| {tr} | {anchor} | {os.path.basename(folder).removeprefix('dppo_anchor_')} | {len(below)} of"
-              f" {len(runs)} | {np.median(below) if below else '-'} | {np.mean(finals):.3f} +- {np.std(finals):.3f}"
+        print(f"| {tr} | {anchor} | {os.path.basename(folder).removeprefix('dppo_anchor_')}"
+              f" | {sum(s is not None for s in below)} of {len(runs)} | {', '.join(str(s or '-') for s in below)}"
+              f" | {np.mean(finals):.3f} +- {np.std(finals):.3f} ({', '.join(f'{f:.2f}' for f in finals)})"
               f" | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.3f} | {means[3]:.3f} |")  # fmt: skip
 
 
