@@ -114,11 +114,22 @@ def curves(ax, folder, names, key, evals=False):
     ax.grid(alpha=0.3)
 
 
+def cost(folders, names):
+    """Seconds per step by anchor, over every run of both mismatches: the update, and the whole step."""
+    for anchor in ANCHORS:
+        runs = [load(d)[0] for f in folders for n in names if n.endswith(f"-{anchor}") for d in finished_runs(f, n)]
+        steps = [r for train in runs for r in train]
+        if steps:
+            print(f"{anchor}: update {np.mean([r['time/update'] for r in steps]):.3f} s/step, whole step"
+                  f" {np.mean([r['time/update'] + r['time/generate'] for r in steps]):.3f} s ({len(runs)} runs)")
+
+
 def report(sigma: float, names):
     folders = [os.path.join(RUNS, f) for f in mismatches(sigma)]
     for folder in folders:
         table(folder, names)
         print()
+    cost(folders, names)
     made = [f for f in folders if any(finished_runs(f, n) for n in names)]
     if not made:
         print("no finished runs yet")
