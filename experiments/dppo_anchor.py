@@ -48,6 +48,7 @@ ANCHORS = {"mu": ["--anchor", "mu"],  # C = infinity, the paper's
            "recomputed": ["--anchor", "recomputed", "--is-cap", "2"],  # pi_old, the importance weight truncated at 2
            "mu+cap2": ["--anchor", "mu", "--is-cap", "2"]}  # the control: mu's weight pi / mu truncated at 2
 LINE = {"mu": "-", "recomputed": "--", "mu+cap2": ":"}
+TITLE = {"dppo_anchor_noise": "noisy sampler, sigma = {sigma:g}", "dppo_anchor_bits": "3-bit sampler"}
 SETTINGS = ["--lr", "1e-4", "--eval-every", "10", "--log-every", "20"]  # 4 mini-batches: dppo.py's default
 STEPS, SEEDS, PILOT_SEEDS, PILOT_SIGMAS = 60, range(1, 11), range(101, 104), (1.0, 1.5, 1.75, 2.0, 3.0)
 COLLAPSE_BELOW = 0.35
@@ -138,11 +139,13 @@ def report(sigma: float, names):
     for row, folder in zip(axes, made):
         curves(row[0], folder, names, "eval/acc_sampled", evals=True)
         row[0].axhline(COLLAPSE_BELOW, color="gray", ls=":", label="collapse line")
-        row[0].set(ylabel="held-out accuracy, sampled", ylim=(0, 1), title=os.path.basename(folder))
+        title = TITLE[os.path.basename(folder)].format(sigma=sigma)
+        row[0].set(ylabel="held-out accuracy, sampled", ylim=(0, 1), title=title)
         for ax, (key, label) in zip(row[1:], MECHANISM.items()):
             curves(ax, folder, names, key)
             ax.set(ylabel=label, xlabel="training step")
-        row[0].legend(title="mean over seeds, band: one sd; dashed: pi_old", title_fontsize=7, fontsize=7)
+        key = "mean over seeds, band: one sd;\ndashed: pi_old, C = 2; dotted: mu, C = 2"
+        row[0].legend(title=key, title_fontsize=7, fontsize=7)
     save(fig, "dppo_anchor.png")
 
 
