@@ -145,7 +145,7 @@ def report(sigma: float, names):
             curves(ax, folder, names, key)
             ax.set(ylabel=label, xlabel="training step")
         key = "mean over seeds, band: one sd;\ndashed: pi_old, C = 2; dotted: mu, C = 2"
-        row[0].legend(title=key, title_fontsize=7, fontsize=7)
+        row[0].legend(title=key, title_fontsize=7, fontsize=7, ncol=2, loc="upper center")  # above the curves
     save(fig, "dppo_anchor.png")
 
 
