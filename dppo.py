@@ -10,7 +10,7 @@ Paper: P. Qi, X. Zhou, Z. Liu, T. Pang, C. Du, M. Lin, W. S. Lee, "Rethinking th
 Reinforcement Learning", arXiv 2602.04879.
 
     python dppo.py                                    # built-in tiny model and chain task, CPU, minutes
-    python dppo.py --trust-region ratio --anchor recomputed --sampler-noise 2   # PPO clip around pi_old; noisy mu
+    python dppo.py --anchor recomputed --is-cap 2 --sampler-noise 1.75   # trust region around pi_old; noisy mu
     python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --lr 1e-6
     torchrun --nproc_per_node 2 -- dppo.py
 """
