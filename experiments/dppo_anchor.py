@@ -26,7 +26,7 @@ The pilot (`--pilot`) chooses sigma before the comparison, on seeds 101-103, whi
 collapsed in 0, 0, 2, 3 and 3 of 3, so the comparison runs at sigma 1.75 (the default of `--sigma`).
 
     python -m experiments.dppo_anchor --pilot           # 15 runs: about 7 minutes on 2 CPU cores
-    python -m experiments.dppo_anchor                   # 160 runs: about 75 minutes on 2 CPU cores, then the report
+    python -m experiments.dppo_anchor                   # 160 runs: about 74 minutes on 2 CPU cores, then the report
     python -m experiments.dppo_anchor --arms none,binary-tv --anchors mu+cap2   # the control: 40 runs, 20 minutes
     python -m experiments.dppo_anchor --report          # the report alone, from the finished runs
 
