@@ -28,6 +28,7 @@ collapsed in 0, 0, 2, 3 and 3 of 3, so the comparison runs at sigma 1.75 (the de
     python -m experiments.dppo_anchor --pilot           # 15 runs: about 7 minutes on 2 CPU cores
     python -m experiments.dppo_anchor                   # 160 runs: about 74 minutes on 2 CPU cores, then the report
     python -m experiments.dppo_anchor --arms none,binary-tv --anchors mu+cap2   # the control: 40 runs, 20 minutes
+    python -m experiments.dppo_anchor --arms none,binary-tv --anchors mu --mismatch none   # no mismatch: 20 runs
     python -m experiments.dppo_anchor --report          # the report alone, from the finished runs
 
 Runs go two at a time with one core each (experiments.helpers.run_all); a finished run is not run again. The report:
@@ -69,6 +70,18 @@ RUNS = os.path.join(ROOT, "runs")  # where the folders of runs go (--runs)
 def mismatches(sigma: float) -> dict:
     """folder name -> the flags of its mismatch."""
     return {"dppo_anchor_noise": ["--sampler-noise", str(sigma)], "dppo_anchor_bits": ["--sampler-bits", "3"]}
+
+
+CLEAN = "dppo_anchor_none"  # the reference without a mismatch (--mismatch none), drawn in black
+
+
+def reference(ax, names):
+    """Held-out accuracy of the arms run without a mismatch, mean over seeds: what the mismatch costs."""
+    for name in names:
+        runs = [load(d)[1] for d in finished_runs(os.path.join(RUNS, CLEAN), name)]
+        if runs:
+            mean = np.mean([[e["eval/acc_sampled"] for e in evals] for evals in runs], 0)
+            ax.plot([e["step"] for e in runs[0]], mean, color="black", lw=1, label=f"{name}, no mismatch")
 
 
 def first_below(evals):
@@ -127,7 +140,7 @@ def cost(folders, names):
 
 def report(sigma: float, names):
     folders = [os.path.join(RUNS, f) for f in mismatches(sigma)]
-    for folder in folders:
+    for folder in [*folders, os.path.join(RUNS, CLEAN)]:
         table(folder, names)
         print()
     cost(folders, names)
@@ -138,6 +151,7 @@ def report(sigma: float, names):
     fig, axes = subplots(len(made), 4, figsize=(20, 4.5 * len(made)), squeeze=False)
     for row, folder in zip(axes, made):
         curves(row[0], folder, names, "eval/acc_sampled", evals=True)
+        reference(row[0], names)
         row[0].axhline(COLLAPSE_BELOW, color="gray", ls=":", label="collapse line")
         title = TITLE[os.path.basename(folder)].format(sigma=sigma)
         row[0].set(ylabel="held-out accuracy, sampled", ylim=(0, 1), title=title)
@@ -172,7 +186,8 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, default=None, help="the first N seeds only (a toy size to try it)")
     parser.add_argument("--arms", default=",".join(TRUST_REGIONS), help="comma-separated trust regions")
     parser.add_argument("--anchors", default="mu,recomputed", help=f"comma-separated, of {', '.join(ANCHORS)}")
-    parser.add_argument("--mismatch", choices=("noise", "bits", "both"), default="both")
+    parser.add_argument("--mismatch", choices=("noise", "bits", "both", "none"), default="both",
+                        help="both: noise and bits; none: the reference without a mismatch")
     parser.add_argument("--runs", default=RUNS, help="the folder that holds the folders of runs")
     a = parser.parse_args()
     RUNS = a.runs
@@ -181,8 +196,8 @@ if __name__ == "__main__":
         raise SystemExit
     chosen = arms(tuple(a.arms.split(",")), tuple(a.anchors.split(",")))
     if not a.report:
-        for folder, flags in mismatches(a.sigma).items():
-            if a.mismatch in ("both", folder.removeprefix("dppo_anchor_")):
+        for folder, flags in {**mismatches(a.sigma), CLEAN: []}.items():
+            if a.mismatch == folder.removeprefix("dppo_anchor_") or (a.mismatch == "both" and folder != CLEAN):
                 seeds = SEEDS if a.seeds is None else SEEDS[: a.seeds]
                 run_all(os.path.join(RUNS, folder), chosen, seeds, a.steps, [*SETTINGS, *flags])
     report(a.sigma, tuple(arms()))  # every arm that has finished runs
