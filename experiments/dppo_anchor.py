@@ -81,7 +81,8 @@ def reference(ax, names):
         runs = [load(d)[1] for d in finished_runs(os.path.join(RUNS, CLEAN), name)]
         if runs:
             mean = np.mean([[e["eval/acc_sampled"] for e in evals] for evals in runs], 0)
-            ax.plot([e["step"] for e in runs[0]], mean, color="black", lw=1, label=f"{name}, no mismatch")
+            ls = "-." if name.startswith("none") else "-"
+            ax.plot([e["step"] for e in runs[0]], mean, color="black", ls=ls, lw=1, label=f"{name}, no mismatch")
 
 
 def first_below(evals):
@@ -102,7 +103,8 @@ def table(folder, names):
         finals = [evals[-1]["eval/acc_sampled"] for _, evals in runs]
         means = [np.mean([np.mean([r[k] for r in train if k in r]) for train, _ in runs]) for k in [*MECHANISM, COST]]
         tr, anchor = name.rsplit("-", 1)
-        print(f"| {tr} | {anchor} | {os.path.basename(folder).removeprefix('dppo_anchor_')}"
+        mismatch = os.path.basename(folder).removeprefix("dppo_anchor_").replace("none", "no mismatch")
+        print(f"| {tr} | {anchor} | {mismatch}"
               f" | {sum(s is not None for s in below)} of {len(runs)} | {', '.join(str(s or '-') for s in below)}"
               f" | {np.mean(finals):.3f} +- {np.std(finals):.3f} ({', '.join(f'{f:.2f}' for f in finals)})"
               f" | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.3f} | {means[3]:.3f} |")  # fmt: skip
@@ -154,7 +156,7 @@ def report(sigma: float, names):
         reference(row[0], names)
         row[0].axhline(COLLAPSE_BELOW, color="gray", ls=":", label="collapse line")
         title = TITLE[os.path.basename(folder)].format(sigma=sigma)
-        row[0].set(ylabel="held-out accuracy, sampled", ylim=(0, 1), title=title)
+        row[0].set(ylabel="held-out accuracy, sampled", ylim=(0, 1.6), yticks=np.arange(0, 1.01, 0.2), title=title)
         for ax, (key, label) in zip(row[1:], MECHANISM.items()):
             curves(ax, folder, names, key)
             ax.set(ylabel=label, xlabel="training step")
