@@ -27,8 +27,8 @@ collapsed in 0, 0, 2, 3 and 3 of 3, so the comparison runs at sigma 1.75 (the de
 
     python -m experiments.dppo_anchor --pilot           # 15 runs: about 7 minutes on 2 CPU cores
     python -m experiments.dppo_anchor                   # 160 runs: about 74 minutes on 2 CPU cores, then the report
-    python -m experiments.dppo_anchor --arms none,binary-tv --anchors mu+cap2   # the control: 40 runs, 20 minutes
-    python -m experiments.dppo_anchor --arms none,binary-tv --anchors mu --mismatch none   # no mismatch: 20 runs
+    python -m experiments.dppo_anchor --arms none,binary-tv --anchors mu+cap2   # the control: 40 runs, 19 minutes
+    python -m experiments.dppo_anchor --arms none,binary-tv --anchors mu --mismatch none  # no mismatch: 20 runs, 10 min
     python -m experiments.dppo_anchor --report          # the report alone, from the finished runs
 
 Runs go two at a time with one core each (experiments.helpers.run_all); a finished run is not run again. The report:
@@ -136,8 +136,8 @@ def cost(folders, names):
         runs = [load(d)[0] for f in folders for n in names if n.endswith(f"-{anchor}") for d in finished_runs(f, n)]
         steps = [r for train in runs for r in train]
         if steps:
-            print(f"{anchor}: update {np.mean([r['time/update'] for r in steps]):.3f} s/step, whole step"
-                  f" {np.mean([r['time/update'] + r['time/generate'] for r in steps]):.3f} s ({len(runs)} runs)")
+            print(f"{anchor}: update {np.mean([r[COST] for r in steps]):.3f} s/step, whole step"
+                  f" {np.mean([r[COST] + r['time/generate'] for r in steps]):.3f} s ({len(runs)} runs)")
 
 
 def report(sigma: float, names):
