@@ -75,26 +75,13 @@ def mismatches(sigma: float) -> dict:
 CLEAN = "dppo_anchor_none"  # the reference without a mismatch (--mismatch none), drawn in black
 
 
-def reference(ax, names):
-    """Held-out accuracy of the arms run without a mismatch, mean over seeds: what the mismatch costs."""
-    for name in names:
-        runs = [load(d)[1] for d in finished_runs(os.path.join(RUNS, CLEAN), name)]
-        if runs:
-            mean = np.mean([[e["eval/acc_sampled"] for e in evals] for evals in runs], 0)
-            ls = "-." if name.startswith("none") else "-"
-            ax.plot([e["step"] for e in runs[0]], mean, color="black", ls=ls, lw=1, label=f"{name}, no mismatch")
-
-
 def first_below(evals):
     """The first evaluation step whose held-out sampled accuracy is under the collapse line, or None."""
     return next((e["step"] for e in evals if e["eval/acc_sampled"] < COLLAPSE_BELOW), None)
 
 
 def table(folder, names):
-    print("| trust region | anchor | mismatch | collapsed runs | first step below 0.35 (per seed) | final acc, sampled,"
-          " mean +- sd (per seed) | mean abs(pi - mu) | mean abs(pi - pi_old) | kept updates towards mu"
-          " | update s/step |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for name in names:
         runs = [load(d) for d in finished_runs(folder, name)]
         if not runs:
@@ -104,15 +91,20 @@ def table(folder, names):
         means = [np.mean([np.mean([r[k] for r in train if k in r]) for train, _ in runs]) for k in [*MECHANISM, COST]]
         tr, anchor = name.rsplit("-", 1)
         mismatch = os.path.basename(folder).removeprefix("dppo_anchor_").replace("none", "no mismatch")
-        print(f"| {tr} | {anchor} | {mismatch}"
-              f" | {sum(s is not None for s in below)} of {len(runs)} | {', '.join(str(s or '-') for s in below)}"
-              f" | {np.mean(finals):.3f} +- {np.std(finals):.3f} ({', '.join(f'{f:.2f}' for f in finals)})"
-              f" | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.3f} | {means[3]:.3f} |")  # fmt: skip
+        rows.append(f"| {tr} | {anchor} | {mismatch}"
+                    f" | {sum(s is not None for s in below)} of {len(runs)} | {', '.join(str(s or '-') for s in below)}"
+                    f" | {np.mean(finals):.3f} +- {np.std(finals):.3f} ({', '.join(f'{f:.2f}' for f in finals)})"
+                    f" | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.3f} | {means[3]:.3f} |")  # fmt: skip
+    if rows:  # a folder not run yet prints nothing
+        print("| trust region | anchor | mismatch | collapsed runs | first step below 0.35 (per seed) | final acc,"
+              " sampled, mean +- sd (per seed) | mean abs(pi - mu) | mean abs(pi - pi_old) | kept updates towards mu"
+              " | update s/step |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")  # fmt: skip
 
 
-def curves(ax, folder, names, key, evals=False):
+def curves(ax, folder, names, key, evals=False, clean=False):
     """Mean over seeds of a per-step (or, with `evals`, per-evaluation) metric, one line per arm: colour by trust
-    region, solid for mu, dashed for pi_old; band: one standard deviation."""
+    region, line by anchor (LINE); band: one standard deviation. `clean`: the runs without a mismatch, in black and
+    without a band (solid for binary-tv, dash-dot for none)."""
     for name in names:
         runs = [load(d)[1 if evals else 0] for d in finished_runs(folder, name)]
         if not runs:
@@ -124,6 +116,9 @@ def curves(ax, folder, names, key, evals=False):
         mean, sd = np.nanmean(values, 0), np.nanstd(values, 0)
         steps = [r["step"] for r in longest]
         tr, anchor = name.rsplit("-", 1)
+        if clean:
+            ax.plot(steps, mean, color="black", ls="-." if tr == "none" else "-", lw=1, label=f"{name}, no mismatch")
+            continue
         colour = f"C{TRUST_REGIONS.index(tr)}"
         ax.plot(steps, mean, color=colour, ls=LINE[anchor], lw=1.5, label=f"{tr}, {anchor}")
         ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.07)
@@ -144,7 +139,6 @@ def report(sigma: float, names):
     folders = [os.path.join(RUNS, f) for f in mismatches(sigma)]
     for folder in [*folders, os.path.join(RUNS, CLEAN)]:
         table(folder, names)
-        print()
     cost(folders, names)
     made = [f for f in folders if any(finished_runs(f, n) for n in names)]
     if not made:
@@ -153,7 +147,7 @@ def report(sigma: float, names):
     fig, axes = subplots(len(made), 4, figsize=(20, 4.5 * len(made)), squeeze=False)
     for row, folder in zip(axes, made):
         curves(row[0], folder, names, "eval/acc_sampled", evals=True)
-        reference(row[0], names)
+        curves(row[0], os.path.join(RUNS, CLEAN), names, "eval/acc_sampled", evals=True, clean=True)
         row[0].axhline(COLLAPSE_BELOW, color="gray", ls=":", label="collapse line")
         title = TITLE[os.path.basename(folder)].format(sigma=sigma)
         row[0].set(ylabel="held-out accuracy, sampled", ylim=(0, 1.6), yticks=np.arange(0, 1.01, 0.2), title=title)
