@@ -21,12 +21,14 @@ from typing import Literal
 import torch
 
 from common.data import check_skills, of_skills
-from common.errors import check_flags, fail, flag, warn
+from common.errors import fail, warn
+from common.evaluation import held_out_metrics
+from common.flags import check_flags, flag, parse_args
 from common.lora import LORA_MODULES, reference_policy
 from common.model import matching_parameters
-from common.run import Run, evaluate, parse_args, shown_value
+from common.run import Run, shown_value
 from common.sampling import Rollout, Scored, draw_prompts, prompt_ids, rollout_metrics, sample, seeded_generator
-from common.sampling import shaping, token_logprobs
+from common.sampling import shaping, token_logprobs, verdicts
 from common.torchrun import Totals, all_reduce, gather_strided, grad_norm_metrics, optimizer_step, world_size
 from common.verifier import is_correct
 from kernels.projection import project, triton_usable
@@ -257,7 +259,7 @@ def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normal
 
 def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
     """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
-    sampled the batch, whose log-probs the sampler recorded (rollout.old_logprobs): with one mini-batch the
+    sampled the batch, whose log-probs the sampler recorded (rollout.sampler_logprobs): with one mini-batch the
     ratio is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
     model.train()
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
@@ -269,7 +271,7 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
             micro, A = rollout.select(rows), advantages[rows]
             valid = micro.completion_mask.float()
             logprobs, entropy = token_logprobs(model, micro, args.temperature, entropy=True)
-            per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low, args.eps_high)
+            per_token, clipped = clipped_surrogate(logprobs, micro.sampler_logprobs, A, args.eps_low, args.eps_high)
             kl = torch.zeros_like(logprobs)
             if ref_model is not None:
                 with torch.no_grad():
@@ -297,7 +299,7 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
 
 def collect_store(model, tokenizer, task, examples, K, args, generator, form) -> list[dict]:
     """Per example: the K responses as a Rollout (with the behaviour log-probs recorded while sampling at
-    --store-temperature) and their rewards (under the run's reward `form`, with its --format-bonus)."""
+    --store-temperature), their training signal (the reward under the run's `form`, shaped), the verifier's verdict."""
     store = []
     for s in range(0, len(examples), 32):
         chunk = examples[s : s + 32]
@@ -307,9 +309,10 @@ def collect_store(model, tokenizer, task, examples, K, args, generator, form) ->
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         for i, example in enumerate(chunk):
             rows = torch.arange(i * K, (i + 1) * K, device=rollout.input_ids.device)
-            rewards = torch.tensor([reward(example, t, form) for t in texts[i * K : (i + 1) * K]])
-            rewards += shaping([example], texts[i * K : (i + 1) * K], task, args)  # 0 by default
-            store.append({"rollout": trim(rollout.select(rows)), "rewards": rewards})
+            own = texts[i * K : (i + 1) * K]
+            shaped = torch.tensor([reward(example, t, form) for t in own]) + shaping([example], own, task, args)
+            right = verdicts([example], own, form)[0]
+            store.append({"rollout": trim(rollout.select(rows)), "shaped": shaped, "correct": right})
     return store
 
 
@@ -319,7 +322,8 @@ def trim(rollout: Rollout) -> Rollout:
     first, last = int(used.long().argmax()), int(used.nonzero().max()) + 1  # first and last used column
     L = last - rollout.prompt_len
     return Rollout(rollout.input_ids[:, first:last], rollout.attention_mask[:, first:last],
-                   rollout.completion_mask[:, :L], rollout.old_logprobs[:, :L], rollout.prompt_len - first)  # fmt: skip
+                   rollout.completion_mask[:, :L], rollout.sampler_logprobs[:, :L],
+                   rollout.prompt_len - first)  # fmt: skip
 
 
 # ---- POPI: the off-policy policy gradient of one prompt, projected ---------------------------------------
@@ -346,15 +350,15 @@ def popi_gradients(model, groups, params, args) -> tuple[torch.Tensor, int, floa
     grads = torch.zeros(len(groups), d, device=next(model.parameters()).device)
     zero, abs_log_ratio, tokens = 0, 0.0, 0.0
     for row, group in enumerate(groups):
-        rollout, rewards = group["rollout"], group["rewards"]
+        rollout, rewards = group["rollout"], group["shaped"]
         if rewards.max() == rewards.min():
             zero += 1
             continue
         logprobs = token_logprobs(model, rollout, args.store_temperature)
         mask = rollout.completion_mask.float()
-        abs_log_ratio += ((logprobs.detach() - rollout.old_logprobs).abs() * mask).sum().item()
+        abs_log_ratio += ((logprobs.detach() - rollout.sampler_logprobs).abs() * mask).sum().item()
         tokens += mask.sum().item()
-        J = popi_objective(logprobs, rollout.old_logprobs, rewards, mask, args.popi_clip)
+        J = popi_objective(logprobs, rollout.sampler_logprobs, rewards, mask, args.popi_clip)
         grads[row] = torch.cat([g.flatten() for g in torch.autograd.grad(J, [p for _, p in params])])
     return grads, zero, abs_log_ratio, tokens
 
@@ -396,15 +400,15 @@ def reciprocal_rank_fusion(score_tables: torch.Tensor, n: int) -> torch.Tensor:
     return ranked[fused[ranked] > 0][:n]
 
 
-def pass_rate_selection(pool_rewards: torch.Tensor, n: int) -> torch.Tensor:
+def pass_rate_selection(pool_correct: torch.Tensor, n: int) -> torch.Tensor:
     """The n prompts with the highest learnability p(1 - p) under the behaviour policy (ties: lower index)."""
-    p = pool_rewards.float().mean(1)
+    p = pool_correct.float().mean(1)
     return torch.sort(p * (1 - p), descending=True, stable=True).indices[:n]
 
 
-def pass_rate_histogram(pool_rewards: torch.Tensor, selected: torch.Tensor) -> dict:
+def pass_rate_histogram(pool_correct: torch.Tensor, selected: torch.Tensor) -> dict:
     """Counts of the selected prompts by stored pass rate: 0, (0, 1/4], (1/4, 1/2], (1/2, 3/4], (3/4, 1), 1."""
-    p = pool_rewards[selected].float().mean(1)
+    p = pool_correct[selected].float().mean(1)
     edges = [("0", p == 0), ("0-25", (p > 0) & (p <= 0.25)), ("25-50", (p > 0.25) & (p <= 0.5)),
              ("50-75", (p > 0.5) & (p <= 0.75)), ("75-99", (p > 0.75) & (p < 1)), ("100", p == 1)]  # fmt: skip
     return {f"select/pass_rate_{name}": int(mask.sum()) for name, mask in edges}
@@ -442,7 +446,7 @@ def validation_targets(model, val_stores, params, args, world) -> torch.Tensor:
     per validation set, [S, k]. Each rank holds a strided part of every set's store."""
     targets = []
     for local in val_stores:
-        usable = [g for g in local if g["rewards"].max() > g["rewards"].min()][: -(-args.val_prompts // world)]
+        usable = [g for g in local if g["shaped"].max() > g["shaped"].min()][: -(-args.val_prompts // world)]
         z, _, _ = projected_gradients(model, usable, params, args)
         count = all_reduce(len(usable))  # > 0: checked when the store was made (check_validation_signal)
         total = torch.tensor(all_reduce(z.sum(0).tolist()), device=z.device)
@@ -450,9 +454,9 @@ def validation_targets(model, val_stores, params, args, world) -> torch.Tensor:
     return torch.stack(targets)
 
 
-def select_prompts(model, pool_store, val_stores, pool_rewards, params, args, stage, rank, world) -> tuple:
+def select_prompts(model, pool_store, val_stores, pool_correct, params, args, stage, rank, world) -> tuple:
     """This stage's selected pool indices (every rank gets the same) and the stage's scoring metrics."""
-    N = len(pool_rewards)
+    N = len(pool_correct)
     n_select = int(args.select_ratio * N)
     if args.selection == "full":
         return torch.arange(N), {}
@@ -460,7 +464,7 @@ def select_prompts(model, pool_store, val_stores, pool_rewards, params, args, st
         generator = seeded_generator(args.seed, "random-selection", stage)
         return torch.randperm(N, generator=generator)[:n_select].sort().values, {}
     if args.selection == "pass-rate":
-        return pass_rate_selection(pool_rewards, n_select), {}
+        return pass_rate_selection(pool_correct, n_select), {}
     targets = validation_targets(model, val_stores, params, args, world)
     z_local, zero, abs_log_ratio = projected_gradients(model, pool_store, params, args)
     z = gather_strided(z_local, N)  # projected vectors only; full gradients never leave a rank
@@ -482,9 +486,9 @@ def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, li
         return *torch.load(store_file, weights_only=False), None
     start, generator = time.perf_counter(), run.generator("store", device=model.device)
     pool_store = collect_store(model, tokenizer, task, rank_part(task.train, rank, world), args.pool_responses, args,
-                               generator, run.form)  # fmt: skip
+                               generator, run.reward_form)  # fmt: skip
     val_stores = [collect_store(model, tokenizer, task, rank_part(v, rank, world), args.val_responses, args, generator,
-                                run.form) for v in val_sets]  # fmt: skip
+                                run.reward_form) for v in val_sets]  # fmt: skip
     check_validation_signal(val_stores, args)
     return pool_store, val_stores, time.perf_counter() - start
 
@@ -501,19 +505,19 @@ def save_store(run, pool_store, val_stores, seconds: float, args):
 def check_validation_signal(val_stores, args):
     """A one-line error, before the run folder is made, when a validation set has no prompt whose stored
     responses differ in reward: its validation gradient would be zero at every stage."""
-    mixed = all_reduce([sum(bool(g["rewards"].max() > g["rewards"].min()) for g in local) for local in val_stores])
+    mixed = all_reduce([sum(bool(g["shaped"].max() > g["shaped"].min()) for g in local) for local in val_stores])
     for b, count in enumerate(mixed):
         if count == 0 and args.selection == "cropi":
             fail(f"validation set {b}: every prompt's {args.val_responses} stored responses have equal rewards, so no"
                  " validation gradient exists; raise --val-responses or --store-temperature, or choose --target-skills")
 
 
-def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict:
+def stage_metrics(pool, pool_correct, selected: list, seen: set, skills) -> dict:
     """What a stage selected: how many, how many were selected before (curriculum or repetition?), their stored
     pass rates, and the target skills' share of the selection against their share of the pool."""
     metrics = {"select/count": len(selected), "select/seen_before": len(seen & set(selected)) / max(1, len(selected))}
     seen |= set(selected)
-    metrics |= {"select/distinct_so_far": len(seen), **pass_rate_histogram(pool_rewards, torch.tensor(selected))}
+    metrics |= {"select/distinct_so_far": len(seen), **pass_rate_histogram(pool_correct, torch.tensor(selected))}
     if skills:  # the target's share of the pool is the chance level
         picked = of_skills([pool[i] for i in selected], skills)
         metrics |= {"select/target_share": len(picked) / max(1, len(selected)),
@@ -525,9 +529,10 @@ def stage_metrics(pool, pool_rewards, selected: list, seen: set, skills) -> dict
 
 
 def main(args: Args):
-    run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    run = Run(args, __file__, check_args)  # start-up: the task, the flags settled and checked, the policy
+    args = run.args  # the settled flags: --max-new-tokens 0 is now the task's own, --resume a full path
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
-    n, rank, world, pool = args.n, run.rank, run.world, task.train
+    n, form, rank, world, pool = args.n, run.reward_form, run.rank, run.world, task.train  # form: the reward's
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
     skills = target_skills(task, args)
@@ -546,33 +551,33 @@ def main(args: Args):
         if not skills:
             return {}
         generator = run.generator("eval-target", step, device=device)
-        metrics = evaluate(model, tokenizer, target_task, reward, run.form, len(target_task.test), args.max_new_tokens,
-                           args.temperature, generator, samples=args.target_samples)  # fmt: skip
+        metrics = held_out_metrics(model, tokenizer, target_task, reward, run.reward_form, len(target_task.test),
+                                   args.max_new_tokens, args.temperature, generator, rank, world, args.target_samples)
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 
-    run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
     run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)"
               f" | selection {args.selection}, a stage every {args.steps_per_stage} steps"
               f" | {len(val_sets)} validation set(s)")  # fmt: skip
     pool_store, val_stores, store_seconds = offline_store(model, tokenizer, task, val_sets, args, run)
-    run.open()  # the run folder is made now, after every start-up check (the store's included)
+    run.open(optimizer, reward)  # the run folder is made now, after every start-up check (the store's included)
     if store_seconds is not None:
         save_store(run, pool_store, val_stores, store_seconds, args)
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start, evaluate_target(run.start))
-    pool_rewards = gather_strided(torch.stack([g["rewards"] for g in pool_store]).to(device), len(pool)).cpu()
+    pool_correct = gather_strided(torch.stack([g["correct"] for g in pool_store]).to(device), len(pool)).cpu()
     selected, seen = run.state.get("selected"), set(run.state.get("seen", []))  # seen: selected at some stage
     stage_info = {}  # a stage's selection figures, logged with its first step
     for step in range(run.start, args.steps):
-        run.set_learning_rate(step)  # --warmup-steps, then --lr-schedule (train/lr)
+        done = step + 1  # the steps done once this one is: what the learning rate, logs and checkpoints count
+        run.set_learning_rate(done)  # --warmup-steps, then --lr-schedule (train/lr)
         stage = step // args.steps_per_stage
         # 0. At a stage start: score the whole pool with the current policy and select (the curriculum).
         if step % args.steps_per_stage == 0 or selected is None:
             with run.timer("score"):
-                chosen, scoring = select_prompts(model, pool_store, val_stores, pool_rewards, params, args, stage,
+                chosen, scoring = select_prompts(model, pool_store, val_stores, pool_correct, params, args, stage,
                                                  rank, world)  # fmt: skip
             selected = chosen.tolist()
-            stage_info = {**scoring, **stage_metrics(pool, pool_rewards, selected, seen, skills)}  # logged below
+            stage_info = {**scoring, **stage_metrics(pool, pool_correct, selected, seen, skills)}  # logged below
             run.print(f"stage {stage} | scored in {run.phase_seconds['score']:.1f}s | "
                       + " | ".join(f"{k.split('/')[1]} {shown_value(v)}" for k, v in stage_info.items()))
         # 1. B prompts drawn from the selection (the same draw on every rank), n rollouts each, scored.
@@ -585,11 +590,11 @@ def main(args: Args):
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
-        rewards = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)]).view(-1, n)
-        rewards += shaping(examples, texts, task, args).view(-1, n)  # --format-bonus, --answer-credit; 0 by default
-        scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
+        rewards = torch.tensor([reward(examples[i // n], t, form) for i, t in enumerate(texts)]).view(-1, n)
+        shaped = rewards + shaping(examples, texts, task, args).view(-1, n)  # + --format-bonus, --answer-credit (or 0)
+        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
-        advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
+        advantages = group_advantages(scored.shaped, args.scale_rewards).flatten().to(device)
         # 3. Clipped-surrogate steps on the whole batch.
         with run.timer("update"):
             stats = policy_update(model, ref_model, optimizer, rollout, advantages, args,
@@ -597,7 +602,6 @@ def main(args: Args):
         stats |= {"stage": stage, **stage_info}
         stage_info = {}
         # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
-        done = step + 1
         metrics = all_reduce({**rollout_metrics(task, scored, rollout), **stats}, "mean")
         run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
                                 "stage": stage}, scored)  # fmt: skip

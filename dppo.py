@@ -23,11 +23,12 @@ from typing import Literal
 
 import torch
 
-from common.errors import check_flags, fail, flag
+from common.errors import fail
+from common.flags import check_flags, flag, parse_args
 from common.lora import LORA_MODULES, reference_policy
 from common.model import trainable_parameters
-from common.run import Run, parse_args
-from common.sampling import Rollout, Scored, draw_prompts, rollout_metrics, sample, shaping, token_logprobs
+from common.run import Run
+from common.sampling import Rollout, Scored, draw_prompts, rollout_metrics, sample, shaping, token_logprobs, verdicts
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, peak_memory_gb, shard, world_size
 from common.verifier import is_correct
 from kernels.topk_divergence import topk_divergence, triton_usable
@@ -335,15 +336,15 @@ def current_policy(model, rollout: Rollout, args: Args) -> tuple[torch.Tensor, d
 
 def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
     """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
-    sampled the batch, mu, as the sampler recorded it (rollout.old_logprobs and its top-K), or (--anchor recomputed)
+    sampled the batch, mu, as the sampler recorded it (rollout.sampler_logprobs and its top-K), or (--anchor recomputed)
     the trainer's own before the first step. Every step masks a token's update once pi has left its trust region."""
     model.train()
     delta_low, delta_high = thresholds(args)
-    behaviour, cap = rollout.old_logprobs, args.is_cap  # log mu, whatever the anchor; C caps the ratio pi / mu
+    old_logprobs, cap = rollout.sampler_logprobs, args.is_cap  # log pi_old: mu by default; C caps the ratio pi / mu
     if args.anchor == "recomputed":  # pi_old := the trainer's log-probs before the first step (one more forward
         with torch.no_grad():  # pass), of the sampled tokens and, for topk-*, on mu's recorded top-K set
-            logprobs, extra = current_policy(model, rollout, args)
-        rollout, cap = replace(rollout, old_logprobs=logprobs, topk_logprobs=extra.get("set")), math.inf  # C: below
+            old_logprobs, extra = current_policy(model, rollout, args)
+        rollout, cap = replace(rollout, topk_logprobs=extra.get("set")), math.inf  # C: below
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
     totals = Totals("tokens", "masked", "pos", "pos_masked", "neg", "neg_masked", "D", "abs_pi_mu", "abs_pi_old",
                     "kept", "towards_mu", "entropy", "kl", "loss")  # fmt: skip
@@ -353,14 +354,14 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
         optimizer.zero_grad()
         for rows in minibatch.split(args.micro_batch or len(minibatch)):
             micro, A = rollout.select(rows), advantages[rows]
-            mu = behaviour[rows]  # the sampler's record; micro.old_logprobs is the anchor's
+            mu, old = micro.sampler_logprobs, old_logprobs[rows]  # the sampler's record; the anchor's, pi_old
             valid = micro.completion_mask.float()
             logprobs, extra = current_policy(model, micro, args)
-            D = token_divergence(args.trust_region, logprobs, micro.old_logprobs, extra)
-            mask = trust_region_mask(D, logprobs, micro.old_logprobs, A, delta_low, delta_high)
-            per_token = dppo_token_loss(logprobs, micro.old_logprobs, A, mask, cap)
+            D = token_divergence(args.trust_region, logprobs, old, extra)
+            mask = trust_region_mask(D, logprobs, old, A, delta_low, delta_high)
+            per_token = dppo_token_loss(logprobs, old, A, mask, cap)
             if args.anchor == "recomputed":  # times the truncated importance weight min(pi_old / mu, C)
-                per_token = per_token * (micro.old_logprobs - mu).exp().clamp(max=args.is_cap)
+                per_token = per_token * (old - mu).exp().clamp(max=args.is_cap)
             kl = torch.zeros_like(logprobs)
             if ref_model is not None:
                 with torch.no_grad():
@@ -371,7 +372,7 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
             masked, pos, neg = (1 - mask) * valid, (A > 0)[:, None] * valid, (A < 0)[:, None] * valid
             pi = logprobs.detach()  # kept: the updates with a gradient; towards_mu: those moving pi(y_t) to mu(y_t)
             totals.add(tokens=valid, masked=masked, pos=pos, pos_masked=masked * pos, neg=neg, neg_masked=masked * neg,
-                       D=D * valid, abs_pi_mu=binary_tv(pi, mu) * valid, abs_pi_old=binary_tv(pi, micro.old_logprobs)
+                       D=D * valid, abs_pi_mu=binary_tv(pi, mu) * valid, abs_pi_old=binary_tv(pi, old)
                        * valid, kept=mask * (pos + neg), towards_mu=mask * (pos * (pi < mu) + neg * (pi > mu)),
                        entropy=extra["entropy"] * valid, kl=kl.detach() * valid, loss=loss.detach())  # fmt: skip
             max_d = max(max_d, (D * valid).max().item())
@@ -431,9 +432,10 @@ def mismatched(sampler, model, args: Args, generator):
 
 
 def main(args: Args):
-    run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    run = Run(args, __file__, check_args)  # start-up: the task, the flags settled and checked, the policy
+    args = run.args  # the settled flags: --max-new-tokens 0 is now the task's own, --resume a full path
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
-    n = args.n
+    n, form = args.n, run.reward_form  # form: where the reward and the verifier read the answer (--reward)
     sampler_temperature = args.sampler_temperature or args.temperature
     top_k = args.top_k if args.trust_region.startswith("topk") else 0  # record top-K only when it is used
     if args.kernels == "triton" and not triton_usable(device):
@@ -444,15 +446,15 @@ def main(args: Args):
     model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     sampler = copy.deepcopy(model).eval() if args.sampler_bits else model  # a second copy of the weights
-    run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
     run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es) | trust region"
               f" {args.trust_region} {thresholds(args)} around {args.anchor} | sampler T {sampler_temperature},"
               f" {args.sampler_bits or 'all'} weight bits, logit noise {args.sampler_noise}")  # fmt: skip
-    run.open()  # the run folder is made now, after every start-up check
+    run.open(optimizer, reward)  # the run folder is made now, after every start-up check
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
-        run.set_learning_rate(step)  # --warmup-steps, then --lr-schedule (train/lr)
+        done = step + 1  # the steps done once this one is: what the learning rate, logs and checkpoints count
+        run.set_learning_rate(done)  # --warmup-steps, then --lr-schedule (train/lr)
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, mu recorded, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank, run.world)
         with run.timer("generate"):
@@ -467,11 +469,11 @@ def main(args: Args):
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
-        rewards = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)]).view(-1, n)
-        rewards += shaping(examples, texts, task, args).view(-1, n)  # --format-bonus, --answer-credit; 0 by default
-        scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
+        rewards = torch.tensor([reward(examples[i // n], t, form) for i, t in enumerate(texts)]).view(-1, n)
+        shaped = rewards + shaping(examples, texts, task, args).view(-1, n)  # + --format-bonus, --answer-credit (or 0)
+        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
-        advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)
+        advantages = group_advantages(scored.shaped, args.scale_rewards).flatten().to(device)
         # 3. Steps on the whole batch, each token's update masked by the trust region instead of clipped.
         with run.timer("update"):
             stats = policy_update(model, ref_model, optimizer, rollout, advantages, args,
@@ -479,7 +481,6 @@ def main(args: Args):
         topk_mb = sum(t.numel() * t.element_size() for t in record.ids + record.logprobs) / 2**20 if record else 0.0
         stats |= {"memory/peak_gb": peak_memory_gb(device), "memory/topk_mb": topk_mb}
         # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
-        done = step + 1
         metrics = all_reduce({**rollout_metrics(task, scored, rollout), **stats}, "mean")
         run.log(done, metrics, {"reward": metrics["reward/mean"], "masked": metrics["trust_region/masked_frac"],
                                 "|pi-mu|": metrics["trust_region/abs_pi_mu"], "entropy": metrics["policy/entropy"]},

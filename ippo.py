@@ -22,12 +22,26 @@ from typing import Literal
 import torch
 from torch.func import functional_call, grad, vmap
 
-from common.errors import check_flags, fail, warn
+from common.errors import fail, warn
+from common.flags import check_flags, parse_args
 from common.lora import LORA_MODULES, reference_policy
 from common.model import load_policy, matching_parameters
-from common.run import Run, parse_args
-from common.sampling import Rollout, Scored, draw_prompts, left_pad, positions, prompt_ids, rollout_metrics, sample
-from common.sampling import seeded_generator, shaping, token_logprobs, unfaithful
+from common.run import Run
+from common.sampling import (
+    Rollout,
+    Scored,
+    draw_prompts,
+    left_pad,
+    positions,
+    prompt_ids,
+    rollout_metrics,
+    sample,
+    seeded_generator,
+    shaping,
+    token_logprobs,
+    unfaithful,
+    verdicts,
+)
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, world_size
 from common.verifier import is_correct
 from kernels.projection import project
@@ -368,10 +382,10 @@ def influence_weights(scores, reweight=True) -> tuple[torch.Tensor, torch.Tensor
     return kept, torch.where(kept, scores / (total / count), torch.zeros_like(scores))
 
 
-def influence_metrics(outcome, unfaithful, influence, kept, weights, val_loss) -> dict:
+def influence_metrics(correct, unfaithful, influence, kept, weights, val_loss) -> dict:
     """What the filter did this iteration, over all ranks: kept share, mean positive score, and which episodes
-    it dropped (rewarded ones, "correct"; among those, faithful and unfaithful ones; wrong ones)."""
-    correct, unfaithful = outcome > 0, torch.tensor(unfaithful, dtype=torch.bool, device=kept.device)
+    it dropped (right ones, as the verifier judges them; among those, faithful and unfaithful ones; wrong ones)."""
+    correct, unfaithful = correct.to(kept.device), torch.tensor(unfaithful, dtype=torch.bool, device=kept.device)
     dropped = ~kept
     sums = all_reduce([
         kept.sum().item(), len(kept), influence[kept].sum().item(),
@@ -460,9 +474,10 @@ def draw_validation(task, seed: int, step: int, size: int, rank: int, world: int
 
 
 def main(args: Args):
-    run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    run = Run(args, __file__, check_args)  # start-up: the task, the flags settled and checked, the policy
+    args = run.args  # the settled flags: --max-new-tokens 0 is now the task's own, --resume a full path
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
-    n, rank, world = args.n, run.rank, run.world
+    n, form, rank, world = args.n, run.reward_form, run.rank, run.world  # form: the reward's
     if args.influence:
         if not all(e.get("solution") for e in task.validation):
             fail(f"--task {args.task}: the validation split has no gold solutions (field {args.solution_field!r}),"
@@ -474,7 +489,6 @@ def main(args: Args):
     critic = Critic(load_policy(run.model_path, model.dtype, device)[0]).eval()  # starts from the SFT model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
-    run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
     if "critic" in run.state:  # the critic is saved beside the actor
         critic.load_state_dict(run.state["critic"])
         critic_optimizer.load_state_dict(run.state["critic_optimizer"])
@@ -486,11 +500,12 @@ def main(args: Args):
     run.print(f"{run.describe()} | {mode} | B={args.batch_prompts} n={n} epochs={args.epochs}"
               f" minibatches={args.minibatches}"
               + (f" | scoring {scored_params} parameters ({len(names)} tensors)" if args.influence else ""))
-    run.open()  # the run folder is made now, after every start-up check
+    run.open(optimizer, reward)  # the run folder is made now, after every start-up check
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
-        run.set_learning_rate(step)  # --warmup-steps, then --lr-schedule (train/lr)
+        done = step + 1  # the steps done once this one is: what the learning rate, logs and checkpoints count
+        run.set_learning_rate(done)  # --warmup-steps, then --lr-schedule (train/lr)
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n episodes each; outcome rewards.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, rank, world)
         with run.timer("generate"):
@@ -500,9 +515,9 @@ def main(args: Args):
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
-        outcome = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)])
-        outcome += shaping(examples, texts, task, args)  # --format-bonus, --answer-credit; 0 by default
-        scored = Scored(examples, texts, outcome.view(-1, n))  # the one reward that training, logs and samples read
+        rewards = torch.tensor([reward(examples[i // n], t, form) for i, t in enumerate(texts)])
+        outcome = rewards + shaping(examples, texts, task, args)  # + --format-bonus, --answer-credit (or 0): trained on
+        scored = Scored(examples, texts, rewards.view(-1, n), outcome.view(-1, n), verdicts(examples, texts, form))
         outcome, mask = outcome.to(device), rollout.completion_mask.float()
         # 2. PPO's experience: log pi_old, log pi_ref and V at collection time; per-token rewards; GAE; whitening.
         with run.timer("advantage"), torch.no_grad():
@@ -521,8 +536,9 @@ def main(args: Args):
                 g_val, val_loss = validation_gradient(model, names, gold)
                 influence = influence_scores(model, names, rollout, advantages, old_logprobs, g_val, args)
                 kept, weights = influence_weights(influence, args.reweight)
-            flawed = unfaithful(task, examples, texts, outcome.tolist())
-            info = influence_metrics(outcome, flawed, influence, kept, weights, val_loss)
+            correct = scored.correct.flatten()  # the verifier's verdict, whatever the reward pays
+            steps_wrong = unfaithful(task, examples, texts, correct)
+            info = influence_metrics(correct, steps_wrong, influence, kept, weights, val_loss)
         kept_total, total = all_reduce([kept.sum().item(), len(kept)])
         none_left = kept_total < args.min_keep  # I-PPO's early stop: no episode left worth learning from
         # 4. PPO epochs on the kept episodes, weighted; the critic on the same episodes, unweighted.
@@ -535,7 +551,6 @@ def main(args: Args):
                 stats = ppo_update(model, critic, optimizer, critic_optimizer, batch, args,
                                    run.generator("shuffle", step))  # fmt: skip
         # 5. Log the step (averaged over ranks); evaluate, save and stop on their cadence, or when none is left.
-        done = step + 1
         metrics = all_reduce({**rollout_metrics(task, scored, rollout), **info, **stats,
                               "train/update_tokens": batch["rollout"].completion_mask.sum().item(),
                               "value/mean": ((values * mask).sum() / mask.sum()).item(),

@@ -17,11 +17,21 @@ from typing import Literal
 
 import torch
 
-from common.errors import check_flags, fail
+from common.errors import fail
+from common.flags import check_flags, parse_args
 from common.lora import LORA_MODULES, reference_policy
 from common.model import trainable_parameters
-from common.run import Run, parse_args
-from common.sampling import Scored, draw_prompts, frac_zero_std, rollout_metrics, sample, shaping, token_logprobs
+from common.run import Run
+from common.sampling import (
+    Scored,
+    draw_prompts,
+    frac_zero_std,
+    rollout_metrics,
+    sample,
+    shaping,
+    token_logprobs,
+    verdicts,
+)
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, shard, world_size
 from common.verifier import is_correct
 
@@ -255,7 +265,7 @@ def aggregate(per_token, completion_mask, aggregation: str, horizon: int, normal
 
 def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, generator) -> dict:
     """Shuffle the batch and split it into --minibatches, one optimizer step each. pi_old is the policy that
-    sampled the batch, whose log-probs the sampler recorded (rollout.old_logprobs): with one mini-batch the
+    sampled the batch, whose log-probs the sampler recorded (rollout.sampler_logprobs): with one mini-batch the
     ratio is 1 and the step is the plain policy gradient; with several, later steps see the ratio move and clip."""
     model.train()
     order = torch.randperm(rollout.input_ids.shape[0], generator=generator).to(rollout.input_ids.device)
@@ -267,7 +277,7 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
             micro, A = rollout.select(rows), advantages[rows]
             valid = micro.completion_mask.float()
             logprobs, entropy = token_logprobs(model, micro, args.temperature, entropy=True)
-            per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low, args.eps_high)
+            per_token, clipped = clipped_surrogate(logprobs, micro.sampler_logprobs, A, args.eps_low, args.eps_high)
             kl = torch.zeros_like(logprobs)
             if ref_model is not None:
                 with torch.no_grad():
@@ -294,20 +304,21 @@ def policy_update(model, ref_model, optimizer, rollout, advantages, args: Args, 
 
 
 def main(args: Args):
-    run = Run(args, __file__, check_args)  # start-up: checks, the task, the policy (--resume: its checkpoint)
+    run = Run(args, __file__, check_args)  # start-up: the task, the flags settled and checked, the policy
+    args = run.args  # the settled flags: --max-new-tokens 0 is now the task's own, --resume a full path
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
-    B, n, m = args.batch_prompts // run.world, args.n, args.m
+    B, n, m, form = args.batch_prompts // run.world, args.n, args.m, run.reward_form  # form: the reward's
     ref_model = reference_policy(model, run.model_path) if args.beta > 0 else None  # LoRA: the adapter off
     model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
-    run.begin(optimizer, reward)  # with --resume: the optimizer, step and training time come back
     run.print(f"{run.describe()} | B={args.batch_prompts} n={n} m={m} rule={args.rule}"
               f" x {args.minibatches} mini-batch(es)")  # fmt: skip
-    run.open()  # the run folder is made now, after every start-up check
+    run.open(optimizer, reward)  # the run folder is made now, after every start-up check
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
-        run.set_learning_rate(step)  # --warmup-steps, then --lr-schedule (train/lr)
+        done = step + 1  # the steps done once this one is: what the learning rate, logs and checkpoints count
+        run.set_learning_rate(done)  # --warmup-steps, then --lr-schedule (train/lr)
         # 1. B prompts (the same draw on every rank; each rank takes its slice), n rollouts each, scored.
         examples, prompts = draw_prompts(task, tokenizer, args.seed, step, args.batch_prompts, run.rank, run.world)
         with run.timer("generate"):
@@ -317,13 +328,13 @@ def main(args: Args):
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         if args.mask_truncated:  # DAPO's overlong filtering: a completion cut short trains nothing
             rollout = rollout.without_truncated()
-        rewards = torch.tensor([reward(examples[i // n], t, run.form) for i, t in enumerate(texts)]).view(-1, n)
-        rewards += shaping(examples, texts, task, args).view(-1, n)  # --format-bonus, --answer-credit; 0 by default
-        scored = Scored(examples, texts, rewards)  # the one reward that training, logs and samples read
+        rewards = torch.tensor([reward(examples[i // n], t, form) for i, t in enumerate(texts)]).view(-1, n)
+        shaped = rewards + shaping(examples, texts, task, args).view(-1, n)  # + --format-bonus, --answer-credit (or 0)
+        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's
         # 2. Down-sample per prompt, then group-relative advantages over the kept subset only.
         with run.timer("select"):
-            kept = DOWN_SAMPLE[args.rule](scored.rewards, m, run.generator("select", step))
-            kept_rewards = scored.rewards.gather(1, kept)
+            kept = DOWN_SAMPLE[args.rule](scored.shaped, m, run.generator("select", step))
+            kept_rewards = scored.shaped.gather(1, kept)
             advantages = group_advantages(kept_rewards, args.scale_rewards).flatten().to(device)
             kept_rollout = rollout.select((torch.arange(B)[:, None] * n + kept).flatten().to(device))
         # 3. Clipped-surrogate steps on the B*m kept sequences; the other B*(n-m) never reach a training pass.
@@ -333,7 +344,6 @@ def main(args: Args):
         stats |= {"reward/kept_mean": kept_rewards.mean().item(),
                   "reward/zero_std_frac_kept": frac_zero_std(kept_rewards)}  # fmt: skip
         # 4. Log the step (averaged over ranks); evaluate, save and stop on their cadence.
-        done = step + 1
         metrics = all_reduce({**rollout_metrics(task, scored, rollout), **stats}, "mean")
         run.log(done, metrics, {"reward": metrics["reward/mean"], "zero-std": metrics["reward/zero_std_frac"],
                                 "zero-std kept": metrics["reward/zero_std_frac_kept"]}, scored)  # fmt: skip

@@ -28,8 +28,8 @@ class Task:
     instruction: str = ""  # appended to the question for chat models
     max_new_tokens: int = 512  # the completion length limit when --max-new-tokens is 0
     target_skills: tuple = ()  # the skills a curriculum aims at when none are given (`chain`: its weak skill)
-    check_steps: Callable | None = None  # (question, response) -> whether the written steps are faithful (`chain`)
-    answer_form: str | None = "####"  # where the prompts ask for the final answer: `####`, `\\boxed{}` or unstated
+    faithful: Callable | None = None  # (question, response) -> whether the written steps are the question's (`chain`)
+    asked_form: str | None = "####"  # where the prompts ask for the final answer: `####`, `\\boxed{}` or unstated
 
 
 def of_skills(examples: list, skills) -> list:
@@ -48,8 +48,10 @@ def check_skills(task: Task, skills, flag: str) -> list:
     return list(skills)
 
 
-def gsm8k_answer(solution: str) -> str:
-    return solution.split("####")[-1].strip().replace(",", "")
+def final_answer(text: str) -> str:
+    """A gold answer as the verifier compares it: what follows the last `####` of a worked solution (GSM8K's
+    answers, a data file's), else the text itself; without thousands commas."""
+    return text.split("####")[-1].strip().replace(",", "")
 
 
 def make_gsm8k(seed: int = 0) -> Task:
@@ -61,7 +63,7 @@ def make_gsm8k(seed: int = 0) -> Task:
     except Exception as e:  # offline, or the hub is unreachable
         fail(f"--task gsm8k: could not load openai/gsm8k ({type(e).__name__}); it needs the network (or the"
              " datasets cache), or give a local copy: --task gsm8k_train.jsonl with its question and answer fields")
-    rows = lambda split: [{"question": r["question"], "answer": gsm8k_answer(r["answer"]), "solution": r["answer"]}
+    rows = lambda split: [{"question": r["question"], "answer": final_answer(r["answer"]), "solution": r["answer"]}
                           for r in split]  # noqa: E731
     train, n_val = rows(ds["train"]), SPLIT_SIZES["validation"]
     random.Random(seed).shuffle(train)
@@ -157,7 +159,7 @@ def file_examples(path: str, rows, question_field: str, answer_field: str, solut
     refuse_rows(path, f"have no {q!r} or no {a!r}", [(w, r) for w, r in rows if r.get(q) is None or r.get(a) is None])
     refuse_rows(path, f"have a {q!r} or {a!r} that is neither text nor a number",
                 [(w, r) for w, r in rows if text_field(r[q]) is None or text_field(r[a]) is None])  # fmt: skip
-    examples = [{"question": text_field(r[q]), "answer": gsm8k_answer(text_field(r[a])),
+    examples = [{"question": text_field(r[q]), "answer": final_answer(text_field(r[a])),
                  "solution": text_field(r.get(solution_field)) or "",
                  **({"skill": str(r["skill"])} if r.get("skill") is not None else {})} for _, r in rows]  # fmt: skip
     refuse_rows(path, f"have an empty {q!r}", [row for row, e in zip(rows, examples) if not e["question"].strip()])
@@ -195,7 +197,7 @@ def make_file_task(path: str, question_field: str, answer_field: str, solution_f
     random.Random(seed).shuffle(examples)
     n_held = max(1, min(200, len(examples) // 10))
     return Task(os.path.basename(path), examples[2 * n_held :], examples[:n_held], examples[n_held : 2 * n_held],
-                answer_form=stated_form([e["question"] for e in examples]))
+                asked_form=stated_form([e["question"] for e in examples]))
 
 
 def stated_form(questions: list[str]) -> str | None:

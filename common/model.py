@@ -141,23 +141,21 @@ def chat_end_token(tokenizer) -> str | None:
     return token if token in special else None
 
 
-def load_policy(name: str, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from a local folder or a hub id, or a one-line error. The tokenizer pads on the left, as
-    batched sampling needs; for a chat model its EOS is the token that ends the assistant's turn."""
+def load_policy(name: str, dtype=torch.float32, device="cpu", raise_errors=False):
+    """(model, tokenizer) from a local folder or a hub id, or a one-line error (`raise_errors`: the exception, so
+    that a damaged checkpoint can be passed over). The tokenizer pads on the left, as batched sampling needs; for a
+    chat model its EOS is the token that ends the assistant's turn."""
     name = os.path.expanduser(name)
-    if not os.path.isdir(name) and looks_like_path(name):
+    if not os.path.isdir(name) and looks_like_path(name) and not raise_errors:
         fail(f"--model {name}: no such folder")
     try:  # a missing or damaged file raises one of many exception types, from several libraries
-        return read_policy(name, dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
     except Exception as e:
+        if raise_errors:
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE") and "; offline mode is on (HF_HUB_OFFLINE=1): give a local folder"
         fail(f"--model {name}: could not load a model ({type(e).__name__}: {first_line(e)}){offline or ''}")
-
-
-def read_policy(name: str, dtype=torch.float32, device="cpu"):
-    """`load_policy` without its one-line errors: a damaged folder raises (a damaged checkpoint is passed over)."""
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
     tokenizer.padding_side = "left"
     set_stop_token(tokenizer, name)
     if tokenizer.pad_token is None:

@@ -1,233 +1,100 @@
-"""The run's whole life, in the order a script meets it: the command line (and a resumed run's own flags),
-start-up (the task, the policy), the run folder (claimed and locked), evaluation, logging, the stop rules,
-checkpoints and resume. The one file of `common/` that imports the built-in world (`common/world/`)."""
+"""The run's life, the one handle a script's loop talks to: start-up (the task, the settled flags, the policy), the
+run folder opened, the console and the logs, signals, the stop rules, evaluation and checkpoints called by name.
+The one file of `common/` that imports the built-in world (`common/world/`)."""
 
 import contextlib
-import errno
-import glob
-import importlib.util
 import json
 import math
 import os
 import platform
 import random
-import re
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from importlib.metadata import version
-from typing import Literal, get_args, get_origin
-
-try:
-    import fcntl  # Linux and macOS: a run folder is locked while its run is alive (Windows: not locked)
-except ImportError:
-    fcntl = None
 
 import numpy as np
 import torch
-import tyro
 from tqdm import tqdm
 
-from common.errors import creation_problem, fail, first_line, flag, warn
-from common.lora import add_lora, load_adapter, lora_layers, merged_state_dict, save_adapter
-from common.model import load_policy, read_policy
-from common.sampling import Scored, prompt_ids, rollout_texts, seeded_generator, unfaithful
-from common.torchrun import all_reduce, from_main_rank, gathered, is_main, is_sharded, setup_distributed
-from common.verifier import in_form
+from common.checkpoints import last_checkpoint, restore_trainer_state, save_checkpoint
+from common.errors import creation_problem, fail, warn
+from common.evaluation import eval_line, held_out_metrics
+from common.flags import check_resumed_args, check_shared_flags
+from common.folder import (
+    check_run_name,
+    claim_run_folder,
+    evaluated,
+    never_saved,
+    refuse_existing,
+    reopen_run_folder,
+    when_disk_full,
+)
+from common.lora import add_lora
+from common.model import load_policy
+from common.sampling import Scored, prompt_ids, seeded_generator
+from common.torchrun import all_reduce, from_main_rank, gathered, is_main, setup_distributed
 from common.world import model_folder, task_named  # the one place the built-in world plugs in
-
-# ---- the command line, and a resumed run's own flags ------------------------------------------------------------
-
-# Flags a resumed run may change: they set how long it runs and what it logs, never what it computes.
-CHANGEABLE_ON_RESUME = ("resume", "steps", "max_time", "log_every", "eval_every", "eval_prompts", "save_every",
-                        "device", "track", "wandb_project", "wandb_entity")  # fmt: skip
-
-
-def parse_args(Args, argv=None):
-    """The command line as Args. With --resume RUN it is parsed again with the run's saved flags as the
-    defaults, so a flag left out keeps the run's value and a flag given at the run's own value changes nothing."""
-    check_choices(Args, sys.argv[1:] if argv is None else argv)
-    args = tyro.cli(Args, args=argv)
-    if args.resume:
-        known = {f.name: f.default for f in fields(Args)}
-        saved = saved_args(os.path.expanduser(args.resume), Args).items()
-        own = {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in saved if k in known}
-        args = tyro.cli(Args, args=argv, default=replace(Args(), **own))
-    return args
-
-
-def check_choices(Args, argv):
-    """A flag that takes one of a few names (`--lr-schedule step`): an unknown one is a one-line error."""
-    for field in (f for f in fields(Args) if get_origin(f.type) is Literal):
-        names = [str(c) for c in get_args(field.type)]
-        for i, word in enumerate(argv):
-            name, equals, value = word.partition("=")
-            value = value if equals else argv[i + 1] if i + 1 < len(argv) else ""
-            if name == flag(field.name) and value not in names:
-                fail(f"{name} {value}".strip() + f": expected {', '.join(names[:-1])} or {names[-1]}")
-
-
-def saved_args(run_dir: str, Args, script: str | None = None) -> dict:
-    """The flags a run was started with (its args.json), checked: readable, an object, made by `script`, every
-    value one its flag could have had (not a hand-edited mistake)."""
-    path = os.path.join(run_dir, "args.json")
-    if not os.path.isfile(path):
-        fail(f"--resume {run_dir}: no args.json there; is it a run folder?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except ValueError as e:  # not JSON, or not UTF-8
-        fail(f"--resume {run_dir}: args.json is damaged ({first_line(e)}); the run's flags cannot be restored")
-    if not isinstance(saved, dict):
-        fail(f"--resume {run_dir}: args.json holds a JSON {type(saved).__name__}, not the run's flags")
-    made_by, known = saved.pop("script", None), {f.name: f for f in fields(Args)}
-    foreign = [flag(name) for name in saved if name not in known]
-    if script and made_by not in (None, script):
-        fail(f"--resume {run_dir}: the run was made by {made_by}.py, not {script}.py; continue it with"
-             f" python {made_by}.py --resume {shlex.quote(run_dir)}")  # fmt: skip
-    if script and foreign:  # a run made before args.json named its script
-        fail(f"--resume {run_dir}: the run has flags {script}.py does not know ({', '.join(foreign)});"
-             " it was made by another script")  # fmt: skip
-    wrong = [(name, value) for name, value in saved.items() if name in known and not of_type(value, known[name])]
-    if wrong:
-        fail(f"--resume {run_dir}: args.json has {wrong[0][0]} = {json.dumps(wrong[0][1])}, not a value of"
-             f" {flag(wrong[0][0])}")  # fmt: skip
-    return saved
-
-
-def of_type(value, field) -> bool:
-    if get_origin(field.type) is Literal:
-        return value in get_args(field.type)
-    kind = type(field.default)
-    if kind in (bool, int):
-        return type(value) is kind
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, list) if kind is tuple else value is None or isinstance(value, str)
-
-
-def check_shared_flags(args):
-    """The flags every script has, checked before anything loads."""
-    if not 0 <= args.seed < 2**32:
-        fail(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
-    if not 0 <= args.warmup_steps < args.steps:
-        fail(f"--warmup-steps {args.warmup_steps}: must be at least 0 and below --steps {args.steps}")
-    for name in ("format_bonus", "answer_credit", "lora_rank", "lora_alpha"):
-        if getattr(args, name) < 0 or name == "lora_alpha" and args.lora_alpha == 0:
-            fail(f"{flag(name)} {getattr(args, name)}: must be {'positive' if name == 'lora_alpha' else 'at least 0'}")
-    if args.answer_credit and args.reward != "strict":
-        fail(f"--answer-credit {args.answer_credit}: only with --reward strict (--reward answer pays every right"
-             " answer already)")  # fmt: skip
-    if args.track and importlib.util.find_spec("wandb") is None:
-        fail("--track: Weights & Biases is not installed; install it with: pip install -r requirements-real.txt")
-    if args.lora_rank and getattr(args, "train_params", ""):
-        fail(f"--train-params {args.train_params!r} with --lora-rank: LoRA trains its adapter and freezes every"
-             " weight; give one of the two")  # fmt: skip
-    if args.lora_rank and getattr(args, "fsdp", False):
-        fail("--fsdp with --lora-rank: not supported; a LoRA run trains few parameters, so launch torchrun without"
-             " --fsdp (each rank holds the whole model)")  # fmt: skip
-
-
-def check_resumed_args(args, run_dir: str, script: str):
-    """--resume continues the run as it was: every flag but those of CHANGEABLE_ON_RESUME must have the run's
-    value (`parse_args` gives every flag left out the run's value), or it is a one-line error."""
-    saved = saved_args(run_dir, type(args), script)
-    for name, value in saved.items():
-        if name not in CHANGEABLE_ON_RESUME and json.loads(json.dumps(getattr(args, name))) != value:
-            changeable = ", ".join(flag(f) for f in CHANGEABLE_ON_RESUME[1:])
-            fail(f"{flag(name)} {getattr(args, name)}: the resumed run has {value}; on --resume only {changeable}"
-                 " may change")  # fmt: skip
-
-
-# ---- writing: a full disk is a one-line error -------------------------------------------------------------------
-
-
-def when_disk_full(method):
-    """A Run method that writes, with a full disk or a file-size limit turned into a one-line error that says so
-    (torch reports either as an obscure stream error). What was complete stays: the newest checkpoint, the logs."""
-
-    def writing(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except (OSError, RuntimeError) as e:
-            code = getattr(e, "errno", None)
-            if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, None) or not re.search(WRITE_ERROR, str(e)):
-                raise
-            full, limit = "the disk is full", "a file reached the file-size limit (ulimit -f)"
-            why = {errno.EFBIG: limit, errno.ENOSPC: full, errno.EDQUOT: "the disk quota is used up"}.get(code)
-            if getattr(self, "files", None):  # the run is over: end the progress bar's line, free the folder
-                self.bar.close()
-                os.close(self.lock)
-            fail(f"cannot write in {self.run_dir}: {why or full + ', or ' + limit}; make room, then start again (a run"
-                 f" with a checkpoint continues with --resume {shlex.quote(self.run_dir)})")  # fmt: skip
-
-    return writing
-
-
-WRITE_ERROR = r"No space|quota|too large|iostream|unexpected pos|failed writing|write"  # as OSError and torch say it
-
-
-# ---- the run ----------------------------------------------------------------------------------------------------
 
 NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the run stops
 NO_SIGNAL_WARN = 10  # steps in a row where every group had equal rewards before a warning
 
 
 class Run:
-    """What a script's loop calls by name at each of its stops (`Run(...)`, `begin`, `open`, `timer`, `log`,
-    `stop_reason`, `evaluate`, `save`, `finish`), so that the loop itself stays in the script (grpo.py's `main`
-    is the model). On ranks other than 0 nothing is written or printed: callers need no rank checks."""
+    """What a script's loop calls by name at each of its stops (`Run(...)`, `open`, `timer`, `log`, `stop_reason`,
+    `evaluate`, `save`, `finish`), so that the loop itself stays in the script (grpo.py's `main` is the model).
+    On ranks other than 0 nothing is written or printed: callers need no rank checks."""
 
     def __init__(self, args, script: str, check_args):
-        """Start-up of the script at path `script`: every check, the task, the policy (--resume: its checkpoint).
-        Nothing is written: the folder is claimed by `open`, once every check has passed."""
-        self.args, self.script = args, os.path.basename(script).removesuffix(".py")
+        """Start-up of the script at path `script`, in this order: the flags every script shares, the task, the
+        flags settled into `self.args` (--max-new-tokens 0 becomes the task's own, --resume's folder a full path;
+        the caller's `args` stays as given), the script's `check_args` on those, the policy (--resume: its
+        checkpoint, step and training time). Nothing is written: `open` claims the run folder."""
+        self.script = os.path.basename(script).removesuffix(".py")
         self.previous_handlers = {sig: signal.signal(sig, lambda number, _: fail(
             f"stopped during start-up by {STOP_SIGNALS[number]}; the run folder was not made")) for sig in STOP_SIGNALS}
-        if args.resume:
-            args.resume = os.path.expanduser(args.resume)
-            check_resumed_args(args, args.resume, self.script)
+        resume = os.path.expanduser(args.resume) if args.resume else None
+        if resume:
+            check_resumed_args(args, resume, self.script)
         else:
             check_run_name(args.output_dir, args.run_name)
         check_shared_flags(args)
         self.rank, self.world, self.device = setup_distributed(args.device)
-        try:
-            check_args(args, self.world)
-        except SystemExit as e:  # a resumed run's flags come from its args.json: a hand-edit is to blame, not a flag
-            if args.resume and str(e.code).startswith("error: "):
-                fail(f"--resume {args.resume}: args.json holds a value the script refuses ({str(e.code)[7:]})")
-            raise
-        if getattr(args, "fsdp", False) and self.world == 1:
-            warn("--fsdp: one process holds the whole model, nothing is sharded; launch with torchrun to shard")
         for seed in (random.seed, np.random.seed, torch.manual_seed):
             seed(args.seed)
         task = task_named(args)
-        if (args.reward == "strict" or args.format_bonus) and not task.answer_form:
+        if (args.reward == "strict" or args.format_bonus) and not task.asked_form:
             fail(f"{'--reward strict' if args.reward == 'strict' else '--format-bonus'}: the questions of {task.name}"
                  " ask for no answer form (none names `####` or \\boxed); add it to every question, or use --reward"
                  " answer without --format-bonus")  # fmt: skip
-        self.form = task.answer_form if args.reward == "strict" else None  # where the reward reads the answer
         task_limit = not args.max_new_tokens  # 0 (the default): the task's own; an error about it says so
-        args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
-        self.run_dir = args.resume or os.path.join(os.path.expanduser(args.output_dir), args.run_name or
-                                                   f"{self.script}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-        if args.run_name and not args.resume and os.path.exists(self.run_dir) and not never_saved(self.run_dir):
+        self.args = args = replace(args, resume=resume, max_new_tokens=args.max_new_tokens or task.max_new_tokens)
+        try:
+            check_args(args, self.world)
+        except SystemExit as e:  # a resumed run's flags come from its args.json: a hand-edit is to blame, not a flag
+            if resume and str(e.code).startswith("error: "):
+                fail(f"--resume {resume}: args.json holds a value the script refuses ({str(e.code)[7:]})")
+            raise
+        if getattr(args, "fsdp", False) and self.world == 1:
+            warn("--fsdp: one process holds the whole model, nothing is sharded; launch with torchrun to shard")
+        self.reward_form = task.asked_form if args.reward == "strict" else None  # where reward and verifier look
+        self.run_dir = resume or os.path.join(os.path.expanduser(args.output_dir), args.run_name or
+                                              f"{self.script}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.run_name and not resume and os.path.exists(self.run_dir) and not never_saved(self.run_dir):
             refuse_existing(self.run_dir)  # early; the claim decides (a default name never collides: it is numbered)
         problem = creation_problem(os.path.join(self.run_dir, "checkpoints", "step"))  # probes checkpoints/ on resume
         if problem:
-            fail(f"{'--resume' if args.resume else '--output-dir'}: cannot {'write in' if args.resume else 'create'}"
+            fail(f"{'--resume' if resume else '--output-dir'}: cannot {'write in' if resume else 'create'}"
                  f" {self.run_dir} ({problem})")  # fmt: skip
         from_main_rank(lambda: model_folder(args.model))  # converts a GGUF on first use, on rank 0; the others wait
         self.model_path = model_folder(args.model)
         sharded = getattr(args, "fsdp", False) and self.world > 1
         dtype = torch.float32 if sharded else getattr(torch, args.dtype)  # --fsdp: fp32 shards, --dtype computes
         self.checkpoint, self.state = None, {"step": 0, "train_time": 0.0}
-        if args.resume:
+        if resume:
             self.checkpoint, self.model, self.tokenizer, self.state = last_checkpoint(self.run_dir, dtype, self.device,
                                                                                       args, self.model_path)
         else:
@@ -240,31 +107,27 @@ class Run:
             default = " (the default)" * (args.eval_prompts == type(args)().eval_prompts)
             fail(f"--eval-prompts {args.eval_prompts}{default}: the test split of {task.name} has only"
                  f" {len(task.test)} prompts; pass --eval-prompts {len(task.test)} or fewer")  # fmt: skip
+        self.start, self.train_time = self.state["step"], self.state["train_time"]
+        self.evaluation_due = not resume or ((self.start % args.eval_every == 0 or self.start == args.steps) and
+                                             from_main_rank(lambda: not evaluated(self.run_dir, self.start)))
+        if resume and self.start >= args.steps and not self.evaluation_due:
+            fail(f"--resume {self.run_dir}: the run has done all {args.steps} of its steps, nothing is left; to train"
+                 f" further, resume with --steps above {self.start}")  # fmt: skip
+        self.phase_seconds, self.files, self.tracker, self.non_finite_run, self.no_signal_run = {}, {}, None, 0, 0
+        self.signalled = self.interrupted = self.signal_number = None  # this rank's signal; one all ranks agreed on
 
     def describe(self) -> str:
         """The first console line of a run: where it writes, what it trains, on what."""
         return (f"run folder {self.run_dir} | model {self.model_path} | task {self.task.name}"
                 f" ({len(self.task.train)} train prompts) | {self.world} process(es) on {self.device}")  # fmt: skip
 
-    def begin(self, optimizer, reward):
-        """The optimizer and the script's reward (evaluation reads it too); --resume: the optimizer and random
-        states, the step and the training time come back."""
+    def open(self, optimizer, reward):
+        """The one step between start-up and the loop, once every start-up check has passed (a run that cannot start
+        writes nothing): the optimizer (--resume: its state and the random states come back) and the script's reward
+        (evaluation logs it beside the accuracy) taken in, the run folder claimed, its logs opened."""
         self.optimizer, self.reward, self.lr = optimizer, reward, self.args.lr
         if self.checkpoint:
             restore_trainer_state(self.state, self.model, optimizer)
-        self.start, self.train_time = self.state["step"], self.state["train_time"]
-        every, steps = self.args.eval_every, self.args.steps
-        self.evaluation_due = not self.checkpoint or ((self.start % every == 0 or self.start == steps) and
-                                                      from_main_rank(lambda: not evaluated(self.run_dir, self.start)))
-        if self.checkpoint and self.start >= self.args.steps and not self.evaluation_due:
-            fail(f"--resume {self.run_dir}: the run has done all {self.args.steps} of its steps, nothing is left;"
-                 f" to train further, resume with --steps above {self.start}")  # fmt: skip
-        self.phase_seconds, self.files, self.tracker, self.non_finite_run, self.no_signal_run = {}, {}, None, 0, 0
-        self.signalled = self.interrupted = None  # a signal this rank received; one every rank has agreed on
-
-    def open(self):
-        """Claim the run folder and open its logs, once every start-up check has passed: a run that cannot start
-        writes nothing."""
         wanted = self.run_dir
         self.run_dir = from_main_rank(self.claim)
         if self.run_dir != wanted:
@@ -283,34 +146,19 @@ class Run:
 
     @when_disk_full
     def claim(self) -> str:
-        """The run folder, made and locked; on --resume locked, its logs cut back to the checkpoint's step."""
+        """The run folder, made and locked, with args.json and versions.json; on --resume locked and cut back to
+        the checkpoint's step, the resume recorded in resumes.jsonl."""
         versions = {"python": platform.python_version(), **{p: version(p) for p in ("torch", "transformers",
                                                                                     "datasets")}}  # fmt: skip
-        record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions, "args": asdict(self.args)}
-        if not self.args.resume:
-            files = {"args.json": json.dumps({"script": self.script, **asdict(self.args)}, indent=1),
-                     "versions.json": json.dumps(versions, indent=1)}  # fmt: skip
-            folder, self.lock = claim_run_folder(self.run_dir, files, numbered=not self.args.run_name)
-            return folder
-        self.lock = lock_folder(self.run_dir)
-        if self.lock is None:
-            fail(f"--resume {self.run_dir}: another process is running this run right now")
-        logs = [os.path.join(self.run_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
-        try:
-            kept = [rows_up_to(path, self.start) for path in logs]  # checked before anything is changed
-        except SystemExit:
-            os.close(self.lock)
-            raise
-        for path, rows in zip(logs, kept):
-            if rows is not None:
-                with open(path + ".tmp", "w") as f, removed_on_error(path + ".tmp"):
-                    f.writelines(rows)
-                os.replace(path + ".tmp", path)
-        for partial in glob.glob(os.path.join(self.run_dir, "checkpoints", "*.partial")):  # a kill's, a full disk's
-            shutil.rmtree(partial)
-        with open(os.path.join(self.run_dir, "resumes.jsonl"), "a") as f:
-            f.write(json.dumps({"from_step": self.start, **record}) + "\n")
-        return self.run_dir
+        if self.args.resume:
+            record = {"from_step": self.start, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions,
+                      "args": asdict(self.args)}  # fmt: skip
+            self.lock = reopen_run_folder(self.run_dir, self.start, record)
+            return self.run_dir
+        files = {"args.json": json.dumps({"script": self.script, **asdict(self.args)}, indent=1),
+                 "versions.json": json.dumps(versions, indent=1)}  # fmt: skip
+        folder, self.lock = claim_run_folder(self.run_dir, files, numbered=not self.args.run_name)
+        return folder
 
     def on_interrupt(self, signum, frame):
         """Ctrl-C, or SIGTERM / SIGHUP from a scheduler or a closed terminal: finish the step, save, stop."""
@@ -323,15 +171,15 @@ class Run:
                 os.write(sys.stderr.fileno(), f"\n{name}: finishing this step, then saving a checkpoint (send it"
                                               " again to stop at once)\n".encode())  # fmt: skip
 
-    def set_learning_rate(self, step: int):
-        """The learning rate of the step about to run (`step` counts from 0): --warmup-steps W of linear warm-up
-        (--lr/W, 2 --lr/W, ..., so no step is spent at 0), then --lr-schedule: constant, or a linear or cosine decay
-        towards 0 at --steps, as transformers' schedules decay. It depends on the step alone: a resume goes on
-        exactly."""
+    def set_learning_rate(self, done: int):
+        """The learning rate of step `done` of --steps (counted from 1, as the logs count), the step about to run:
+        --warmup-steps W of linear warm-up (--lr/W, 2 --lr/W, ..., so no step is spent at 0), then --lr-schedule:
+        constant, or a linear or cosine decay towards 0 at --steps, as transformers' schedules decay. It depends on
+        the step alone: a resume goes on exactly."""
         a = self.args
-        progress = (step - a.warmup_steps) / max(1, a.steps - a.warmup_steps)
+        progress = (done - 1 - a.warmup_steps) / max(1, a.steps - a.warmup_steps)
         decay = {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
-        self.lr = a.lr * ((step + 1) / a.warmup_steps if step < a.warmup_steps else decay[a.lr_schedule])
+        self.lr = a.lr * (done / a.warmup_steps if done <= a.warmup_steps else decay[a.lr_schedule])
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
 
@@ -362,14 +210,15 @@ class Run:
                 self.tracker.log(metrics, step=step)
 
     def evaluate(self, step: int, more: dict | None = None):
-        """Held-out accuracy under the script's reward, and the figures the script adds (`more`), logged and
-        printed. Skipped after a signal, which asks the run to stop soon (the resume makes it up)."""
+        """Held-out accuracy as the verifier judges it, the script's reward beside it, and the script's own figures
+        (`more`), logged and printed. Skipped after a signal, which asks the run to stop soon (a resume makes it up)."""
         if self.interrupted:
             return
         a = self.args
         with gathered(self.model):  # a sharded model's weights, gathered once for the whole evaluation
-            metrics = evaluate(self.model, self.tokenizer, self.task, self.reward, self.form, a.eval_prompts,
-                               a.max_new_tokens, a.temperature, self.generator("eval", step, device=self.device))
+            metrics = held_out_metrics(self.model, self.tokenizer, self.task, self.reward, self.reward_form,
+                                       a.eval_prompts, a.max_new_tokens, a.temperature,
+                                       self.generator("eval", step, device=self.device), self.rank, self.world)
         metrics |= more or {}
         self.record(step, {**metrics, "time/train_elapsed": self.train_time})
         self.print(eval_line(step, metrics))
@@ -395,9 +244,10 @@ class Run:
             phases = " ".join(f"{k[5:8]} {v:.2f}s" for k, v in times.items())
             self.print(f"step {step:4d} | {figures} | {phases}")
             if scored is not None:  # the first prompt's first completions, to read what the policy writes
-                question = scored.examples[0]["question"]
-                for text, reward in zip(scored.texts[:4], scored.rewards.flatten()[:4].tolist()):
-                    row = {"step": step, "question": question, "completion": text, "reward": reward}
+                for i, text in enumerate(scored.texts[:4]):
+                    row = {"step": step, "question": scored.examples[0]["question"], "completion": text,
+                           "reward": scored.rewards.flatten()[i].item(), "shaped": scored.shaped.flatten()[i].item(),
+                           "correct": bool(scored.correct.flatten()[i])}  # fmt: skip
                     self.files["samples"].write(json.dumps(row) + "\n")
                 self.files["samples"].flush()
 
@@ -450,12 +300,9 @@ class Run:
             launcher = f"torchrun --nproc_per_node {self.world} -- " if self.world > 1 else "python "
             self.print(f"saved {self.checkpoint}; continue with: {launcher}{self.script}.py --resume"
                        f" {shlex.quote(self.run_dir)}")  # fmt: skip
-            raise SystemExit(128 + getattr(self, "signal_number", signal.SIGTERM))
+            raise SystemExit(128 + (self.signal_number or signal.SIGTERM))
         if is_main():
             print(f"done: {self.run_dir} (metrics.jsonl, checkpoints/)")
-
-
-# ---- start-up helpers ---------------------------------------------------------------------------------------
 
 
 def start_tracking(args, run_dir: str):
@@ -474,12 +321,6 @@ def start_tracking(args, run_dir: str):
 # Ctrl-C, and what a scheduler (Slurm, Kubernetes: SIGTERM) or a closed terminal (SIGHUP; not on Windows) sends.
 STOP_SIGNALS = {getattr(signal, name): label for name, label in (("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM"),
                                                                  ("SIGHUP", "SIGHUP")) if hasattr(signal, name)}
-
-
-def evaluated(run_dir: str, step: int) -> bool:
-    """Whether metrics.jsonl holds an evaluation of `step` (a signal during that step skips it, to stop soon)."""
-    rows = map(json.loads, rows_up_to(os.path.join(run_dir, "metrics.jsonl"), step, warn=lambda line: None) or [])
-    return any(row["step"] == step and any(key.startswith("eval/") for key in row) for row in rows)
 
 
 def drop_long_prompts(task, tokenizer, model, max_new_tokens: int, by_default: bool = False):
@@ -508,52 +349,6 @@ def drop_long_prompts(task, tokenizer, model, max_new_tokens: int, by_default: b
     return replace(task, **kept)
 
 
-# ---- held-out evaluation -------------------------------------------------------------------------------------
-
-
-def evaluate(model, tokenizer, task, reward, form, n_prompts, max_new_tokens, temperature, generator,
-             samples=1) -> dict:  # fmt: skip
-    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` per prompt): the mean of the script's `reward` (under the
-    run's `form`) on the first `n_prompts` test prompts, sharded over ranks; the same per skill; the share that
-    answers in the task's asked form (`eval/format_frac_*`), whatever the reward; where the task checks steps, the
-    unfaithful share of the rewarded answers."""
-    skills = sorted({e["skill"] for e in task.test[:n_prompts] if "skill" in e})  # the same on every rank
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    metrics = {}
-    for mode in ("greedy", "sampled"):
-        repeats = samples if mode == "sampled" else 1  # greedy decoding gives the same answer every time
-        examples = [e for e in task.test[:n_prompts] for _ in range(repeats)][rank::world]
-        texts = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, max_new_tokens,
-                              temperature, mode == "greedy", generator)  # fmt: skip
-        rewards = [reward(e, t, form) for e, t in zip(examples, texts)]  # the script's reward, as in training
-        flawed, formed = unfaithful(task, examples, texts, rewards), [in_form(t, task.answer_form) for t in texts]
-        sums = []
-        for skill in [None, *skills]:
-            rows = [i for i, e in enumerate(examples) if skill is None or e.get("skill") == skill]
-            sums += [sum(rewards[i] for i in rows), sum(rewards[i] > 0 for i in rows), sum(flawed[i] for i in rows),
-                     sum(formed[i] for i in rows), len(rows)]  # fmt: skip
-        sums = all_reduce(sums)
-        for j, skill in enumerate([None, *skills]):
-            total_reward, rewarded, unfaithful_count, in_form_count, total = sums[5 * j : 5 * j + 5]
-            metrics[f"eval/acc_{mode}" + (f"/{skill}" if skill else "")] = total_reward / max(1, total)
-            if task.answer_form and skill is None:
-                metrics[f"eval/format_frac_{mode}"] = in_form_count / max(1, total)
-            if task.check_steps and skill is None:
-                metrics[f"eval/unfaithful_{mode}"] = unfaithful_count / max(1, rewarded)
-    return metrics
-
-
-def eval_line(step: int, metrics: dict) -> str:
-    """The console line of an evaluation: overall figures, the asked form's share, accuracy per skill, a target's."""
-    overall = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1
-                       and "format" not in k)  # fmt: skip
-    form = " ".join(f"{k[17:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/format_frac_"))
-    skills = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/acc_sampled/"))
-    target = " ".join(f"{k[12:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval_target/"))
-    return (f"step {step:4d} | eval {overall}" + (f" | in the asked form: {form}" if form else "")
-            + (f" | sampled by skill: {skills}" if skills else "") + (f" | target {target}" if target else ""))
-
-
 def shown_value(v) -> str:
     """A number for the console: integers as integers, small values in scientific notation."""
     if isinstance(v, int) or float(v).is_integer() and abs(v) >= 1:
@@ -570,199 +365,3 @@ def fit(line: str, width: int = 120) -> str:
         else:
             lines.append(part if not lines else "    " + part)
     return "\n".join(lines)
-
-
-# ---- the run folder: claimed atomically, locked while its run is alive ------------------------------------------
-
-
-def check_run_name(output_dir: str, run_name: str | None):
-    """A run folder is a plain folder inside --output-dir: no empty --output-dir, no --run-name that climbs or nests."""
-    if not output_dir.strip():
-        fail("--output-dir '': give a folder (e.g. runs, or . for the current folder)")
-    if run_name is not None and (not run_name.strip() or run_name in (".", "..") or "/" in run_name
-                                 or os.sep in run_name or run_name.startswith(".")):  # fmt: skip
-        fail(f"--run-name {run_name!r}: must be a plain folder name (no path separators, not starting with .)")
-    if run_name is not None and len(run_name.encode()) > 240:  # file systems allow 255; staging adds a suffix
-        fail(f"--run-name: {len(run_name.encode())} bytes long; at most 240")
-
-
-def refuse_existing(folder: str):
-    if not os.path.isdir(folder):
-        fail(f"--run-name: {folder} exists and is not a folder; choose another name")
-    fail(f"--run-name: {folder} already exists; choose another name, or continue it with"
-         f" --resume {shlex.quote(folder)}")  # fmt: skip
-
-
-def lock_folder(path: str) -> int | None:
-    """An open descriptor of `path` holding an exclusive lock on it, or None when another process holds one (the
-    system drops a lock when its process ends, however it ends)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if fcntl:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except BlockingIOError:
-        os.close(fd)
-        return None
-
-
-def never_saved(run_dir: str) -> bool:
-    """A run folder whose run started (args.json) but never completed a checkpoint: it cannot be resumed."""
-    return os.path.exists(os.path.join(run_dir, "args.json")) and not complete_checkpoints(run_dir)
-
-
-def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[str, int]:
-    """Create `run_dir` with `first_files` ({name: text}) in it, locked (until the process ends): they are written
-    into a hidden folder renamed into place, and a rename never replaces a folder that holds files, so of two runs
-    given one name exactly one gets it; the other stops with a one-line error. `numbered` (a default name): take
-    <run_dir>_2, _3, ... instead. A folder whose run never saved a checkpoint is replaced, with a warning."""
-    parent = os.path.dirname(os.path.abspath(run_dir))
-    os.makedirs(parent, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    names = [f"{run_dir}_{i}" if i > 1 else run_dir for i in range(1, 1000)] if numbered else [run_dir, run_dir]
-    for folder in names:
-        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
-        with removed_on_error(staging):
-            os.chmod(staging, 0o777 & ~umask)  # as os.mkdir would make it, not mkdtemp's private 0o700
-            for name, text in first_files.items():
-                with open(os.path.join(staging, name), "w") as f:
-                    f.write(text)
-            lock = lock_folder(staging)
-        try:
-            os.rename(staging, folder)
-            return folder, lock
-        except OSError:  # the folder exists (and is not empty)
-            os.close(lock)
-            shutil.rmtree(staging)
-        if numbered:
-            continue
-        if not os.path.isdir(folder):
-            fail(f"--run-name: {folder} exists and is not a folder; choose another name")
-        lock = lock_folder(folder)
-        if lock is None:
-            fail(f"--run-name: {folder} is in use by another run right now; choose another name")
-        if not never_saved(folder):
-            os.close(lock)
-            refuse_existing(folder)
-        warn(f"replacing {folder}: its run stopped before its first checkpoint, so it cannot be resumed")
-        shutil.rmtree(folder)  # under its lock; the next pass renames this run's folder into its place
-        os.close(lock)
-    fail(f"--output-dir: could not claim a run folder near {run_dir}")
-
-
-@contextlib.contextmanager
-def removed_on_error(path: str):
-    """`path` (a file or a folder) removed if the block fails: a full disk leaves no half-written copy."""
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-        raise
-
-
-def rows_up_to(path: str, step: int, warn=warn) -> list[str] | None:
-    """The rows of a .jsonl log up to `step` (None without the file). A torn last line (a kill during a write) is
-    dropped with a warning (`warn`); a damaged line before it is a one-line error."""
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [line for line in f if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError("no step")
-        except ValueError:
-            if number < len(lines):
-                fail(f"--resume {os.path.dirname(path)}: line {number} of {os.path.basename(path)} is damaged (not a"
-                     " row with a step); repair or delete that line")  # fmt: skip
-            warn(f"dropping the torn last line of {path} (line {number}: {line.strip()[:60]!r})")
-            break
-        if row["step"] <= step:
-            rows.append(line if line.endswith("\n") else line + "\n")
-    return rows
-
-
-# ---- checkpoints and resume -------------------------------------------------------------------------------------
-
-
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict) -> str:
-    """`checkpoints/step_<N>/`: the model as transformers saves it (with LoRA: merged, and the adapter alone in
-    `adapter/`), and `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes into a folder
-    renamed when complete: a kill never leaves one that looks so."""
-    folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-    weights = optimizer_state = None  # unsharded: the model's and the optimizer's own state_dict(), on rank 0
-    if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole of each
-        from common.fsdp import whole_state_dicts
-
-        weights, optimizer_state = whole_state_dicts(model, optimizer)
-    if not is_main():
-        return folder
-    partial = folder + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    with removed_on_error(partial):  # a full disk leaves no half-written folder behind
-        if lora_layers(model):  # the adapter folded in, as an ordinary model; and the adapter alone, for --resume
-            weights = merged_state_dict(model)
-            save_adapter(model, os.path.join(partial, "adapter"))
-        model.save_pretrained(partial, state_dict=weights)
-        tokenizer.save_pretrained(partial)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        torch.save({"step": step, "optimizer": optimizer_state or optimizer.state_dict(), "rng": rng, **state},
-                   f"{partial}/trainer_state.pt")  # fmt: skip
-    shutil.rmtree(folder, ignore_errors=True)  # the same step saved by an earlier attempt of this run
-    os.replace(partial, folder)
-    return folder
-
-
-def complete_checkpoints(run_dir: str, warn=lambda line: None) -> list[str]:
-    """A run's checkpoints that finished saving, newest first; one cut off while saving is passed over (`warn`)."""
-    folder = os.path.join(run_dir, "checkpoints")
-    found = []
-    for name in sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        if not name.startswith("step_"):
-            continue
-        if name.endswith(".partial") or not all(os.path.exists(os.path.join(path, f))
-                                                for f in ("config.json", "trainer_state.pt")):  # fmt: skip
-            warn(f"warning: skipping the incomplete checkpoint {path}")
-            continue
-        found.append(path)
-    return found
-
-
-def last_checkpoint(run_dir: str, dtype, device, args, base: str):
-    """(checkpoint, model, tokenizer, trainer state) of the newest complete checkpoint that loads; a damaged one
-    is passed over with a warning. A LoRA run's adapter goes back on its `base` model."""
-    say = lambda line: print(line, flush=True) if is_main() else None  # noqa: E731
-    for checkpoint in complete_checkpoints(run_dir, warn=say):
-        try:
-            model, tokenizer = read_policy(base if args.lora_rank else checkpoint, dtype, device)
-            if args.lora_rank:
-                load_adapter(model, os.path.join(checkpoint, "adapter"), args)
-            state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-            if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
-                raise ValueError("trainer_state.pt lacks the step, optimizer or random states")
-        except Exception as e:  # a damaged file raises one of many exception types, from several libraries
-            warn(f"skipping the damaged checkpoint {checkpoint} ({type(e).__name__}: {first_line(e, 100)})")
-            continue
-        say(f"resuming {run_dir} from {os.path.basename(checkpoint)}, with the run's own settings")
-        return checkpoint, model, tokenizer, state
-    if never_saved(run_dir):
-        fail(f"--resume {run_dir}: the run stopped before its first complete checkpoint, so it cannot be resumed;"
-             f" start it again with the same --run-name, which replaces it")  # fmt: skip
-    fail(f"--resume {run_dir}: no checkpoint there loads")
-
-
-def restore_trainer_state(state: dict, model, optimizer):
-    """Put a checkpoint's optimizer and random states back (a sharded model's optimizer takes its shard)."""
-    if is_sharded(model):
-        from common.fsdp import load_optimizer_state
-
-        load_optimizer_state(model, optimizer, state["optimizer"])
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])

@@ -3,12 +3,11 @@ and the token log-probs (and entropy) every loss is built on."""
 
 import hashlib
 import inspect
-from collections import namedtuple
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recomputed  # activations recomputed in the backward pass
 
 from common.model import prompt_text
 from common.torchrun import gathered
@@ -39,14 +38,14 @@ def draw_prompts(task, tokenizer, seed: int, step: int, batch_prompts: int, rank
 
 @dataclass
 class Rollout:
-    """N sequences = left-padded prompt [N, P] followed by the completion [N, L]. `old_logprobs` is log mu of each
-    token, mu the distribution actually sampled from (logits / T), recorded while sampling: pi_old of the ratio,
-    mu of a trust region. `topk_*` [N, L, K]: mu's most likely tokens, where a script records them (dppo.py)."""
+    """N sequences = left-padded prompt [N, P] followed by the completion [N, L]. `sampler_logprobs` is log mu of
+    each token, mu the distribution actually sampled from (logits / T), recorded while sampling (pi_old of a ratio
+    where no script recomputes it). `topk_*` [N, L, K]: mu's most likely tokens, where a script records them."""
 
     input_ids: torch.Tensor  # [N, P + L]
     attention_mask: torch.Tensor  # [N, P + L]
     completion_mask: torch.Tensor  # [N, L] 1 up to and including the first EOS
-    old_logprobs: torch.Tensor  # [N, L] fp32
+    sampler_logprobs: torch.Tensor  # [N, L] fp32
     prompt_len: int
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
@@ -64,7 +63,7 @@ class Rollout:
         """The sub-batch of the given rows (e.g. the sequences a down-sampling rule keeps)."""
         pick = lambda x: None if x is None else x[rows]  # noqa: E731
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
-                       self.old_logprobs[rows], self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs),
+                       self.sampler_logprobs[rows], self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs),
                        pick(self.truncated))  # fmt: skip
 
 
@@ -168,7 +167,7 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
             with torch.no_grad():
                 on_logits(s, lm_head(h))
         if torch.is_grad_enabled():
-            part, H = checkpoint(chunk_logprobs, lm_head, h, tg, temperature, entropy, use_reentrant=False)
+            part, H = recomputed(chunk_logprobs, lm_head, h, tg, temperature, entropy, use_reentrant=False)
         else:
             part, H = chunk_logprobs(lm_head, h, tg, temperature, entropy)
         parts.append(part)
@@ -180,17 +179,33 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
 # ---- a step's completions, scored by the script's reward -----------------------------------------------------
 
 
-# A step's completions: `examples` one per prompt, `texts` n per prompt side by side, and `rewards` [prompts, n],
-# the script's reward: the one value that training, the logs and the samples read.
-Scored = namedtuple("Scored", "examples texts rewards")
+@dataclass
+class Scored:
+    """A step's completions, scored: `examples` one per prompt, `texts` n per prompt side by side, and three values
+    per completion [prompts, n] kept apart: `rewards`, what the script's `reward` returned; `shaped`, the training
+    signal (the reward plus `shaping`), which advantages read; `correct`, the verifier's verdict, which accuracy and
+    the unfaithful share read, whatever the reward pays."""
+
+    examples: list
+    texts: list
+    rewards: torch.Tensor
+    shaped: torch.Tensor
+    correct: torch.Tensor
 
 
-def unfaithful(task, examples, texts, rewards) -> list[bool]:
-    """Per completion (of `examples`' completions, side by side): rewarded, though its written steps are not its
+def verdicts(examples: list, texts: list[str], form: str | None) -> torch.Tensor:
+    """Per completion [prompts, n]: whether the verifier judges its final answer right (written in `form`, if one is
+    given: the run's reward form)."""
+    n = len(texts) // max(1, len(examples))
+    return torch.tensor([is_correct(t, examples[i // n]["answer"], form) for i, t in enumerate(texts)]).view(-1, n)
+
+
+def unfaithful(task, examples, texts, correct) -> list[bool]:
+    """Per completion (of `examples`' completions, side by side): right, though its written steps are not its
     question's (where the task checks steps)."""
-    n, check = len(texts) // max(1, len(examples)), task.check_steps
-    return [check is not None and r > 0 and not check(examples[i // n]["question"], t)
-            for i, (t, r) in enumerate(zip(texts, rewards))]  # fmt: skip
+    n = len(texts) // max(1, len(examples))
+    return [bool(task.faithful and right and not task.faithful(examples[i // n]["question"], t))
+            for i, (t, right) in enumerate(zip(texts, correct))]  # fmt: skip
 
 
 def shaping(examples: list, texts: list[str], task, args) -> torch.Tensor:
@@ -198,7 +213,7 @@ def shaping(examples: list, texts: list[str], task, args) -> torch.Tensor:
     side by side); 0 by default, never counted by evaluation. --format-bonus: for writing one number in the task's
     asked form, right or wrong (R1's format reward). --answer-credit: for a right answer that --reward strict pays
     nothing, as it is written outside that form."""
-    n, form, added = len(texts) // max(1, len(examples)), task.answer_form, []
+    n, form, added = len(texts) // max(1, len(examples)), task.asked_form, []
     for i, text in enumerate(texts):
         gold = examples[i // n]["answer"]
         outside = args.answer_credit and is_correct(text, gold) and not is_correct(text, gold, form)
@@ -213,18 +228,20 @@ def frac_zero_std(rewards: torch.Tensor) -> float:
 
 def rollout_metrics(task, scored: Scored, rollout: Rollout) -> dict:
     """The metrics of a step's rollouts that mean the same in every script."""
-    rewarded, rewards = (scored.rewards > 0).sum().item(), scored.rewards.flatten().tolist()
+    correct = scored.correct.flatten().tolist()
     sampled = rollout.attention_mask[:, rollout.prompt_len :]  # every sampled token, masked from the loss or not
-    flawed = sum(unfaithful(task, scored.examples, scored.texts, rewards))
     return {
-        "reward/mean": scored.rewards.mean().item(),
-        "reward/zero_std_frac": frac_zero_std(scored.rewards),
-        **({"reward/format_frac": sum(in_form(t, task.answer_form) for t in scored.texts) / len(scored.texts)}
-           if task.answer_form else {}),  # fmt: skip
+        "reward/mean": scored.rewards.float().mean().item(),  # what the script's reward returned
+        "reward/shaped_mean": scored.shaped.float().mean().item(),  # what training read
+        "reward/zero_std_frac": frac_zero_std(scored.shaped),
+        "train/acc": sum(correct) / len(correct),
+        **({"reward/format_frac": sum(in_form(t, task.asked_form) for t in scored.texts) / len(scored.texts)}
+           if task.asked_form else {}),  # fmt: skip
         "train/completion_len": sampled.sum(1).float().mean().item(),
         "train/gen_tokens": sampled.sum().item(),
         "train/truncated_frac": rollout.truncated.float().mean().item(),  # cut at --max-new-tokens before an EOS
-        **({"train/unfaithful": flawed / max(1, rewarded)} if task.check_steps else {}),
+        **({"train/unfaithful": sum(unfaithful(task, scored.examples, scored.texts, correct)) / max(1, sum(correct))}
+           if task.faithful else {}),  # fmt: skip
     }
 
 

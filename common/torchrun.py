@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from common.errors import fail
+from common.errors import fail, is_main
 
 
 def setup_distributed(device: str = "auto"):
@@ -40,10 +40,6 @@ def close_group():
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def all_reduce(values, op: str = "sum"):

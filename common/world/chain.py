@@ -2,7 +2,7 @@
 
 A question `What is 12+7-5?` has the solution `12+7=19 19-5=14 #### 14`. The pool mixes skills of different
 difficulty, one of them rare and weak; the flawed-solution kinds below are what the tiny model's teacher
-writes; `chain_faithful` and `has_wrong_step` check a response's written steps, which the outcome reward
+writes; `faithful` and `has_wrong_step` check a response's written steps, which the outcome reward
 does not see.
 """
 
@@ -192,10 +192,10 @@ def make_chain(seed: int = 0, pool: int = CHAIN_POOL) -> Task:
     for split in (train, validation, test):
         rng.shuffle(split)
     return Task("chain", train, validation, test, CHAIN_INSTRUCTION,
-                max_new_tokens=48, target_skills=(DEFAULT_TARGET,), check_steps=chain_faithful)  # fmt: skip
+                max_new_tokens=48, target_skills=(DEFAULT_TARGET,), faithful=faithful)  # fmt: skip
 
 
-def chain_faithful(question: str, response: str) -> bool:
+def faithful(question: str, response: str) -> bool:
     """True iff the response's steps are exactly the question's chain, each arithmetically valid, each
     starting from the previous result, and the final answer is the last step's result."""
     operands, ops = parse_chain_question(question)
