@@ -22,11 +22,10 @@ import torch
 
 from common.data import check_skills, of_skills
 from common.errors import fail, warn
-from common.evaluation import held_out_metrics
 from common.flags import check_flags, flag, parse_args
 from common.lora import LORA_MODULES, reference_policy
 from common.model import matching_parameters
-from common.run import Run, shown_value
+from common.run import Run, held_out_metrics, shown_value
 from common.sampling import Rollout, Scored, draw_prompts, prompt_ids, rollout_metrics, sample, seeded_generator
 from common.sampling import shaping, token_logprobs, verdicts
 from common.torchrun import Totals, all_reduce, gather_strided, grad_norm_metrics, optimizer_step, world_size
@@ -307,12 +306,11 @@ def collect_store(model, tokenizer, task, examples, K, args, generator, form) ->
         rollout = sample(model, [p for p in prompts for _ in range(K)], args.max_new_tokens, args.store_temperature,
                          tokenizer.eos_token_id, tokenizer.pad_token_id, generator=generator)  # fmt: skip
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        for i, example in enumerate(chunk):
+        rewards = torch.tensor([reward(chunk[i // K], t, form) for i, t in enumerate(texts)])
+        shaped, correct = (rewards + shaping(chunk, texts, task, args)).view(-1, K), verdicts(chunk, texts, form)
+        for i in range(len(chunk)):
             rows = torch.arange(i * K, (i + 1) * K, device=rollout.input_ids.device)
-            own = texts[i * K : (i + 1) * K]
-            shaped = torch.tensor([reward(example, t, form) for t in own]) + shaping([example], own, task, args)
-            right = verdicts([example], own, form)[0]
-            store.append({"rollout": trim(rollout.select(rows)), "shaped": shaped, "correct": right})
+            store.append({"rollout": trim(rollout.select(rows)), "shaped": shaped[i], "correct": correct[i]})
     return store
 
 
@@ -320,10 +318,9 @@ def trim(rollout: Rollout) -> Rollout:
     """Drop the padding columns a group does not need (groups were sampled in larger batches)."""
     used = rollout.attention_mask.bool().any(0)
     first, last = int(used.long().argmax()), int(used.nonzero().max()) + 1  # first and last used column
-    L = last - rollout.prompt_len
-    return Rollout(rollout.input_ids[:, first:last], rollout.attention_mask[:, first:last],
-                   rollout.completion_mask[:, :L], rollout.sampler_logprobs[:, :L],
-                   rollout.prompt_len - first)  # fmt: skip
+    L, r = last - rollout.prompt_len, rollout
+    return Rollout(r.input_ids[:, first:last], r.attention_mask[:, first:last], r.completion_mask[:, :L],
+                   r.sampler_logprobs[:, :L], r.prompt_len - first)
 
 
 # ---- POPI: the off-policy policy gradient of one prompt, projected ---------------------------------------
@@ -437,10 +434,6 @@ def validation_sets(task, skills, world) -> list[list[dict]]:
 # ---- one stage's selection -------------------------------------------------------------------------------
 
 
-def rank_part(items, rank, world):
-    return items[rank::world]
-
-
 def validation_targets(model, val_stores, params, args, world) -> torch.Tensor:
     """v_b = mean projected gradient of the first --val-prompts validation prompts with a non-zero gradient,
     per validation set, [S, k]. Each rank holds a strided part of every set's store."""
@@ -485,9 +478,9 @@ def offline_store(model, tokenizer, task, val_sets, args, run) -> tuple[list, li
     if os.path.exists(store_file):
         return *torch.load(store_file, weights_only=False), None
     start, generator = time.perf_counter(), run.generator("store", device=model.device)
-    pool_store = collect_store(model, tokenizer, task, rank_part(task.train, rank, world), args.pool_responses, args,
+    pool_store = collect_store(model, tokenizer, task, task.train[rank::world], args.pool_responses, args,
                                generator, run.reward_form)  # fmt: skip
-    val_stores = [collect_store(model, tokenizer, task, rank_part(v, rank, world), args.val_responses, args, generator,
+    val_stores = [collect_store(model, tokenizer, task, v[rank::world], args.val_responses, args, generator,
                                 run.reward_form) for v in val_sets]  # fmt: skip
     check_validation_signal(val_stores, args)
     return pool_store, val_stores, time.perf_counter() - start
@@ -532,7 +525,8 @@ def main(args: Args):
     run = Run(args, __file__, check_args)  # start-up: the task, the flags settled and checked, the policy
     args = run.args  # the settled flags: --max-new-tokens 0 is now the task's own, --resume a full path
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
-    n, form, rank, world, pool = args.n, run.reward_form, run.rank, run.world, task.train  # form: the reward's
+    n, form = args.n, run.reward_form  # form: where the reward and the verifier read the answer (--reward)
+    rank, world, pool = run.rank, run.world, task.train
     if int(args.select_ratio * len(pool)) < 1:
         fail(f"--select-ratio {args.select_ratio}: selects no prompt of the {len(pool)}-prompt pool")
     skills = target_skills(task, args)
@@ -551,7 +545,7 @@ def main(args: Args):
         if not skills:
             return {}
         generator = run.generator("eval-target", step, device=device)
-        metrics = held_out_metrics(model, tokenizer, target_task, reward, run.reward_form, len(target_task.test),
+        metrics = held_out_metrics(model, tokenizer, target_task, reward, form, len(target_task.test),
                                    args.max_new_tokens, args.temperature, generator, rank, world, args.target_samples)
         return {k.replace("eval/", "eval_target/"): v for k, v in metrics.items() if k.count("/") == 1}
 

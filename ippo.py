@@ -27,21 +27,8 @@ from common.flags import check_flags, parse_args
 from common.lora import LORA_MODULES, reference_policy
 from common.model import load_policy, matching_parameters
 from common.run import Run
-from common.sampling import (
-    Rollout,
-    Scored,
-    draw_prompts,
-    left_pad,
-    positions,
-    prompt_ids,
-    rollout_metrics,
-    sample,
-    seeded_generator,
-    shaping,
-    token_logprobs,
-    unfaithful,
-    verdicts,
-)
+from common.sampling import Rollout, Scored, draw_prompts, left_pad, positions, prompt_ids, rollout_metrics, sample
+from common.sampling import seeded_generator, shaping, token_logprobs, unfaithful, verdicts
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, world_size
 from common.verifier import is_correct
 from kernels.projection import project
@@ -477,7 +464,8 @@ def main(args: Args):
     run = Run(args, __file__, check_args)  # start-up: the task, the flags settled and checked, the policy
     args = run.args  # the settled flags: --max-new-tokens 0 is now the task's own, --resume a full path
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
-    n, form, rank, world = args.n, run.reward_form, run.rank, run.world  # form: the reward's
+    n, form = args.n, run.reward_form  # form: where the reward and the verifier read the answer (--reward)
+    rank, world = run.rank, run.world
     if args.influence:
         if not all(e.get("solution") for e in task.validation):
             fail(f"--task {args.task}: the validation split has no gold solutions (field {args.solution_field!r}),"

@@ -22,16 +22,8 @@ from common.flags import check_flags, parse_args
 from common.lora import LORA_MODULES, reference_policy
 from common.model import trainable_parameters
 from common.run import Run
-from common.sampling import (
-    Scored,
-    draw_prompts,
-    frac_zero_std,
-    rollout_metrics,
-    sample,
-    shaping,
-    token_logprobs,
-    verdicts,
-)
+from common.sampling import Scored, draw_prompts, frac_zero_std, rollout_metrics, sample, shaping, token_logprobs
+from common.sampling import verdicts
 from common.torchrun import Totals, all_reduce, grad_norm_metrics, optimizer_step, shard, world_size
 from common.verifier import is_correct
 
@@ -307,7 +299,8 @@ def main(args: Args):
     run = Run(args, __file__, check_args)  # start-up: the task, the flags settled and checked, the policy
     args = run.args  # the settled flags: --max-new-tokens 0 is now the task's own, --resume a full path
     model, tokenizer, task, device = run.model, run.tokenizer, run.task, run.device
-    B, n, m, form = args.batch_prompts // run.world, args.n, args.m, run.reward_form  # form: the reward's
+    n, form = args.n, run.reward_form  # form: where the reward and the verifier read the answer (--reward)
+    B, m = args.batch_prompts // run.world, args.m
     ref_model = reference_policy(model, run.model_path) if args.beta > 0 else None  # LoRA: the adapter off
     model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)

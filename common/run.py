@@ -1,6 +1,6 @@
-"""The run's life, the one handle a script's loop talks to: start-up (the task, the settled flags, the policy), the
-run folder opened, the console and the logs, signals, the stop rules, evaluation and checkpoints called by name.
-The one file of `common/` that imports the built-in world (`common/world/`)."""
+"""The run's life and evaluation, the one handle a script's loop talks to: start-up (the task, the settled flags, the
+policy), the run folder opened, the console and the logs, signals, the stop rules, held-out evaluation (accuracy as
+the verifier judges it), checkpoints called by name. The one file of `common/` that imports the built-in world."""
 
 import contextlib
 import json
@@ -20,23 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.checkpoints import last_checkpoint, restore_trainer_state, save_checkpoint
-from common.errors import creation_problem, fail, warn
-from common.evaluation import eval_line, held_out_metrics
+import common.folder as folder  # the run folder and its checkpoints
+from common.errors import fail, warn
 from common.flags import check_resumed_args, check_shared_flags
-from common.folder import (
-    check_run_name,
-    claim_run_folder,
-    evaluated,
-    never_saved,
-    refuse_existing,
-    reopen_run_folder,
-    when_disk_full,
-)
 from common.lora import add_lora
 from common.model import load_policy
-from common.sampling import Scored, prompt_ids, seeded_generator
+from common.sampling import Scored, prompt_ids, rollout_texts, seeded_generator, unfaithful
 from common.torchrun import all_reduce, from_main_rank, gathered, is_main, setup_distributed
+from common.verifier import in_form, is_correct
 from common.world import model_folder, task_named  # the one place the built-in world plugs in
 
 NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the run stops
@@ -59,8 +50,7 @@ class Run:
         resume = os.path.expanduser(args.resume) if args.resume else None
         if resume:
             check_resumed_args(args, resume, self.script)
-        else:
-            check_run_name(args.output_dir, args.run_name)
+        self.run_dir = folder.run_folder_of(args, self.script, resume)  # checked: a plain name, a place to write
         check_shared_flags(args)
         self.rank, self.world, self.device = setup_distributed(args.device)
         for seed in (random.seed, np.random.seed, torch.manual_seed):
@@ -81,22 +71,14 @@ class Run:
         if getattr(args, "fsdp", False) and self.world == 1:
             warn("--fsdp: one process holds the whole model, nothing is sharded; launch with torchrun to shard")
         self.reward_form = task.asked_form if args.reward == "strict" else None  # where reward and verifier look
-        self.run_dir = resume or os.path.join(os.path.expanduser(args.output_dir), args.run_name or
-                                              f"{self.script}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-        if args.run_name and not resume and os.path.exists(self.run_dir) and not never_saved(self.run_dir):
-            refuse_existing(self.run_dir)  # early; the claim decides (a default name never collides: it is numbered)
-        problem = creation_problem(os.path.join(self.run_dir, "checkpoints", "step"))  # probes checkpoints/ on resume
-        if problem:
-            fail(f"{'--resume' if resume else '--output-dir'}: cannot {'write in' if resume else 'create'}"
-                 f" {self.run_dir} ({problem})")  # fmt: skip
         from_main_rank(lambda: model_folder(args.model))  # converts a GGUF on first use, on rank 0; the others wait
         self.model_path = model_folder(args.model)
         sharded = getattr(args, "fsdp", False) and self.world > 1
         dtype = torch.float32 if sharded else getattr(torch, args.dtype)  # --fsdp: fp32 shards, --dtype computes
         self.checkpoint, self.state = None, {"step": 0, "train_time": 0.0}
         if resume:
-            self.checkpoint, self.model, self.tokenizer, self.state = last_checkpoint(self.run_dir, dtype, self.device,
-                                                                                      args, self.model_path)
+            found = folder.last_checkpoint(self.run_dir, dtype, self.device, args, self.model_path)
+            self.checkpoint, self.model, self.tokenizer, self.state = found
         else:
             self.model, self.tokenizer = load_policy(self.model_path, dtype, self.device)
             if args.lora_rank:
@@ -109,7 +91,7 @@ class Run:
                  f" {len(task.test)} prompts; pass --eval-prompts {len(task.test)} or fewer")  # fmt: skip
         self.start, self.train_time = self.state["step"], self.state["train_time"]
         self.evaluation_due = not resume or ((self.start % args.eval_every == 0 or self.start == args.steps) and
-                                             from_main_rank(lambda: not evaluated(self.run_dir, self.start)))
+                                             from_main_rank(lambda: not folder.evaluated(self.run_dir, self.start)))
         if resume and self.start >= args.steps and not self.evaluation_due:
             fail(f"--resume {self.run_dir}: the run has done all {args.steps} of its steps, nothing is left; to train"
                  f" further, resume with --steps above {self.start}")  # fmt: skip
@@ -127,7 +109,7 @@ class Run:
         (evaluation logs it beside the accuracy) taken in, the run folder claimed, its logs opened."""
         self.optimizer, self.reward, self.lr = optimizer, reward, self.args.lr
         if self.checkpoint:
-            restore_trainer_state(self.state, self.model, optimizer)
+            folder.restore_trainer_state(self.state, self.model, optimizer)
         wanted = self.run_dir
         self.run_dir = from_main_rank(self.claim)
         if self.run_dir != wanted:
@@ -144,7 +126,7 @@ class Run:
         self.tb = SummaryWriter(self.run_dir, purge_step=self.start + 1 if self.start else None)
         self.tracker = start_tracking(self.args, self.run_dir) if self.args.track else None
 
-    @when_disk_full
+    @folder.when_disk_full
     def claim(self) -> str:
         """The run folder, made and locked, with args.json and versions.json; on --resume locked and cut back to
         the checkpoint's step, the resume recorded in resumes.jsonl."""
@@ -153,12 +135,12 @@ class Run:
         if self.args.resume:
             record = {"from_step": self.start, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions,
                       "args": asdict(self.args)}  # fmt: skip
-            self.lock = reopen_run_folder(self.run_dir, self.start, record)
+            self.lock = folder.reopen_run_folder(self.run_dir, self.start, record)
             return self.run_dir
         files = {"args.json": json.dumps({"script": self.script, **asdict(self.args)}, indent=1),
                  "versions.json": json.dumps(versions, indent=1)}  # fmt: skip
-        folder, self.lock = claim_run_folder(self.run_dir, files, numbered=not self.args.run_name)
-        return folder
+        claimed, self.lock = folder.claim_run_folder(self.run_dir, files, numbered=not self.args.run_name)
+        return claimed
 
     def on_interrupt(self, signum, frame):
         """Ctrl-C, or SIGTERM / SIGHUP from a scheduler or a closed terminal: finish the step, save, stop."""
@@ -198,7 +180,7 @@ class Run:
         yield
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    @when_disk_full
+    @folder.when_disk_full
     def record(self, step: int, metrics: dict):
         """One row of metrics.jsonl and TensorBoard (rank 0)."""
         if self.files:
@@ -223,7 +205,7 @@ class Run:
         self.record(step, {**metrics, "time/train_elapsed": self.train_time})
         self.print(eval_line(step, metrics))
 
-    @when_disk_full
+    @folder.when_disk_full
     def log(self, step: int, metrics: dict, shown: dict, scored: Scored | None = None):
         """Log a step's metrics (averaged over ranks) with its phase times, throughput and training time so far;
         advance the progress bar; every --log-every steps print the `shown` figures and write a few samples."""
@@ -277,13 +259,13 @@ class Run:
             self.print(f"stopping at step {step}: {reason}")
         return reason
 
-    @when_disk_full
+    @folder.when_disk_full
     def save(self, step: int, state: dict | None = None):
         """A checkpoint: the policy, the optimizer, the random states, the training time and the script's `state`."""
-        self.checkpoint = save_checkpoint(self.run_dir, step, self.model, self.tokenizer, self.optimizer,
+        self.checkpoint = folder.save_checkpoint(self.run_dir, step, self.model, self.tokenizer, self.optimizer,
                                           {"train_time": self.train_time, **(state or {})})  # fmt: skip
 
-    @when_disk_full
+    @folder.when_disk_full
     def finish(self):
         """Close the logs; after a signal, print the command that continues the run and exit with status 128 + the
         signal's number, as shells report it (130 after Ctrl-C, 143 after SIGTERM)."""
@@ -347,6 +329,57 @@ def drop_long_prompts(task, tokenizer, model, max_new_tokens: int, by_default: b
         warn(f"dropping prompts longer than {room} tokens (the model's {positions} positions less --max-new-tokens"
              f" {max_new_tokens}): {', '.join(dropped)}; the first begins {first[:40]!r}")  # fmt: skip
     return replace(task, **kept)
+
+
+def held_out_metrics(model, tokenizer, task, reward, form, n_prompts, max_new_tokens, temperature, generator,
+                     rank=0, world=1, samples=1) -> dict:  # fmt: skip
+    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` per prompt): the share of the first `n_prompts` test
+    prompts that the verifier judges right (under the run's reward `form`), sharded over ranks; the same per skill.
+    Beside them, whatever the reward pays: the mean of the script's `reward` (`eval/reward_*`), the share written in
+    the task's asked form (`eval/format_frac_*`) and, where the task checks steps, the unfaithful share of the
+    right answers (`eval/unfaithful_*`)."""
+    skills = sorted({e["skill"] for e in task.test[:n_prompts] if "skill" in e})  # the same on every rank
+    metrics = {}
+    for mode in ("greedy", "sampled"):
+        repeats = samples if mode == "sampled" else 1  # greedy decoding gives the same answer every time
+        examples = [e for e in task.test[:n_prompts] for _ in range(repeats)][rank::world]
+        texts = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, max_new_tokens,
+                              temperature, mode == "greedy", generator)  # fmt: skip
+        correct = [is_correct(t, e["answer"], form) for e, t in zip(examples, texts)]  # the verifier's verdict
+        rewards = [reward(e, t, form) for e, t in zip(examples, texts)]  # the script's reward, as in training
+        steps_wrong, formed = unfaithful(task, examples, texts, correct), [in_form(t, task.asked_form) for t in texts]
+        sums = []
+        for skill in [None, *skills]:
+            rows = [i for i, e in enumerate(examples) if skill is None or e.get("skill") == skill]
+            sums += [sum(correct[i] for i in rows), sum(rewards[i] for i in rows), sum(steps_wrong[i] for i in rows),
+                     sum(formed[i] for i in rows), len(rows)]  # fmt: skip
+        sums = all_reduce(sums)
+        for j, skill in enumerate([None, *skills]):
+            right, total_reward, unfaithful_count, in_form_count, total = sums[5 * j : 5 * j + 5]
+            metrics[f"eval/acc_{mode}" + (f"/{skill}" if skill else "")] = right / max(1, total)
+            if skill is None:
+                metrics[f"eval/reward_{mode}"] = total_reward / max(1, total)
+            if task.asked_form and skill is None:
+                metrics[f"eval/format_frac_{mode}"] = in_form_count / max(1, total)
+            if task.faithful and skill is None:
+                metrics[f"eval/unfaithful_{mode}"] = unfaithful_count / max(1, right)
+    return metrics
+
+
+def eval_line(step: int, metrics: dict) -> str:
+    """The console line of an evaluation: overall figures (the reward only where it differs from the accuracy), the
+    asked form's share, accuracy per skill, a target's."""
+
+    def figures(prefix: str) -> str:
+        own = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix) and "/" not in k[len(prefix) :]}
+        return " ".join(f"{k} {v:.3f}" for k, v in own.items() if "format" not in k
+                        and not (k.startswith("reward_") and v == own.get("acc_" + k[7:])))  # fmt: skip
+
+    form = " ".join(f"{k[17:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/format_frac_"))
+    skills = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/acc_sampled/"))
+    target = figures("eval_target/")
+    return (f"step {step:4d} | eval {figures('eval/')}" + (f" | in the asked form: {form}" if form else "")
+            + (f" | sampled by skill: {skills}" if skills else "") + (f" | target {target}" if target else ""))
 
 
 def shown_value(v) -> str:

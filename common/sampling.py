@@ -3,6 +3,7 @@ and the token log-probs (and entropy) every loss is built on."""
 
 import hashlib
 import inspect
+from collections import namedtuple
 from dataclasses import dataclass, replace
 
 import torch
@@ -176,21 +177,11 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
     return (logprobs, torch.cat(entropies).view_as(targets) * rollout.completion_mask) if entropy else logprobs
 
 
-# ---- a step's completions, scored by the script's reward -----------------------------------------------------
-
-
-@dataclass
-class Scored:
-    """A step's completions, scored: `examples` one per prompt, `texts` n per prompt side by side, and three values
-    per completion [prompts, n] kept apart: `rewards`, what the script's `reward` returned; `shaped`, the training
-    signal (the reward plus `shaping`), which advantages read; `correct`, the verifier's verdict, which accuracy and
-    the unfaithful share read, whatever the reward pays."""
-
-    examples: list
-    texts: list
-    rewards: torch.Tensor
-    shaped: torch.Tensor
-    correct: torch.Tensor
+# A step's completions, scored: `examples` one per prompt, `texts` n per prompt side by side, and three values per
+# completion [prompts, n] kept apart: `rewards`, what the script's `reward` returned; `shaped`, the training signal
+# (the reward plus `shaping`), which advantages read; `correct`, the verifier's verdict, which accuracy and the
+# unfaithful share read whatever the reward pays.
+Scored = namedtuple("Scored", "examples texts rewards shaped correct")
 
 
 def verdicts(examples: list, texts: list[str], form: str | None) -> torch.Tensor:

@@ -55,7 +55,7 @@ CROPI_SMALL = ("--steps", "8", "--steps-per-stage", "8", "--pool-responses", "2"
                "--target-samples", "2")  # fmt: skip
 IPPO_SMALL = ("--steps", "10", "--eval-every", "10", "--eval-prompts", "100", "--val-prompts", "32")
 
-ADVANTAGES = "advantages = group_advantages(scored.rewards, args.scale_rewards).flatten().to(device)"
+ADVANTAGES = "advantages = group_advantages(scored.shaped, args.scale_rewards).flatten().to(device)"
 
 EXERCISES = [
     # ---- grpo.py -------------------------------------------------------------------------------------------
@@ -101,13 +101,13 @@ EXERCISES = [
              training.clip_fraction, properties=properties.check_gspo, solution_file="gspo.py",
              flag='ratio_level: Literal["token", "sequence"] = "token"\n'
                   '"""open exercise open-gspo: `sequence` clips one ratio per sequence (GSPO)"""',
-             hooks=(("per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low, "
+             hooks=(("per_token, clipped = clipped_surrogate(logprobs, micro.sampler_logprobs, A, args.eps_low, "
                      "args.eps_high)",
                      'if args.ratio_level == "sequence":  # open exercise open-gspo\n'
-                     "    per_token, clipped = sequence_clipped_surrogate(logprobs, micro.old_logprobs, A, valid,\n"
+                     "    per_token, clipped = sequence_clipped_surrogate(logprobs, micro.sampler_logprobs, A, valid,\n"
                      "                                                    args.eps_low, args.eps_high)\n"
                      "else:\n"
-                     "    per_token, clipped = clipped_surrogate(logprobs, micro.old_logprobs, A, args.eps_low,"
+                     "    per_token, clipped = clipped_surrogate(logprobs, micro.sampler_logprobs, A, args.eps_low,"
                      " args.eps_high)"),)),  # fmt: skip
     Exercise("open-kl-k2", "grpo", "kl_k2", "the k2 estimator of the KL penalty", "docs/course.md, Lesson 2", 20,
              (*SMALL, "--beta", "0.1", "--kl-estimator", "k2"), training.kl_to_reference,
@@ -123,7 +123,7 @@ EXERCISES = [
              flag='advantage: Literal["group", "rloo"] = "group"\n'
                   '"""open exercise open-rloo: `rloo` uses the leave-one-out baseline"""',
              hooks=((ADVANTAGES, 'if args.advantage == "rloo":  # open exercise open-rloo\n'
-                                 "    advantages = leave_one_out_advantages(scored.rewards).flatten().to(device)\n"
+                                 "    advantages = leave_one_out_advantages(scored.shaped).flatten().to(device)\n"
                                  "else:\n"
                                  f"    {ADVANTAGES}"),)),  # fmt: skip
     Exercise("open-dynamic-sampling", "grpo", "groups_with_signal", "DAPO: leave out groups whose rewards are equal",
@@ -134,7 +134,7 @@ EXERCISES = [
              hooks=(('with run.timer("update"):',
                      "trained, trained_advantages = rollout, advantages\n"
                      "if args.dynamic_sampling:  # open exercise open-dynamic-sampling\n"
-                     "    keep = groups_with_signal(scored.rewards)\n"
+                     "    keep = groups_with_signal(scored.shaped)\n"
                      "    if keep.any():  # with none kept, all train: their advantages are 0, only a KL term moves\n"
                      "        rows = keep.repeat_interleave(n).nonzero().squeeze(-1).to(device)\n"
                      "        trained, trained_advantages = rollout.select(rows), advantages[rows]\n"

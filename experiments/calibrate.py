@@ -20,11 +20,12 @@ import tyro
 
 from common.data import of_skills
 from common.model import load_policy
-from common.run import evaluate
+from common.run import held_out_metrics
 from common.sampling import rollout_texts, seeded_generator
+from common.verifier import is_correct
 from common.world import model_folder
 from common.world.chain import SKILLS, has_wrong_step, make_chain
-from grpo import reward  # every script's reward: 1 for the gold final answer, else 0
+from grpo import reward  # every script's reward: 1 for the gold final answer, else 0 (evaluation logs it)
 
 MAX_NEW_TOKENS = 48  # what the scripts use on `chain`
 
@@ -47,7 +48,7 @@ def tally(task, examples, texts) -> dict:
     """Per skill and overall ('all'): counts of responses, correct, correct-but-unfaithful, flawed, flawed-correct."""
     counts = {}
     for e, text in zip(examples, texts):
-        correct, faithful = reward(e, text) > 0, task.check_steps(e["question"], text)
+        correct, faithful = is_correct(text, e["answer"]), task.faithful(e["question"], text)
         flawed = has_wrong_step(text)
         for key in ("all", e["skill"]):
             c = counts.setdefault(key, dict(n=0, correct=0, unfaithful=0, flawed=0, flawed_correct=0))
@@ -88,8 +89,8 @@ def main(args: Args):
     print(f"\nunfaithful among correct greedy answers: {ratio(g['unfaithful'], g['correct']):.3f}")
     target = replace(task, test=of_skills(task.test, task.target_skills))
     # samples=8: cropi.py's --target-samples
-    t = evaluate(model, tokenizer, target, reward, None, len(target.test), MAX_NEW_TOKENS, args.temperature,
-                 seeded_generator(args.seed, "eval-target", 0, 0), samples=8)  # fmt: skip
+    t = held_out_metrics(model, tokenizer, target, reward, None, len(target.test), MAX_NEW_TOKENS, args.temperature,
+                         seeded_generator(args.seed, "eval-target", 0, 0), samples=8)  # fmt: skip
     figures = f"greedy {t['eval/acc_greedy']:.3f}, sampled (8 each) {t['eval/acc_sampled']:.3f}"
     skills = " ".join(task.target_skills)
     print(f"cropi.py's target evaluation, all {len(target.test)} `{skills}` test prompts: {figures}")

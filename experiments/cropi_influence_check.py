@@ -25,6 +25,7 @@ import ippo
 from common.data import of_skills
 from common.model import load_policy, matching_parameters
 from common.sampling import prompt_ids, rollout_texts, sample, seeded_generator, token_logprobs
+from common.verifier import is_correct
 from common.world import model_folder
 from common.world.chain import make_chain
 from experiments.helpers import ROOT
@@ -39,7 +40,7 @@ def target_figures(model, tokenizer, task, gold, test) -> tuple[float, float]:
     examples = [e for e in test for _ in range(SAMPLES_PER_TEST_PROMPT)]
     texts = rollout_texts(model, tokenizer, [e["question"] for e in examples], task.instruction, 48, 1.0, False,
                           torch.Generator().manual_seed(12345))  # the same draw before and after the step  # fmt: skip
-    correct = [cropi.reward(e, t) > 0 for e, t in zip(examples, texts)]
+    correct = [is_correct(t, e["answer"]) for e, t in zip(examples, texts)]  # the verifier's verdict
     return loglik, sum(correct) / len(correct)
 
 

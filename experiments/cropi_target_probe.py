@@ -28,12 +28,12 @@ def main(run_dir: str):
     (skill,) = saved["target_skills"] or task.target_skills  # the run's one target
     model, _ = load_policy(model_folder("tiny"))
     pool_store, (target_store, *_) = torch.load(os.path.join(run_dir, "store_rank0_of_1.pt"), weights_only=False)
-    usable = [i for i, g in enumerate(pool_store) if g["rewards"].max() > g["rewards"].min()]
+    usable = [i for i, g in enumerate(pool_store) if g["shaped"].max() > g["shaped"].min()]
     params = matching_parameters(model, "")
     grads = lambda groups: torch.cat([cropi.popi_gradients(model, groups[s : s + 64], params, args)[0]
                                       for s in range(0, len(groups), 64)])  # fmt: skip
     G = grads([pool_store[i] for i in usable])
-    target = grads([g for g in target_store if g["rewards"].max() > g["rewards"].min()]).mean(0)
+    target = grads([g for g in target_store if g["shaped"].max() > g["shaped"].min()]).mean(0)
     cosine = torch.nn.functional.cosine_similarity(G, target[None], dim=1)
     n_select = int(args.select_ratio * len(task.train))
     top = [usable[i] for i in cosine.argsort(descending=True)[:n_select].tolist()]

@@ -54,7 +54,7 @@ def by_mu_bin(bits: int, model, tokenizer, task) -> dict:
     with torch.no_grad():
         logprobs, extra = dppo.current_policy(model, rollout, dppo.Args(trust_region="topk-tv", top_k=K))
     valid = rollout.completion_mask.bool()
-    mu, pi = rollout.old_logprobs.exp()[valid], logprobs.exp()[valid]
+    mu, pi = rollout.sampler_logprobs.exp()[valid], logprobs.exp()[valid]
     bins = [(mu >= low) & (mu < high) for low, high in zip(BINS, BINS[1:])]
     result = {"tokens": [int(b.sum()) for b in bins], "largest": (pi - mu).abs().max().item(), "towards": {}}
     A = advantages[:, None].expand_as(valid)[valid]
@@ -66,10 +66,10 @@ def by_mu_bin(bits: int, model, tokenizer, task) -> dict:
 
     result["towards"]["none (kept: all)"] = towards_share(A != 0)
     for name, region in REGIONS.items():
-        D = dppo.token_divergence(region, logprobs, rollout.old_logprobs, extra)
+        D = dppo.token_divergence(region, logprobs, rollout.sampler_logprobs, extra)
         low, high = dppo.thresholds(dppo.Args(trust_region=region))
         past = (D > min(low, high))[valid]
-        blocked = (dppo.trust_region_mask(D, logprobs, rollout.old_logprobs, advantages, low, high) == 0)[valid]
+        blocked = (dppo.trust_region_mask(D, logprobs, rollout.sampler_logprobs, advantages, low, high) == 0)[valid]
         kept = ~blocked & (A != 0)
         result["towards"][name] = towards_share(kept)
         result[name] = [(past[b].float().mean().item(), blocked[b].float().mean().item(),

@@ -32,7 +32,7 @@ def main(argv):
     model, tokenizer = load_policy(model_folder("tiny"))
     gen = torch.Generator().manual_seed(0)
     pool = cropi.collect_store(model, tokenizer, task, task.train[: 2 * n_prompts], args.pool_responses, args, gen)
-    pool = [g for g in pool if g["rewards"].max() > g["rewards"].min()][:n_prompts]
+    pool = [g for g in pool if g["shaped"].max() > g["shaped"].min()][:n_prompts]
     target = of_skills(task.validation, [RARE_SKILL])
     val = cropi.collect_store(model, tokenizer, task, target, args.val_responses, args, gen)
     params = matching_parameters(model, "")

@@ -27,10 +27,10 @@ def figures(model, tokenizer, task, max_new_tokens: int) -> tuple[dict, list[str
     for mode in ("greedy", "sampled"):
         texts = rollout_texts(model, tokenizer, questions, task.instruction, max_new_tokens, 1.0, mode == "greedy",
                               torch.Generator().manual_seed(0))  # fmt: skip
-        for rule, form in (("acc", None), ("strict", task.answer_form)):  # the scripts' reward under each --reward
+        for rule, form in (("acc", None), ("strict", task.asked_form)):  # the scripts' reward under each --reward
             right = [is_correct(t, e["answer"], form) for e, t in zip(task.test, texts)]
             result[f"{rule}_{mode}"] = sum(right) / len(texts)
-        result[f"form_{mode}"] = sum(in_form(t, task.answer_form) for t in texts) / len(texts)
+        result[f"form_{mode}"] = sum(in_form(t, task.asked_form) for t in texts) / len(texts)
         if mode == "sampled":
             shown = texts
     return result, shown

@@ -24,7 +24,8 @@ import grpo
 import ippo
 import pods
 from common.data import Task, check_skills, load_task
-from common.run import claim_run_folder, parse_args
+from common.flags import parse_args
+from common.folder import claim_run_folder
 from common.verifier import is_correct
 
 SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}

@@ -26,9 +26,9 @@ from common.world.chain import (
     RARE_SKILL,
     SKILLS,
     carried_solution,
-    chain_faithful,
     chain_question,
     chain_steps,
+    faithful,
     format_solution,
     has_wrong_step,
     make_chain,
@@ -53,7 +53,7 @@ QUESTION = "What is 12+7-5+3?"
 
 
 @pytest.mark.parametrize(
-    "response, correct, faithful",
+    "response, correct, steps_faithful",
     [
         ("12+7=19 19-5=14 14+3=17 #### 17", True, True),
         ("12+7=19 19-5=15 14+3=17 #### 17", True, False),  # wrong step not carried forward
@@ -64,13 +64,13 @@ QUESTION = "What is 12+7-5+3?"
         ("12+7=19 19-5=14 14+3=17 #### 18", False, False),
     ],
 )
-def test_chain_faithfulness_checker(response, correct, faithful):
+def test_chain_faithfulness_checker(response, correct, steps_faithful):
     assert is_correct(response, "17") is correct
-    assert chain_faithful(QUESTION, response) is faithful
+    assert faithful(QUESTION, response) is steps_faithful
     task = make_chain()
-    assert task.check_steps(QUESTION, response) is faithful  # the world's step check, as the scripts read it
+    assert task.faithful(QUESTION, response) is steps_faithful  # the world's step check, as the scripts read it
     example = {"question": QUESTION, "answer": "17"}
-    assert unfaithful(task, [example], [response], [float(correct)]) == [correct and not faithful]
+    assert unfaithful(task, [example], [response], [correct]) == [correct and not steps_faithful]
 
 
 def test_chain_generator():
@@ -135,16 +135,16 @@ def test_every_skill_gold_accepted_and_corruptions_rejected(skill):
         operands, ops = parse_chain_question(ex["question"])
         assert spec.ops[0] <= len(ops) <= spec.ops[1] and ("*" in ops) == spec.times_first
         assert all(c >= 0 for *_, c in chain_steps(operands, ops)), "running values stay non-negative"
-        assert is_correct(ex["solution"], ex["answer"]) and chain_faithful(ex["question"], ex["solution"])
+        assert is_correct(ex["solution"], ex["answer"]) and faithful(ex["question"], ex["solution"])
         assert not has_wrong_step(ex["solution"])
         slipped = slipped_solution(ex, rng)  # right answer, one wrong step: unfaithful
-        assert is_correct(slipped, ex["answer"]) and not chain_faithful(ex["question"], slipped)
+        assert is_correct(slipped, ex["answer"]) and not faithful(ex["question"], slipped)
         assert has_wrong_step(slipped)
         carried = carried_solution(ex, rng)  # wrong answer
-        assert not is_correct(carried, ex["answer"]) and not chain_faithful(ex["question"], carried)
+        assert not is_correct(carried, ex["answer"]) and not faithful(ex["question"], carried)
         assert has_wrong_step(carried)
         misread = misread_solution(ex, rng)  # wrong answer, every step consistent with the misread operand
-        assert not is_correct(misread, ex["answer"]) and not chain_faithful(ex["question"], misread)
+        assert not is_correct(misread, ex["answer"]) and not faithful(ex["question"], misread)
         assert not has_wrong_step(misread)
 
 
@@ -174,7 +174,7 @@ def test_warmup_flaw_kinds_in_configured_shares():
     for prompt, completion in pairs:
         ex, solution = by_question[prompt.rstrip("\n")], completion.removesuffix(EOS)
         skills[ex["skill"]] += 1
-        if chain_faithful(ex["question"], solution):
+        if faithful(ex["question"], solution):
             kinds["faithful"] += 1
         elif is_correct(solution, ex["answer"]):
             kinds["slipped"] += 1
@@ -286,8 +286,8 @@ def test_sampling_logprobs_equal_recomputation(policy, temperature):
     r = _rollout(policy, temperature)
     with torch.no_grad():
         recomputed = token_logprobs(policy[0], r, temperature, chunk=7)  # chunks that do not divide
-    assert torch.allclose(r.old_logprobs, recomputed, atol=1e-5)
-    assert (r.old_logprobs[r.completion_mask == 0] == 0).all()
+    assert torch.allclose(r.sampler_logprobs, recomputed, atol=1e-5)
+    assert (r.sampler_logprobs[r.completion_mask == 0] == 0).all()
 
 
 def test_completion_mask_stops_after_first_eos(policy):
@@ -308,7 +308,7 @@ def test_topk_capture(policy):
     record = dppo.TopKRecord(K)
     r = _rollout(policy, temperature, on_token=record)
     r.topk_ids, r.topk_logprobs = record.tensors()
-    assert r.topk_ids.shape == (*r.old_logprobs.shape, K)
+    assert r.topk_ids.shape == (*r.sampler_logprobs.shape, K)
     real = r.completion_mask.bool()
     tokens = r.completion_ids
     assert (r.topk_ids == tokens[..., None]).any(-1)[real].all(), "the sampled token is always in the set"
@@ -343,16 +343,16 @@ def test_gsm8k_offline_gives_a_clear_error():
         load_task("gsm8k")
 
 
-def test_unfaithful_is_rewarded_with_wrong_steps():
-    """`unfaithful`: rewarded, yet the written steps are not the question's; unrewarded responses never are, and
-    a task that cannot check steps (no `check_steps`) has none."""
+def test_unfaithful_is_right_with_wrong_steps():
+    """`unfaithful`: right (the verifier's verdict), yet the written steps are not the question's; wrong responses
+    never are, and a task that cannot check steps (no `faithful`) has none."""
     example = {"question": QUESTION, "answer": "17"}
     texts = ["12+7=19 19-5=14 14+3=17 #### 17", "12+7=19 19-5=15 14+3=17 #### 17",
              "12+7=19 19-5=15 15+3=18 #### 18", "12+7=19 19-5=15 14+3=17 #### 17"]  # fmt: skip
-    rewards = [1.0, 1.0, 0.0, 0.0]  # the last: unfaithful steps, but its reward is 0
-    assert unfaithful(make_chain(), [example] * 4, texts, rewards) == [False, True, False, False]
-    assert unfaithful(make_chain(), [example], texts, rewards) == [False, True, False, False]  # 4 completions of 1
-    assert unfaithful(Task("file", [], [], []), [example] * 4, texts, rewards) == [False] * 4
+    correct = [True, True, False, False]  # the last: unfaithful steps, but judged wrong
+    assert unfaithful(make_chain(), [example] * 4, texts, correct) == [False, True, False, False]
+    assert unfaithful(make_chain(), [example], texts, correct) == [False, True, False, False]  # 4 completions of 1
+    assert unfaithful(Task("file", [], [], []), [example] * 4, texts, correct) == [False] * 4
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_popi_matches_finite_differences_on_a_model(random_model_dir):
     rewards, mask = torch.tensor([1.0, 0.0, 0.0, 1.0]), rollout.completion_mask.double()
     weight = model.get_output_embeddings().weight
     objective = lambda: cropi.popi_objective(
-        token_logprobs(model, rollout, 0.5), rollout.old_logprobs.double(), rewards, mask
+        token_logprobs(model, rollout, 0.5), rollout.sampler_logprobs.double(), rewards, mask
     )
     (grad,) = torch.autograd.grad(objective(), weight)
     h = 1e-3  # token_logprobs works in fp32: a larger step keeps rounding below the tolerance
@@ -152,7 +152,7 @@ def test_target_defaults_to_the_learnable_weak_skill_and_bad_targets_are_refused
 
 def test_target_evaluation_samples_each_prompt_k_times(monkeypatch):
     """--target-samples k: greedy answers each prompt once, sampling answers it k times, and the accuracy is
-    the mean of the script's reward over every sample (here prompt a is always right, b right in 1 of 3
+    the share of every sample the verifier judges right (here prompt a is always right, b right in 1 of 3
     samples: (3 + 1) / 6)."""
     import common.run
 
@@ -166,7 +166,7 @@ def test_target_evaluation_samples_each_prompt_k_times(monkeypatch):
     monkeypatch.setattr(common.run, "rollout_texts", answers)
     task = type(make_chain(seed=0))("file.jsonl", [], [], [{"question": "a", "answer": "1", "skill": "x"},
                                                           {"question": "b", "answer": "2", "skill": "y"}])
-    metrics = common.run.evaluate(None, None, task, cropi.reward, None, 2, 8, 1.0, None, samples=3)
+    metrics = common.run.held_out_metrics(None, None, task, cropi.reward, None, 2, 8, 1.0, None, samples=3)
     assert seen == [(True, ["a", "b"]), (False, ["a", "a", "a", "b", "b", "b"])]
     assert metrics["eval/acc_greedy"] == 0.5 and metrics["eval/acc_sampled"] == pytest.approx(4 / 6)
     assert metrics["eval/acc_sampled/x"] == 1.0 and metrics["eval/acc_sampled/y"] == pytest.approx(1 / 3)
@@ -285,7 +285,7 @@ def pool_and_target_gradients(warm_model_dir):
     prompts = [tok(q + "\n")["input_ids"] for q in questions for _ in range(4)]
     rollout = sample(model, prompts, 24, 1.0, tok.eos_token_id, tok.pad_token_id, generator=g)
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])[torch.stack([torch.randperm(4, generator=g) for _ in questions])]
-    groups = [{"rollout": rollout.select(torch.arange(4 * i, 4 * i + 4)), "rewards": r} for i, r in enumerate(rewards)]
+    groups = [{"rollout": rollout.select(torch.arange(4 * i, 4 * i + 4)), "shaped": r} for i, r in enumerate(rewards)]
     params = matching_parameters(model, "")
     grads = cropi.popi_gradients(model, groups, params, cropi.Args(store_temperature=1.0))[0]
     return grads[:100], grads[100:].mean(0)
@@ -338,7 +338,7 @@ def test_kernels_flag_reaches_the_projection(random_model_dir, mode):
     prompts = [tok(q + "\n")["input_ids"] for q in ["What is 1+2?", "What is 3-1?"] for _ in range(2)]
     rollout = sample(model, prompts, 6, 1.0, tok.eos_token_id, tok.pad_token_id,
                      generator=torch.Generator().manual_seed(0))  # fmt: skip
-    groups = [{"rollout": rollout.select(torch.arange(2 * i, 2 * i + 2)), "rewards": torch.tensor([1.0, 0.0])}
+    groups = [{"rollout": rollout.select(torch.arange(2 * i, 2 * i + 2)), "shaped": torch.tensor([1.0, 0.0])}
               for i in range(2)]  # fmt: skip
     params = matching_parameters(model, r"^model\.norm\.")
     z = {backend: cropi.projected_gradients(model, groups, params, cropi.Args(proj_dim=16, proj_ratio=0.5,

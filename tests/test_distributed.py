@@ -10,7 +10,7 @@ from conftest import metric_rows, run_command
 
 import grpo
 import ippo
-from common.run import parse_args
+from common.flags import parse_args
 
 
 def parameter_change(mode, model_dir, out, world, aggregation):

@@ -10,8 +10,8 @@ import torch
 from conftest import metric_rows
 
 import dppo
+from common.flags import parse_args
 from common.model import load_policy
-from common.run import parse_args
 from common.sampling import positions, sample
 from kernels.topk_divergence import topk_divergence_reference
 
@@ -97,7 +97,7 @@ def test_recomputed_anchor_is_the_trainers_own_logprobs_on_mus_set(random_model_
     valid = rollout.completion_mask.bool()
     for rows, old, (ids, lps) in zip(order.chunk(2), seen_mask, seen_topk[1:]):
         torch.testing.assert_close(old, want[rows], atol=1e-5, rtol=0)
-        assert not torch.allclose(old[valid[rows]], rollout.old_logprobs[rows][valid[rows]], atol=1e-3)  # not mu
+        assert not torch.allclose(old[valid[rows]], rollout.sampler_logprobs[rows][valid[rows]], atol=1e-3)  # not mu
         assert torch.equal(ids, rollout.topk_ids[rows].flatten(0, 1))
         torch.testing.assert_close(lps[valid[rows].flatten()], want_set[rows][valid[rows]], atol=1e-5, rtol=0)
 
@@ -139,12 +139,12 @@ def test_recomputed_anchor_weight_and_mechanism_metrics_by_brute_force(random_mo
                 position_ids=positions(rollout.attention_mask))  # fmt: skip
     logp = out.logits[:, rollout.prompt_len - 1 : -1].float().log_softmax(-1)
     lp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
-    weight = (lp.detach() - rollout.old_logprobs).exp().clamp(max=C)  # pi = pi_old here: min(pi_old / mu, C)
+    weight = (lp.detach() - rollout.sampler_logprobs).exp().clamp(max=C)  # pi = pi_old here: min(pi_old / mu, C)
     assert ((weight > C - 1e-6) & valid.bool()).any() and ((weight < C - 1e-3) & valid.bool()).any()  # C binds: some
     loss = (-A[:, None] * weight * lp * valid).sum() / valid.sum()
     grads = torch.autograd.grad(loss, list(brute.parameters()), allow_unused=True, materialize_grads=True)
     torch.testing.assert_close(step, -torch.cat([g.flatten() for g in grads]), atol=1e-6, rtol=1e-4)
-    pi, mu = lp.detach().exp(), rollout.old_logprobs.exp()
+    pi, mu = lp.detach().exp(), rollout.sampler_logprobs.exp()
     n = valid.sum()
     assert stats["trust_region/abs_pi_mu"] == pytest.approx(((pi - mu).abs() * valid).sum().item() / n, rel=1e-4)
     assert stats["trust_region/abs_pi_old"] < 1e-5
@@ -172,7 +172,7 @@ def test_noisy_sampler_samples_and_records_the_noisy_distribution(random_model_d
     noise = torch.cat([torch.randn((N, 1, logits.shape[-1]), generator=g) for _ in range(L)], 1)
     log_mu = (logits + sigma * noise).log_softmax(-1)
     want = log_mu.gather(-1, rollout.completion_ids[..., None]).squeeze(-1) * rollout.completion_mask
-    torch.testing.assert_close(rollout.old_logprobs, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rollout.sampler_logprobs, want, atol=1e-4, rtol=0)
     valid = rollout.completion_mask.bool()
     ids, lps = record.tensors()
     torch.testing.assert_close(lps[valid], log_mu.gather(-1, ids)[valid], atol=1e-4, rtol=0)

@@ -9,8 +9,8 @@ import torch
 from conftest import ROOT, check_help, check_per_skill_eval, metric_rows, run_command
 
 import dppo
+from common.flags import parse_args
 from common.model import load_policy
-from common.run import parse_args
 from common.sampling import sample, token_logprobs
 
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--minibatches", "2", "--eval-prompts", "4",
@@ -97,7 +97,7 @@ def test_every_minibatch_is_measured_against_the_recorded_mu(random_model_dir, m
     stats = dppo.policy_update(model, None, optimizer, rollout, advantages, args, torch.Generator().manual_seed(5))
     assert len(seen) == 4
     for rows, old_logprobs in zip(order.chunk(4), seen):
-        assert torch.equal(old_logprobs, rollout.old_logprobs[rows])  # the sampler's record, not a recomputed copy
+        assert torch.equal(old_logprobs, rollout.sampler_logprobs[rows])  # the sampler's record, not a recomputed copy
     assert stats["trust_region/abs_pi_mu"] > 1e-4  # sampler at T=1.5, trainer at T=1: pi != mu from the start
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -209,7 +209,7 @@ def test_the_quantized_sampler_records_its_own_mu_and_differs_from_pi(random_mod
                      generator=torch.Generator().manual_seed(0))  # fmt: skip
     with torch.no_grad():
         mu, pi = token_logprobs(sampler, rollout), token_logprobs(model, rollout)
-    torch.testing.assert_close(rollout.old_logprobs, mu, atol=1e-5, rtol=0)  # mu is the sampler's own
+    torch.testing.assert_close(rollout.sampler_logprobs, mu, atol=1e-5, rtol=0)  # mu is the sampler's own
     assert (pi - mu).abs().max() > 1e-3, "4-bit weights compute other probabilities than the trainer's"
 
 

@@ -9,8 +9,8 @@ import torch
 from conftest import ROOT, check_help, check_per_skill_eval, metric_rows, run_command
 
 import ippo
+from common.flags import parse_args
 from common.model import load_policy, matching_parameters
-from common.run import parse_args
 from common.sampling import Rollout, token_logprobs
 
 # Gold pairs of different question and solution lengths: laid out as a buffer they need left padding
@@ -394,7 +394,7 @@ SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--epochs", "1", "-
 # ippo.py with a reward that varies within each group, so that a random model gets advantages of both
 # signs, episodes are both kept and dropped, and the update runs (the script itself is unchanged).
 WRAPPER = """import ippo
-from common.run import parse_args
+from common.flags import parse_args
 ippo.reward = lambda example, text, form=None: float(len(text) % 2)
 ippo.main(parse_args(ippo.Args))
 """

@@ -13,9 +13,9 @@ import dppo
 import grpo
 import ippo
 import pods
+from common.flags import parse_args
 from common.lora import AdapterOff, add_lora, load_adapter, merged_state_dict, save_adapter
-from common.model import matching_parameters, read_policy, trainable_parameters
-from common.run import parse_args
+from common.model import load_policy, matching_parameters, trainable_parameters
 
 SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=2, batch_prompts=2, n=2, eval_prompts=2, eval_every=2, max_new_tokens=4)
@@ -45,8 +45,8 @@ def model_dir(request, random_model_dir, llama_model_dir):
 
 def moved_adapter(model_dir):
     """The model with a rank-4 adapter whose B is no longer 0, as after some training; and the base model."""
-    base, _ = read_policy(model_dir)
-    model = add_lora(read_policy(model_dir)[0], 4, 8.0, "q_proj,v_proj,down_proj")
+    base, _ = load_policy(model_dir)
+    model = add_lora(load_policy(model_dir)[0], 4, 8.0, "q_proj,v_proj,down_proj")
     generator = torch.Generator().manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -63,8 +63,8 @@ IDS = torch.tensor([[5, 9, 2, 7, 11, 3]])
 
 
 def test_the_adapter_starts_as_the_base_model_and_only_the_adapter_trains(model_dir):
-    base, _ = read_policy(model_dir)
-    model = add_lora(read_policy(model_dir)[0], 4, 8.0, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    base, _ = load_policy(model_dir)
+    model = add_lora(load_policy(model_dir)[0], 4, 8.0, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     assert torch.equal(model(IDS).logits, base(IDS).logits)  # B = 0
     trained = {id(p) for p in trainable_parameters(model, "")}
     names = [name for name, p in model.named_parameters() if id(p) in trained]
@@ -76,7 +76,7 @@ def test_the_adapter_starts_as_the_base_model_and_only_the_adapter_trains(model_
 def test_a_pattern_adapts_only_the_layers_it_names(random_model_dir):
     """`--lora-modules` as a regular expression over full names: here the top layer of two, so the backward pass
     stops there."""
-    model = add_lora(read_policy(random_model_dir)[0], 4, 8.0, r".*layers\.1\..*_proj")
+    model = add_lora(load_policy(random_model_dir)[0], 4, 8.0, r".*layers\.1\..*_proj")
     names = [name for name, _ in matching_parameters(model, "")]
     assert len(names) == 2 * 7 and all(".layers.1." in name for name in names)
 
@@ -98,7 +98,7 @@ def test_merged_weights_load_as_an_ordinary_model_and_the_adapter_reloads_exactl
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         assert torch.allclose(merged(IDS).logits, model(IDS).logits, atol=1e-5)  # W + (alpha / r) B A
-        reloaded = load_adapter(read_policy(model_dir)[0], str(tmp_path / "merged" / "adapter"), args)
+        reloaded = load_adapter(load_policy(model_dir)[0], str(tmp_path / "merged" / "adapter"), args)
         assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
     unadapted = {k: v for k, v in base.state_dict().items() if not any(m in k for m in ("q_proj", "v_proj", "down"))}
     assert all(torch.equal(merged.state_dict()[k], v) for k, v in unadapted.items())
@@ -116,7 +116,7 @@ def test_every_script_trains_the_adapter_with_the_base_as_reference_and_saves_a_
     module.main(module.Args(**args))
     checkpoint = next((tmp_path / "r" / "checkpoints").iterdir())
     assert (checkpoint / "adapter" / "adapter_model.safetensors").exists()
-    saved, base = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict(), read_policy(model_dir)[0].state_dict()
+    saved, base = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict(), load_policy(model_dir)[0].state_dict()
     assert saved.keys() == base.keys()
     changed = {k for k in saved if not torch.equal(saved[k], base[k])}
     assert changed and all(k.endswith("_proj.weight") for k in changed)

@@ -9,8 +9,8 @@ import torch
 from conftest import check_help, check_per_skill_eval, metric_rows, run_command
 
 import pods
+from common.flags import parse_args
 from common.model import load_policy
-from common.run import parse_args
 
 SMALL = ["--steps", "2", "--batch-prompts", "2", "--n", "4", "--m", "2", "--eval-prompts", "6",
          "--eval-every", "1", "--log-every", "1", "--max-new-tokens", "12"]  # fmt: skip

@@ -1,6 +1,6 @@
-"""The reward is a function of each script: changing it there changes training, the logged samples and the
-held-out evaluation together, and no other script. And a resumed run's flags: the command line is parsed with
-the run's own values as the defaults."""
+"""The reward is a function of each script: changing it there changes the training signal, the logged reward
+and the samples' reward, never the accuracy, which is the verifier's verdict. And a resumed run's flags: the
+command line is parsed with the run's own values as the defaults."""
 
 import json
 
@@ -9,19 +9,27 @@ from conftest import metric_rows
 
 import grpo
 import pods
-from common.run import parse_args
+from common.flags import parse_args
+from common.verifier import is_correct
+from common.world.chain import make_chain
 
 SMALL = dict(steps=2, batch_prompts=2, n=4, eval_prompts=6, eval_every=1, log_every=1, max_new_tokens=6)
 
 
-def test_a_changed_reward_is_what_training_samples_and_evaluation_read(random_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(grpo, "reward", lambda example, completion, form=None: 0.25)  # a variant with its own reward
+def test_a_changed_reward_changes_the_reward_figures_and_never_the_accuracy(random_model_dir, tmp_path, monkeypatch):
+    grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="own", **SMALL))
+    monkeypatch.setattr(grpo, "reward", lambda example, completion, form=None: 0.25)  # a partial-credit edit
     grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path), run_name="r", **SMALL))
     train, evals = metric_rows(tmp_path / "r", "reward/mean"), metric_rows(tmp_path / "r", "eval/acc_greedy")
-    assert [r["reward/mean"] for r in train] == [0.25, 0.25]
-    assert {r["eval/acc_greedy"] for r in evals} == {r["eval/acc_sampled"] for r in evals} == {0.25}
+    assert [r["reward/mean"] for r in train] == [r["reward/shaped_mean"] for r in train] == [0.25, 0.25]
+    assert {r["eval/reward_greedy"] for r in evals} == {r["eval/reward_sampled"] for r in evals} == {0.25}
+    own = metric_rows(tmp_path / "own", "eval/acc_greedy")
+    for key in ("eval/acc_greedy", "eval/acc_sampled"):  # step 0: the same policy, so the same verdicts
+        assert evals[0][key] == own[0][key] and all(r[key] * 6 == round(r[key] * 6) for r in evals)
     samples = [json.loads(line) for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
-    assert samples and {s["reward"] for s in samples} == {0.25}
+    assert samples and {s["reward"] for s in samples} == {s["shaped"] for s in samples} == {0.25}
+    gold = {e["question"]: e["answer"] for e in make_chain().train}
+    assert all(s["correct"] is is_correct(s["completion"], gold[s["question"]]) for s in samples)
     assert pods.reward({"answer": "7"}, "#### 7") == 1.0 and pods.reward({"answer": "7"}, "#### 8") == 0.0
 
 

@@ -14,8 +14,9 @@ import torch
 from conftest import ROOT, metric_rows, run_command
 
 import grpo
+from common.flags import parse_args
+from common.folder import complete_checkpoints
 from common.model import load_policy
-from common.run import complete_checkpoints, parse_args
 
 SMALL = ["--batch-prompts", "2", "--n", "4", "--eval-prompts", "4", "--eval-every", "3", "--log-every", "1",
          "--max-new-tokens", "10"]  # fmt: skip

@@ -9,7 +9,8 @@ import torch
 from conftest import metric_rows
 
 import grpo
-from common.run import Run, parse_args
+from common.flags import parse_args
+from common.run import Run
 
 
 def rates(schedule: str, lr: float, steps: int, warmup: int) -> list[float]:
@@ -17,8 +18,8 @@ def rates(schedule: str, lr: float, steps: int, warmup: int) -> list[float]:
     run.args = SimpleNamespace(lr=lr, steps=steps, warmup_steps=warmup, lr_schedule=schedule)
     run.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     out = []
-    for step in range(steps):
-        run.set_learning_rate(step)
+    for done in range(1, steps + 1):  # the step about to run, counted from 1 as the logs count
+        run.set_learning_rate(done)
         assert run.optimizer.param_groups[0]["lr"] == run.lr
         out.append(run.lr)
     return out

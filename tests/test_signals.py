@@ -19,7 +19,8 @@ import dppo
 import grpo
 import ippo
 import pods
-from common.run import Run, parse_args
+from common.flags import parse_args
+from common.run import Run
 
 SCRIPTS = {"grpo": grpo, "pods": pods, "dppo": dppo, "cropi": cropi, "ippo": ippo}
 SMALL = dict(steps=4, batch_prompts=2, n=2, eval_prompts=2, eval_every=2, max_new_tokens=4)
@@ -184,12 +185,12 @@ def test_a_file_size_limit_is_one_line_and_leaves_nothing_half_written(random_mo
 
 
 def test_a_full_disk_when_the_run_folder_is_made_leaves_no_staging_folder(random_model_dir, tmp_path, monkeypatch):
-    import common.run
+    import common.folder
 
     def no_space(path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(common.run, "lock_folder", no_space)  # the staging folder's first files are written
+    monkeypatch.setattr(common.folder, "lock_folder", no_space)  # the staging folder's first files are written
     with pytest.raises(SystemExit, match="cannot write in .*: the disk is full; make room"):
         grpo.main(grpo.Args(model=random_model_dir, output_dir=str(tmp_path / "runs"), run_name="r", **SMALL))
     assert os.listdir(tmp_path / "runs") == [], "no run folder, no hidden staging folder"

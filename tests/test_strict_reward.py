@@ -40,8 +40,8 @@ def test_the_boxed_form_and_what_counts_as_in_form():
 def test_a_file_s_asked_form_is_the_one_every_question_names(question, form, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"question": f"{question} ({i})", "answer": "4"}) + "\n" for i in range(30)))
-    assert load_task(str(path)).answer_form == form
-    assert make_chain().answer_form == "####"
+    assert load_task(str(path)).asked_form == form
+    assert make_chain().asked_form == "####"
 
 
 @pytest.fixture
@@ -77,10 +77,11 @@ def test_the_format_bonus_is_added_in_training_and_never_in_evaluation(coin_mode
         grpo.main(grpo.Args(model=coin_model_dir, task=asked_coin_task, output_dir=str(tmp_path),
                             run_name=f"b{bonus}", format_bonus=bonus, **SMALL))  # fmt: skip
     plain, shaped = metric_rows(tmp_path / "b0.0"), metric_rows(tmp_path / "b0.5")
-    rewards = lambda rows: [r["reward/mean"] for r in rows if "reward/mean" in r]  # noqa: E731
-    evals = lambda rows: [r["eval/acc_sampled"] for r in rows if "eval/acc_sampled" in r]  # noqa: E731
-    assert rewards(shaped) == [r + 0.5 for r in rewards(plain)] and max(rewards(plain)) > 0
-    assert evals(shaped) == evals(plain)
+    column = lambda rows, key: [r[key] for r in rows if key in r]  # noqa: E731
+    assert column(shaped, "reward/shaped_mean") == [r + 0.5 for r in column(plain, "reward/mean")]
+    assert column(shaped, "reward/mean") == column(plain, "reward/mean") and max(column(plain, "reward/mean")) > 0
+    for key in ("eval/acc_sampled", "eval/reward_sampled"):  # the bonus is the training signal's alone
+        assert column(shaped, key) == column(plain, key)
 
 
 def test_the_answer_credit_pays_a_right_answer_outside_the_form_only(coin_model_dir, asked_coin_task, tmp_path):
@@ -91,7 +92,8 @@ def test_the_answer_credit_pays_a_right_answer_outside_the_form_only(coin_model_
     for name, rule in (("answer", dict(reward="answer")), ("strict", dict(reward="strict")),
                        ("credit", dict(reward="strict", answer_credit=0.5))):  # fmt: skip
         grpo.main(grpo.Args(**flags, run_name=name, **rule))
-    first = {name: metric_rows(tmp_path / name, "reward/mean")[0]["reward/mean"] for name in ("answer", "strict",
-                                                                                             "credit")}  # fmt: skip
-    assert first["answer"] > 0 and first["strict"] == 0 and first["credit"] == first["answer"] / 2
+    first = {name: metric_rows(tmp_path / name, "reward/mean")[0] for name in ("answer", "strict", "credit")}
+    assert first["answer"]["reward/mean"] > 0 and first["strict"]["reward/shaped_mean"] == 0
+    assert first["credit"]["reward/shaped_mean"] == first["answer"]["reward/mean"] / 2
+    assert first["credit"]["reward/mean"] == 0  # the reward strict pays; the credit is shaping
     assert all(r["eval/acc_sampled"] == 0 for r in metric_rows(tmp_path / "credit", "eval/acc_sampled"))

@@ -1,5 +1,9 @@
 """The shape of the project, checked: `common/` in layers (no import circle; the world plugged in at one place),
-its size, the skeleton the scripts share with grpo.py kept identical, and the diffs that show each idea."""
+its size, the skeleton the scripts share with grpo.py kept identical, the flags they share with grpo.py explained
+alike, and the diffs that show each idea.
+
+Marked `shape`: a student who edits a script may change the project's shape, so plain `pytest` (behaviour) leaves
+these out; the full suite (`pytest -m "slow or not slow"`) runs them, and `pytest -m shape` runs them alone."""
 
 import ast
 import difflib
@@ -7,8 +11,11 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.shape
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("grpo", "pods", "dppo", "cropi", "ippo")
+BUILT_ON_GRPO = SCRIPTS[1:]  # each copies grpo.py and adds one idea
 
 
 def source(path: str) -> str:
@@ -45,7 +52,9 @@ def test_common_has_no_import_circle():
     done, path = set(), []
 
     def visit(module):
-        assert module not in path, f"import circle: {' -> '.join(path[path.index(module):] + [module])}"
+        circle = " -> ".join(path[path.index(module):] + [module]) if module in path else ""
+        assert not circle, (f"common/ imports in a circle ({circle}): its layers let each module be read without the "
+                            "ones above it; move what both need down into a module that neither of them imports")
         if module in done:
             return
         path.append(module)
@@ -60,7 +69,9 @@ def test_common_has_no_import_circle():
 
 def test_the_world_plugs_in_at_one_place():
     importers = [p for p in common_files() if any(m.startswith("common.world") for m in project_imports(p))]
-    assert importers == ["common/run.py"], importers
+    assert importers == ["common/run.py"], (
+        f"common.world is imported by {importers}, not by common/run.py alone: the world (the tasks, the tiny model) "
+        "plugs in at one place so that the plumbing reads and swaps without it; reach it through common/run.py")
 
 
 # Lines of common/ without world/: lower it when common/ shrinks; raise it only in the change that needs the lines,
@@ -72,7 +83,10 @@ COMMON_BUDGET = 1915
 
 def test_common_stays_small():
     lines = sum(source(p).count("\n") for p in common_files())
-    assert lines <= COMMON_BUDGET, f"common/ without world/ has {lines} lines"
+    assert lines <= COMMON_BUDGET, (
+        f"common/ without world/ has {lines} lines, over its budget of {COMMON_BUDGET}: a student reads it beside "
+        "every script; shrink the change, or raise COMMON_BUDGET in tests/test_structure.py in the change that needs "
+        "the lines, saying why in the comment above it")
 
 
 def test_fsdp_is_imported_only_by_a_sharding_run():
@@ -82,12 +96,18 @@ def test_fsdp_is_imported_only_by_a_sharding_run():
         tree = ast.parse(source(path))
         top = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)} | {
             a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
-        assert not any(m and ("fsdp" in m or m.startswith("torch.distributed.tensor")) for m in top), path
+        sharding = sorted(m for m in top if m and ("fsdp" in m or m.startswith("torch.distributed.tensor")))
+        assert not sharding, (f"{path} imports {sharding} at its top: FSDP is loaded only when a run shards (--fsdp), "
+                              "so a plain run neither pays for it nor breaks with it; import it inside the function "
+                              "that shards")
 
 
 # ---- the skeleton pods.py, dppo.py and cropi.py share with grpo.py --------------------------------------------
 
+# Compared in every script that has one; every script has its own `reward`, so that changing it changes one script.
 SHARED = ("reward", "group_advantages", "clipped_surrogate", "kl_k3", "loss_normaliser", "aggregate")
+# Compared only in the scripts named: dppo.py and ippo.py update the policy their own way.
+SHARED_BY = {"policy_update": ("pods", "cropi")}
 
 
 def functions(script: str) -> dict[str, str]:
@@ -95,14 +115,91 @@ def functions(script: str) -> dict[str, str]:
     return {n.name: ast.get_source_segment(text, n) for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)}
 
 
-@pytest.mark.parametrize("script", ["pods", "dppo", "cropi", "ippo"])
+def copied_names(script: str, own: dict[str, str]) -> list[str]:
+    """The functions `script` copies from grpo.py: the SHARED ones it has, and those SHARED_BY names it for."""
+    return [name for name in SHARED if name in own] + [name for name, by in SHARED_BY.items() if script in by]
+
+
+@pytest.mark.parametrize("script", BUILT_ON_GRPO)
 def test_shared_functions_are_still_grpo_s(script):
     """A fix to one of these in grpo.py must reach every script that copies it (and the reverse)."""
     grpo, own = functions("grpo"), functions(script)
-    shared = [name for name in SHARED if name in own]
-    assert "reward" in shared, f"{script}.py has no reward function"
-    for name in shared:
-        assert own[name] == grpo[name], f"{script}.py's {name} differs from grpo.py's"
+    assert "reward" in own, (f"{script}.py has no reward function: each script keeps its own copy of grpo.py's, so "
+                             "that a student changes one script's reward without touching the others; put it back")
+    for name in copied_names(script, own):
+        assert name in own, (f"{script}.py has no {name}, though SHARED_BY says it copies grpo.py's: put the copy "
+                             f"back, or drop {script!r} from SHARED_BY[{name!r}] in tests/test_structure.py")
+        assert own[name] == grpo[name], (
+            f"{script}.py's {name} differs from grpo.py's, and a fix to grpo.py's {name} must reach {script}.py's "
+            f"copy: make the two identical again, or, if {script}.py's idea needs its own {name}, drop {script!r} "
+            f"from SHARED_BY[{name!r}] (for a SHARED name: move it from SHARED to SHARED_BY, naming the scripts that "
+            "still copy it) in tests/test_structure.py, saying why")
+
+
+# ---- the flags a script shares with grpo.py, explained alike in --help -------------------------------------------
+
+# (script, flag) whose help differs from grpo.py's on purpose, and why. "TO UNIFY": the same meaning in other words,
+# to be made identical in the scripts and then removed here.
+DELIBERATE_VARIANTS = {
+    ("cropi", "fsdp"): "cropi.py cannot shard yet",
+    ("cropi", "resume"): "cropi.py's resume reuses its offline store",
+    ("cropi", "steps"): "cropi.py trains in stages of --steps-per-stage",
+    ("cropi", "max_time"): "cropi.py's clock counts its influence scoring too",
+    ("ippo", "dtype"): "ippo.py also has a critic",
+    ("ippo", "fsdp"): "ippo.py cannot shard yet",
+    ("ippo", "steps"): "a PPO iteration: one scored buffer, --epochs passes over it",
+    ("ippo", "log_every"): "ippo.py counts PPO iterations, not steps",
+    ("ippo", "eval_every"): "ippo.py counts PPO iterations, not steps",
+    ("ippo", "save_every"): "ippo.py counts PPO iterations, not steps",
+    ("ippo", "batch_prompts"): "ippo.py counts PPO iterations, not steps",
+    ("ippo", "n"): "no group: ippo.py's baseline is its critic",
+    ("ippo", "minibatches"): "per PPO epoch, one actor and one critic step each",
+    ("ippo", "micro_batch"): "ippo.py calls a rollout an episode",
+    ("ippo", "lr"): "the actor's rate, with its own default tuned for `tiny`",
+    ("ippo", "max_grad_norm"): "clips the actor and the critic each",
+    ("ippo", "beta"): "the KL is a per-token penalty in the reward, not a loss term",
+    ("ippo", "run_name"): "TO UNIFY",
+    ("ippo", "eps_high"): "TO UNIFY",
+}
+
+
+def is_text(node: ast.stmt) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def flag_help(script: str) -> dict[str, str | None]:
+    """{field: its help} of the script's Args: tyro shows the string under a field as that flag's --help text.
+    Spaces are collapsed, since --help rewraps the text and a line break says nothing there."""
+    tree = ast.parse(source(f"{script}.py"))
+    args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    helps = {}
+    for field, after in zip(args.body, [*args.body[1:], None]):
+        if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name):
+            helps[field.target.id] = " ".join(after.value.value.split()) if after and is_text(after) else None
+    return helps
+
+
+@pytest.mark.parametrize("script", BUILT_ON_GRPO)
+def test_a_flag_shared_with_grpo_has_grpo_s_help(script):
+    grpo, own = flag_help("grpo"), flag_help(script)
+    shared = [f for f in own if f in grpo and (script, f) not in DELIBERATE_VARIANTS]
+    drift = {f: (grpo[f], own[f]) for f in shared if own[f] != grpo[f]}
+    texts = "; ".join(f"{f}: grpo.py says {g!r}, {script}.py says {o!r}" for f, (g, o) in drift.items())
+    assert not drift, (
+        f"{script}.py explains {sorted(drift)} unlike grpo.py, and a flag they share should read the same in both "
+        f"--help: copy one text to the other, or, if {script}.py's says what is true only there, add ({script!r}, "
+        f"field) and why to DELIBERATE_VARIANTS in tests/test_structure.py ({texts})")
+
+
+@pytest.mark.parametrize("script, field", DELIBERATE_VARIANTS)
+def test_every_deliberate_variant_still_differs(script, field):
+    grpo, own = flag_help("grpo"), flag_help(script)
+    assert field in grpo and field in own, (
+        f"DELIBERATE_VARIANTS lists ({script!r}, {field!r}), but grpo.py or {script}.py no longer has {field}: "
+        "remove the entry from tests/test_structure.py")
+    assert own[field] != grpo[field], (
+        f"DELIBERATE_VARIANTS lists ({script!r}, {field!r}), but {script}.py's help for {field} now reads as "
+        "grpo.py's: remove the entry from tests/test_structure.py")
 
 
 # Changed lines of `diff grpo.py X.py`: what the idea costs to read. Raise a budget only with the idea (cropi 402: its
@@ -118,4 +215,8 @@ def changed_lines(a: str, b: str) -> int:
 
 @pytest.mark.parametrize("script", DIFF_BUDGET)
 def test_the_diff_from_grpo_shows_the_idea(script):
-    assert changed_lines("grpo.py", f"{script}.py") <= DIFF_BUDGET[script]
+    n, budget = changed_lines("grpo.py", f"{script}.py"), DIFF_BUDGET[script]
+    assert n <= budget, (
+        f"diff grpo.py {script}.py changes {n} lines, over its budget of {budget}: the diff is what a reader reads to "
+        f"see the idea; shrink the change, or raise DIFF_BUDGET[{script!r}] in tests/test_structure.py in the change "
+        "that needs the lines, saying why")

@@ -7,7 +7,7 @@ import pytest
 from conftest import metric_rows
 
 import grpo
-from common.run import parse_args
+from common.flags import parse_args
 
 wandb = pytest.importorskip("wandb", reason="--track needs wandb (requirements-real.txt)")
 SMALL = dict(steps=2, batch_prompts=2, n=2, eval_prompts=2, eval_every=1, max_new_tokens=4)
