@@ -59,7 +59,7 @@ class Args:
     output_dir: str = "runs"
     """run folders go here"""
     run_name: str | None = None
-    """run folder name (default: ippo__s<seed>__<time>)"""
+    """run folder name (default: <script>__s<seed>__<time>)"""
     resume: str | None = None
     """a run folder to continue from its latest checkpoint"""
     steps: int = 60
@@ -130,7 +130,7 @@ class Args:
     eps_low: float = 0.2
     """clip of the ratio pi/pi_old below 1 - eps_low (where A < 0)"""
     eps_high: float = 0.2
-    """clip of the ratio above 1 + eps_high (where A > 0)"""
+    """clip of the ratio above 1 + eps_high (where A > 0); 0.28 is DAPO's clip-higher"""
     value_clip: float = 0.2
     """clip of the value loss: new values stay within this of the values at collection time"""
     # ---- influence ----

@@ -138,8 +138,7 @@ def test_shared_functions_are_still_grpo_s(script):
 
 # ---- the flags a script shares with grpo.py, explained alike in --help -------------------------------------------
 
-# (script, flag) whose help differs from grpo.py's on purpose, and why. "TO UNIFY": the same meaning in other words,
-# to be made identical in the scripts and then removed here.
+# (script, flag) whose help differs from grpo.py's on purpose, and why.
 DELIBERATE_VARIANTS = {
     ("cropi", "fsdp"): "cropi.py cannot shard yet",
     ("cropi", "resume"): "cropi.py's resume reuses its offline store",
@@ -158,8 +157,6 @@ DELIBERATE_VARIANTS = {
     ("ippo", "lr"): "the actor's rate, with its own default tuned for `tiny`",
     ("ippo", "max_grad_norm"): "clips the actor and the critic each",
     ("ippo", "beta"): "the KL is a per-token penalty in the reward, not a loss term",
-    ("ippo", "run_name"): "TO UNIFY",
-    ("ippo", "eps_high"): "TO UNIFY",
 }
 
 
