@@ -525,8 +525,8 @@ def main(args: Args):
                 influence = influence_scores(model, names, rollout, advantages, old_logprobs, g_val, args)
                 kept, weights = influence_weights(influence, args.reweight)
             correct = scored.correct.flatten()  # the verifier's verdict, whatever the reward pays
-            steps_wrong = unfaithful(task, examples, texts, correct)
-            info = influence_metrics(correct, steps_wrong, influence, kept, weights, val_loss)
+            is_unfaithful = unfaithful(task, examples, texts, correct)
+            info = influence_metrics(correct, is_unfaithful, influence, kept, weights, val_loss)
         kept_total, total = all_reduce([kept.sum().item(), len(kept)])
         none_left = kept_total < args.min_keep  # I-PPO's early stop: no episode left worth learning from
         # 4. PPO epochs on the kept episodes, weighted; the critic on the same episodes, unweighted.

@@ -1,9 +1,6 @@
 """Tasks: GSM8K and local json/jsonl/parquet files (the built-in `chain` is the world's, `common/world/chain.py`).
-
-Every task yields a list of examples `{"question": str, "answer": str, "solution": str}`, where
-`answer` is the gold final answer and `solution` a worked gold solution ending in `#### <answer>`
-(empty when the source has none). `chain` examples also carry their `skill`.
-"""
+Every task yields examples `{"question": str, "answer": str, "solution": str}`: the gold final `answer`, and a worked
+`solution` ending in `#### <answer>` (empty when the source has none); `chain`'s also carry a `skill`."""
 
 import codecs
 import json
@@ -17,6 +14,7 @@ from common.verifier import is_correct, normalize
 
 FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")
 SPLIT_SIZES = {"validation": 300, "test": 300}  # held-out sizes; the rest of the pool is `train`
+JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}  # else a number
 
 
 @dataclass
@@ -74,8 +72,7 @@ def make_gsm8k(seed: int = 0) -> Task:
 def file_text(path: str) -> str:
     """A data file's text: UTF-8, with or without a byte-order mark; anything else is a one-line error."""
     with open(path, "rb") as f:
-        data = f.read()
-    data = data.removeprefix(codecs.BOM_UTF8)
+        data = f.read().removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -97,9 +94,6 @@ def jsonl_rows(path: str, text: str) -> list[tuple[str, object]]:
             except json.JSONDecodeError as e:
                 fail(f"--task {path}: line {number} is not valid JSON ({e.msg}, column {e.colno})")
     return rows
-
-
-JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}  # else a number
 
 
 def json_rows(path: str, text: str) -> list[tuple[str, object]]:
@@ -208,9 +202,8 @@ def stated_form(questions: list[str]) -> str | None:
     return None
 
 
-def load_task(
-    name: str, seed: int = 0, question_field="question", answer_field="answer", solution_field="solution"
-) -> Task:
+def load_task(name: str, seed: int = 0, question_field="question", answer_field="answer",
+              solution_field="solution") -> Task:  # fmt: skip
     """`gsm8k`, or the path of a .json/.jsonl/.parquet file (split by the seed). `chain` is the world's."""
     if name == "gsm8k":
         return make_gsm8k(seed)

@@ -71,10 +71,9 @@ def saved_args(run_dir: str, Args, script: str | None = None) -> dict:
     if script and foreign:  # a run made before args.json named its script
         fail(f"--resume {run_dir}: the run has flags {script}.py does not know ({', '.join(foreign)});"
              " it was made by another script")  # fmt: skip
-    wrong = [(name, value) for name, value in saved.items() if name in known and not of_type(value, known[name])]
-    if wrong:
-        fail(f"--resume {run_dir}: args.json has {wrong[0][0]} = {json.dumps(wrong[0][1])}, not a value of"
-             f" {flag(wrong[0][0])}")  # fmt: skip
+    for name, value in saved.items():
+        if name in known and not of_type(value, known[name]):
+            fail(f"--resume {run_dir}: args.json has {name} = {json.dumps(value)}, not a value of {flag(name)}")
     return saved
 
 
@@ -114,8 +113,7 @@ def check_shared_flags(args):
 def check_resumed_args(args, run_dir: str, script: str):
     """--resume continues the run as it was: every flag but those of CHANGEABLE_ON_RESUME must have the run's
     value (`parse_args` gives every flag left out the run's value), or it is a one-line error."""
-    saved = saved_args(run_dir, type(args), script)
-    for name, value in saved.items():
+    for name, value in saved_args(run_dir, type(args), script).items():
         if name not in CHANGEABLE_ON_RESUME and json.loads(json.dumps(getattr(args, name))) != value:
             changeable = ", ".join(flag(f) for f in CHANGEABLE_ON_RESUME[1:])
             fail(f"{flag(name)} {getattr(args, name)}: the resumed run has {value}; on --resume only {changeable}"

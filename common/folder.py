@@ -1,6 +1,5 @@
-"""The run folder and what it holds: its name checked, claimed atomically and locked while its run is alive, its
-checkpoints saved and the newest that loads found for --resume, its logs cut back to it; a full disk while writing
-there is a one-line error."""
+"""The run folder and what it holds: its name checked, claimed atomically, locked while its run lives, its checkpoints
+saved and the newest that loads found for --resume, its logs cut back to it; a full disk is a one-line error."""
 
 import contextlib
 import errno
@@ -27,6 +26,8 @@ from common.lora import load_adapter, lora_layers, merged_state_dict, save_adapt
 from common.model import load_policy
 from common.torchrun import is_sharded
 
+WRITE_ERROR = r"No space|quota|too large|iostream|unexpected pos|failed writing|write"  # as OSError and torch say it
+
 
 def run_folder_of(args, script: str, resume: str | None) -> str:
     """The run's folder: --resume's, or --output-dir/--run-name (default <script>__s<seed>__<time>, numbered by the
@@ -48,8 +49,7 @@ def check_run_name(output_dir: str, run_name: str | None):
     """A run folder is a plain folder inside --output-dir: no empty --output-dir, no --run-name that climbs or nests."""
     if not output_dir.strip():
         fail("--output-dir '': give a folder (e.g. runs, or . for the current folder)")
-    if run_name is not None and (not run_name.strip() or run_name in (".", "..") or "/" in run_name
-                                 or os.sep in run_name or run_name.startswith(".")):  # fmt: skip
+    if run_name is not None and (not run_name.strip() or "/" in run_name or os.sep in run_name or run_name[0] == "."):
         fail(f"--run-name {run_name!r}: must be a plain folder name (no path separators, not starting with .)")
     if run_name is not None and len(run_name.encode()) > 240:  # file systems allow 255; staging adds a suffix
         fail(f"--run-name: {len(run_name.encode())} bytes long; at most 240")
@@ -107,7 +107,7 @@ def claim_run_folder(run_dir: str, first_files: dict, numbered: bool) -> tuple[s
         if numbered:
             continue
         if not os.path.isdir(folder):
-            fail(f"--run-name: {folder} exists and is not a folder; choose another name")
+            refuse_existing(folder)  # a file of that name: "not a folder"
         lock = lock_folder(folder)
         if lock is None:
             fail(f"--run-name: {folder} is in use by another run right now; choose another name")
@@ -181,16 +181,14 @@ def reopen_run_folder(run_dir: str, step: int, record: dict) -> int:
 def complete_checkpoints(run_dir: str, warn=lambda line: None) -> list[str]:
     """A run's checkpoints that finished saving, newest first; one cut off while saving is passed over (`warn`)."""
     folder = os.path.join(run_dir, "checkpoints")
+    names = sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []
     found = []
-    for name in sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        if not name.startswith("step_"):
-            continue
-        if name.endswith(".partial") or not all(os.path.exists(os.path.join(path, f))
-                                                for f in ("config.json", "trainer_state.pt")):  # fmt: skip
+    for path in [os.path.join(folder, name) for name in names if name.startswith("step_")]:
+        files = [os.path.join(path, f) for f in ("config.json", "trainer_state.pt")]
+        if path.endswith(".partial") or not all(map(os.path.exists, files)):
             warn(f"warning: skipping the incomplete checkpoint {path}")
-            continue
-        found.append(path)
+        else:
+            found.append(path)
     return found
 
 
@@ -222,13 +220,9 @@ def when_disk_full(method):
     return writing
 
 
-WRITE_ERROR = r"No space|quota|too large|iostream|unexpected pos|failed writing|write"  # as OSError and torch say it
-
-
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict) -> str:
-    """`checkpoints/step_<N>/`: the model as transformers saves it (with LoRA: merged, and the adapter alone in
-    `adapter/`), and `trainer_state.pt` (optimizer, step, random states) for --resume. Rank 0 writes into a folder
-    renamed when complete: a kill never leaves one that looks so."""
+    """`checkpoints/step_<N>/`: the model as transformers saves it (LoRA: merged, plus the adapter in `adapter/`) and
+    `trainer_state.pt` (optimizer, step, random states); rank 0 writes `.partial`, renamed once complete."""
     folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     weights = optimizer_state = None  # unsharded: the model's and the optimizer's own state_dict(), on rank 0
     if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole of each
@@ -251,8 +245,6 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
     shutil.rmtree(folder, ignore_errors=True)  # the same step saved by an earlier attempt of this run
     os.replace(partial, folder)
     return folder
-
-
 
 
 def last_checkpoint(run_dir: str, dtype, device, args, base: str):

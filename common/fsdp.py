@@ -1,5 +1,4 @@
-"""FSDP2 sharding (--fsdp under torchrun), imported only when a run shards: the rest of the project runs on a
-PyTorch without FSDP2."""
+"""FSDP2 sharding (--fsdp under torchrun), imported only when a run shards: the rest runs on a PyTorch without FSDP2."""
 
 import torch
 import torch.distributed as dist
@@ -12,11 +11,10 @@ WHOLE = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # every ra
 
 
 def fully_shard_layers(model, dtype: str):
-    """FSDP2 (`fully_shard`) splits the weights, and with them the gradients and AdamW's moments, over the ranks.
-    Each decoder layer is one unit and the root holds the rest (embeddings, final norm, output layer); a unit's
-    full weights are gathered for its forward and backward and freed after, and the backward's reduce-scatter
-    leaves each rank the average gradient of its shard. The shards stay float32 (the policy is loaded so); with
-    --dtype bfloat16 each unit computes in bfloat16 and reduces in float32. In one process: unchanged."""
+    """FSDP2 (`fully_shard`) splits the weights, gradients and AdamW's moments over the ranks. Each decoder layer is a
+    unit, the root holds the rest (embeddings, final norm, output layer); a unit's full weights are gathered for its
+    forward and backward only, and the backward's reduce-scatter leaves each rank its shard's mean gradient. Shards stay
+    float32 (as loaded); --dtype bfloat16 computes in bfloat16, reduces in float32. One process: unchanged."""
     kinds = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
     layers = [m for m in model.modules() if type(m).__name__ in kinds]
     if not layers:
@@ -25,8 +23,7 @@ def fully_shard_layers(model, dtype: str):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model
     mesh = dist.device_mesh.init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
-    bf16 = dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if dtype == "bfloat16" else MixedPrecisionPolicy()
     for unit in [*layers, model]:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     return model

@@ -80,8 +80,7 @@ def merged_state_dict(model) -> dict:
 
 
 def save_adapter(model, folder: str):
-    """The adapter alone, in peft's layout: --resume puts it back on the base model, as `PeftModel.from_pretrained`
-    would."""
+    """The adapter alone, in peft's layout (`PeftModel.from_pretrained` reads it): --resume puts it back on the base."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 

@@ -1,5 +1,4 @@
-"""Load a policy and its tokenizer (hub id, local folder, GGUF file, `smollm2`) and format prompts. A GGUF's
-conversion is cached."""
+"""Load a policy and its tokenizer (a hub id, a local folder, a GGUF file converted once, `smollm2`); format prompts."""
 
 import contextlib
 import hashlib
@@ -39,11 +38,10 @@ def resolve_model(name: str, log=print) -> str:
     else:
         return name
     folder = gguf_folder(name)
-    if not os.path.isdir(folder):  # converted once, into the cache, which must be writable
-        problem = creation_problem(folder)
-        if problem:
-            fail(f"TINYRLVR_CACHE {cache_root()}: cannot build the model there ({problem}); set it to a"
-                 " writable folder")  # fmt: skip
+    problem = None if os.path.isdir(folder) else creation_problem(folder)  # converted once, into a writable cache
+    if problem:
+        fail(f"TINYRLVR_CACHE {cache_root()}: cannot build the model there ({problem}); set it to a writable folder")
+    if not os.path.isdir(folder):
         os.makedirs(cache_root(), exist_ok=True)
         convert_gguf(name, folder, log)
     return folder
@@ -72,10 +70,9 @@ def check_gguf(path: str):
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             fail(f"--model {path}: not a GGUF file (it does not start with the bytes GGUF)")
-    for package in ("gguf", "accelerate"):
-        if importlib.util.find_spec(package) is None:
-            fail(f"--model {path}: reading GGUF files needs the {package} package; pip install -r"
-                 " requirements-real.txt")  # fmt: skip
+    missing = [package for package in ("gguf", "accelerate") if importlib.util.find_spec(package) is None]
+    if missing:
+        fail(f"--model {path}: reading GGUF files needs the {missing[0]} package; pip install -r requirements-real.txt")
     from gguf import GGUFReader
 
     try:
@@ -107,9 +104,8 @@ def convert_gguf(path: str, folder: str, log=print):
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
     except Exception as e:  # an architecture transformers has no GGUF mapping for, a damaged tensor, ...
         fail(f"--model {path}: transformers cannot load this GGUF ({type(e).__name__}: {first_line(e)})")
-    config = quantised.config
-    del config.quantization_config  # a quantised model refuses save_pretrained; the copy below is plain
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    del quantised.config.quantization_config  # a quantised model refuses save_pretrained; the copy below is plain
+    model = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
     tmp = folder + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
@@ -119,11 +115,6 @@ def convert_gguf(path: str, folder: str, log=print):
     except OSError:  # another run converted it meanwhile: keep that one
         shutil.rmtree(tmp)
     log(f"converted in {time.time() - start:.0f}s ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
-
-
-def looks_like_path(name: str) -> bool:
-    """A hub id is `org/name`; anything else with a slash, or starting with . / ~, is meant as a folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def chat_end_token(tokenizer) -> str | None:
@@ -146,7 +137,8 @@ def load_policy(name: str, dtype=torch.float32, device="cpu", raise_errors=False
     that a damaged checkpoint can be passed over). The tokenizer pads on the left, as batched sampling needs; for a
     chat model its EOS is the token that ends the assistant's turn."""
     name = os.path.expanduser(name)
-    if not os.path.isdir(name) and looks_like_path(name) and not raise_errors:
+    meant_as_folder = name.startswith((".", "/", "~")) or name.count("/") > 1  # a hub id is `org/name`
+    if not os.path.isdir(name) and meant_as_folder and not raise_errors:
         fail(f"--model {name}: no such folder")
     try:  # a missing or damaged file raises one of many exception types, from several libraries
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -188,12 +180,11 @@ def matching_parameters(model, pattern: str, flag: str = "--grad-params") -> lis
 def trainable_parameters(model, pattern: str) -> list[torch.nn.Parameter]:
     """The parameters that `--train-params` names (all when it is empty); the others are frozen, so the backward
     pass stops below the lowest trained layer."""
-    if not pattern:
-        return [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapter's
-    chosen = {id(p) for _, p in matching_parameters(model, pattern, "--train-params")}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in chosen)
-    return [p for p in model.parameters() if p.requires_grad]
+    if pattern:
+        chosen = {id(p) for _, p in matching_parameters(model, pattern, "--train-params")}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+    return [p for p in model.parameters() if p.requires_grad]  # without a pattern: all (with LoRA, the adapter's)
 
 
 def prompt_text(tokenizer, question: str, instruction: str = "") -> str:

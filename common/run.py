@@ -32,6 +32,9 @@ from common.world import model_folder, task_named  # the one place the built-in 
 
 NON_FINITE_STOP = 3  # steps in a row whose gradient was not finite before the run stops
 NO_SIGNAL_WARN = 10  # steps in a row where every group had equal rewards before a warning
+# Ctrl-C, and what a scheduler (Slurm, Kubernetes: SIGTERM) or a closed terminal (SIGHUP; not on Windows) sends.
+STOP_SIGNALS = {getattr(signal, name): label for name, label in (("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM"),
+                                                                 ("SIGHUP", "SIGHUP")) if hasattr(signal, name)}
 
 
 class Run:
@@ -154,10 +157,9 @@ class Run:
                                               " again to stop at once)\n".encode())  # fmt: skip
 
     def set_learning_rate(self, done: int):
-        """The learning rate of step `done` of --steps (counted from 1, as the logs count), the step about to run:
-        --warmup-steps W of linear warm-up (--lr/W, 2 --lr/W, ..., so no step is spent at 0), then --lr-schedule:
-        constant, or a linear or cosine decay towards 0 at --steps, as transformers' schedules decay. It depends on
-        the step alone: a resume goes on exactly."""
+        """The learning rate of step `done` (counted from 1, as the logs count), the step about to run: --warmup-steps W
+        of linear warm-up (--lr/W, 2 --lr/W, ..., no step at 0), then --lr-schedule: constant, or a linear or cosine
+        decay to 0 at --steps, as transformers' schedules do. It depends on the step alone: a resume goes on exactly."""
         a = self.args
         progress = (done - 1 - a.warmup_steps) / max(1, a.steps - a.warmup_steps)
         decay = {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
@@ -300,11 +302,6 @@ def start_tracking(args, run_dir: str):
                       resume="allow", config=asdict(args), dir=run_dir, settings=wandb.Settings(console="off"))
 
 
-# Ctrl-C, and what a scheduler (Slurm, Kubernetes: SIGTERM) or a closed terminal (SIGHUP; not on Windows) sends.
-STOP_SIGNALS = {getattr(signal, name): label for name, label in (("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM"),
-                                                                 ("SIGHUP", "SIGHUP")) if hasattr(signal, name)}
-
-
 def drop_long_prompts(task, tokenizer, model, max_new_tokens: int, by_default: bool = False):
     """The task without the prompts that leave the model no room for --max-new-tokens (its positions count prompt
     and completion), with a warning that counts them; an error if a split is left empty."""
@@ -333,11 +330,10 @@ def drop_long_prompts(task, tokenizer, model, max_new_tokens: int, by_default: b
 
 def held_out_metrics(model, tokenizer, task, reward, form, n_prompts, max_new_tokens, temperature, generator,
                      rank=0, world=1, samples=1) -> dict:  # fmt: skip
-    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` per prompt): the share of the first `n_prompts` test
-    prompts that the verifier judges right (under the run's reward `form`), sharded over ranks; the same per skill.
-    Beside them, whatever the reward pays: the mean of the script's `reward` (`eval/reward_*`), the share written in
-    the task's asked form (`eval/format_frac_*`) and, where the task checks steps, the unfaithful share of the
-    right answers (`eval/unfaithful_*`)."""
+    """`eval/acc_greedy` and `eval/acc_sampled` (`samples` per prompt): the share of the first `n_prompts` test prompts
+    the verifier judges right (in the run's reward `form`), sharded over ranks; the same per skill. Beside them what the
+    reward pays: the script's mean `reward` (`eval/reward_*`), the share in the task's asked form (`eval/format_frac_*`)
+    and, where the task checks steps, the unfaithful share of right answers (`eval/unfaithful_*`)."""
     skills = sorted({e["skill"] for e in task.test[:n_prompts] if "skill" in e})  # the same on every rank
     metrics = {}
     for mode in ("greedy", "sampled"):
@@ -347,12 +343,11 @@ def held_out_metrics(model, tokenizer, task, reward, form, n_prompts, max_new_to
                               temperature, mode == "greedy", generator)  # fmt: skip
         correct = [is_correct(t, e["answer"], form) for e, t in zip(examples, texts)]  # the verifier's verdict
         rewards = [reward(e, t, form) for e, t in zip(examples, texts)]  # the script's reward, as in training
-        steps_wrong, formed = unfaithful(task, examples, texts, correct), [in_form(t, task.asked_form) for t in texts]
+        is_unfaithful, formed = unfaithful(task, examples, texts, correct), [in_form(t, task.asked_form) for t in texts]
         sums = []
         for skill in [None, *skills]:
             rows = [i for i, e in enumerate(examples) if skill is None or e.get("skill") == skill]
-            sums += [sum(correct[i] for i in rows), sum(rewards[i] for i in rows), sum(steps_wrong[i] for i in rows),
-                     sum(formed[i] for i in rows), len(rows)]  # fmt: skip
+            sums += [sum(values[i] for i in rows) for values in (correct, rewards, is_unfaithful, formed)] + [len(rows)]
         sums = all_reduce(sums)
         for j, skill in enumerate([None, *skills]):
             right, total_reward, unfaithful_count, in_form_count, total = sums[5 * j : 5 * j + 5]

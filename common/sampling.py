@@ -4,7 +4,7 @@ and the token log-probs (and entropy) every loss is built on."""
 import hashlib
 import inspect
 from collections import namedtuple
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,8 @@ from torch.utils.checkpoint import checkpoint as recomputed  # activations recom
 from common.model import prompt_text
 from common.torchrun import gathered
 from common.verifier import in_form, is_correct
+
+LOGITS_PER_CHUNK = 2**24  # logits of one chunk of positions: 64 MB in fp32, whatever the vocabulary
 
 
 def seeded_generator(*keys, device="cpu") -> torch.Generator:
@@ -62,10 +64,8 @@ class Rollout:
 
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The sub-batch of the given rows (e.g. the sequences a down-sampling rule keeps)."""
-        pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        return Rollout(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
-                       self.sampler_logprobs[rows], self.prompt_len, pick(self.topk_ids), pick(self.topk_logprobs),
-                       pick(self.truncated))  # fmt: skip
+        pick = lambda x: x[rows] if torch.is_tensor(x) else x  # every tensor field; prompt_len and None stay
+        return Rollout(*(pick(getattr(self, field.name)) for field in fields(self)))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int):
@@ -118,8 +118,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, eos_id=0, pad_id=0, 
 
 
 def chunk_logprobs(lm_head, hidden, targets, temperature, entropy: bool):
-    """One chunk's token log-probs, and (with `entropy`, no gradient) the entropy of each position's
-    distribution at the temperature, from the same logits."""
+    """One chunk's token log-probs and (with `entropy`, no gradient) each position's entropy at the temperature."""
     logits = lm_head(hidden).float() / temperature
     logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
     if not entropy:
@@ -127,9 +126,6 @@ def chunk_logprobs(lm_head, hidden, targets, temperature, entropy: bool):
     with torch.no_grad():
         logp = F.log_softmax(logits, dim=-1)
         return logprobs, -(logp.exp() * logp).sum(-1)
-
-
-LOGITS_PER_CHUNK = 2**24  # logits of one chunk of positions: 64 MB in fp32, whatever the vocabulary
 
 
 def chunk_positions(vocab_size: int) -> int:
@@ -141,14 +137,11 @@ def chunk_positions(vocab_size: int) -> int:
 def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=None, entropy=False):
     """log pi(completion token) [N, L] under `model` (differentiable), for every loss in the project; with
     `entropy`, (logprobs, the entropy of pi at each completion position [N, L], at the temperature, no gradient).
-
     Memory-lean: the backbone runs once; the [tokens, vocabulary] logits exist for one chunk of completion
     positions at a time (`chunk_positions(V)` unless `chunk` is given) and are recomputed in the backward pass,
     so a 152k vocabulary costs O(chunk x V), not O(N x L x V). `on_logits(start, logits)`, if given, sees each
-    chunk's raw logits (model dtype, no gradient) for the flat completion positions start, start + 1, ...
-    """
-    # The model's own forward (a sharded model gathers its weights there) with one position's logits: the
-    # backbone's output is kept on its way, and the logits are made below, a chunk at a time.
+    chunk's raw logits (model dtype, no gradient) for the flat completion positions start, start + 1, ..."""
+    # The model's own forward (a sharded model gathers its weights there), the backbone's output kept by a hook:
     kept = []
     hook = model.base_model.register_forward_hook(lambda module, args, out: kept.append(out.last_hidden_state))
     try:
@@ -185,25 +178,22 @@ Scored = namedtuple("Scored", "examples texts rewards shaped correct")
 
 
 def verdicts(examples: list, texts: list[str], form: str | None) -> torch.Tensor:
-    """Per completion [prompts, n]: whether the verifier judges its final answer right (written in `form`, if one is
-    given: the run's reward form)."""
+    """[prompts, n]: whether the verifier judges each completion right (in `form`, the run's reward form, if given)."""
     n = len(texts) // max(1, len(examples))
     return torch.tensor([is_correct(t, examples[i // n]["answer"], form) for i, t in enumerate(texts)]).view(-1, n)
 
 
 def unfaithful(task, examples, texts, correct) -> list[bool]:
-    """Per completion (of `examples`' completions, side by side): right, though its written steps are not its
-    question's (where the task checks steps)."""
+    """Per completion: right, though its written steps are not its question's (where the task checks steps)."""
     n = len(texts) // max(1, len(examples))
     return [bool(task.faithful and right and not task.faithful(examples[i // n]["question"], t))
             for i, (t, right) in enumerate(zip(texts, correct))]  # fmt: skip
 
 
 def shaping(examples: list, texts: list[str], task, args) -> torch.Tensor:
-    """What training adds to the script's reward, per completion (`examples` one per prompt, `texts` n per prompt
-    side by side); 0 by default, never counted by evaluation. --format-bonus: for writing one number in the task's
-    asked form, right or wrong (R1's format reward). --answer-credit: for a right answer that --reward strict pays
-    nothing, as it is written outside that form."""
+    """What training adds to the script's reward per completion (`examples` one per prompt, `texts` n per prompt side by
+    side); 0 by default, unseen by evaluation. --format-bonus: for one number in the asked form, right or wrong (R1's
+    format reward). --answer-credit: for a right answer outside that form, which --reward strict pays nothing."""
     n, form, added = len(texts) // max(1, len(examples)), task.asked_form, []
     for i, text in enumerate(texts):
         gold = examples[i // n]["answer"]

@@ -60,8 +60,7 @@ def all_reduce(values, op: str = "sum"):
 
 
 def from_main_rank(make):
-    """`make()` run on rank 0 only, its result sent to every rank. A one-line error on rank 0 stops every rank
-    with it, rather than leaving the others waiting."""
+    """`make()` on rank 0 alone, its result sent to all; a one-line error there stops every rank (none left waiting)."""
     result, error = None, None
     if is_main():
         try:

@@ -38,8 +38,7 @@ def one_number(text: str):
 
 
 def written_in(text: str, form: str):
-    """What the response writes in the asked `form`: the rest of the line after its last `####`, or its last
-    \\boxed{...}; None when it has none."""
+    """What is written in `form`: the rest of the line after the last `####`, or the last \\boxed{...}, or None."""
     if form == "####":
         return text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
     return last_boxed(text)
@@ -52,9 +51,8 @@ def in_form(text: str, form: str | None) -> bool:
 
 
 def extract_answer(text: str, numeric: bool = True, form: str | None = None):
-    """The final answer of a response: the rest of the line after the last `####`, else the last \\boxed{}, else
-    (for a numeric answer) the last number; with a `form`, only what is written in that form. A numeric answer is
-    the one number there (None if not exactly one)."""
+    """The final answer: the rest of the line after the last `####`, else the last \\boxed{}, else (if `numeric`) the
+    last number; with a `form`, only what is written in it. A numeric answer is its one number, or None."""
     found = written_in(text, form or ("####" if "####" in text else "\\boxed{}"))
     if found is None:
         return (NUMBER.findall(plain(text)) or [None])[-1] if numeric and not form else None

@@ -103,14 +103,15 @@ def test_task_names_its_target_skills():
     assert Task("file", [], [], []).target_skills == ()
 
 
+@pytest.mark.shape  # the import graph: run by the full suite
 def test_plumbing_imports_without_the_world():
     """The world is built on the plumbing, never the reverse: loading data, models, rewards and samples imports
     no part of `common.world`; the run (the one place the world plugs in) imports neither `chain` nor `tiny`
     until one is asked for, so no import can go round in a circle. Nor is `common.fsdp` imported before a run
     shards (--fsdp)."""
     show = "print(sorted(m for m in sys.modules if m.startswith(('common.world', 'common.fsdp'))))"
-    code = ("import sys, common.errors, common.torchrun, common.verifier, common.data, common.model, "
-            f"common.sampling; {show}; import common.run; {show}")  # fmt: skip
+    code = ("import sys, common.errors, common.flags, common.torchrun, common.verifier, common.data, common.model, "
+            f"common.lora, common.sampling, common.folder; {show}; import common.run; {show}")  # fmt: skip
     out = run_command([sys.executable, "-c", code])
     assert out.returncode == 0, out.stderr[-2000:]
     plumbing, run = out.stdout.strip().splitlines()

@@ -10,6 +10,8 @@ from conftest import metric_rows
 import grpo
 import pods
 from common.flags import parse_args
+from common.run import eval_line
+from common.sampling import verdicts
 from common.verifier import is_correct
 from common.world.chain import make_chain
 
@@ -51,3 +53,17 @@ def test_resume_accepts_a_flag_at_the_run_s_value_and_refuses_a_changed_one(fini
     assert [r["step"] for r in metric_rows(finished, "reward/mean")] == [1, 2, 3]
     with pytest.raises(SystemExit, match="--lr 0.0002: the resumed run has 0.001; on --resume only --steps"):
         grpo.main(parse_args(grpo.Args, ["--resume", finished, "--steps", "4", "--lr", "2e-4"]))  # the default
+
+
+def test_the_verdict_is_the_verifier_s_under_the_reward_s_form():
+    examples = [{"question": "a", "answer": "7"}, {"question": "b", "answer": "3"}]
+    texts = ["#### 7", "so it is 7", "#### 3", "#### 4"]  # two completions per prompt, side by side
+    assert verdicts(examples, texts, None).tolist() == [[True, True], [True, False]]
+    assert verdicts(examples, texts, "####").tolist() == [[True, False], [True, False]]  # --reward strict
+
+
+def test_the_console_shows_the_reward_only_where_it_differs_from_the_accuracy():
+    line = eval_line(20, {"eval/acc_greedy": 0.5, "eval/reward_greedy": 0.5, "eval/acc_sampled": 0.25,
+                          "eval/reward_sampled": 0.4})  # fmt: skip
+    assert "acc_greedy 0.500" in line and "reward_greedy" not in line
+    assert "acc_sampled 0.250" in line and "reward_sampled 0.400" in line
