@@ -553,7 +553,7 @@ def main(args: Args):
               f" | selection {args.selection}, a stage every {args.steps_per_stage} steps"
               f" | {len(val_sets)} validation set(s)")  # fmt: skip
     pool_store, val_stores, store_seconds = offline_store(model, tokenizer, task, val_sets, args, run)
-    run.open(optimizer, reward)  # the run folder is made now, after every start-up check (the store's included)
+    run.open(optimizer, reward)  # the run folder made, every check passed, the store's too (--resume: optimizer)
     if store_seconds is not None:
         save_store(run, pool_store, val_stores, store_seconds, args)
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
@@ -586,7 +586,7 @@ def main(args: Args):
             rollout = rollout.without_truncated()
         rewards = torch.tensor([reward(examples[i // n], t, form) for i, t in enumerate(texts)]).view(-1, n)
         shaped = rewards + shaping(examples, texts, task, args).view(-1, n)  # + --format-bonus, --answer-credit (or 0)
-        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's
+        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's verdicts
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.shaped, args.scale_rewards).flatten().to(device)
         # 3. Clipped-surrogate steps on the whole batch.

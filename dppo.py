@@ -449,7 +449,7 @@ def main(args: Args):
     run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es) | trust region"
               f" {args.trust_region} {thresholds(args)} around {args.anchor} | sampler T {sampler_temperature},"
               f" {args.sampler_bits or 'all'} weight bits, logit noise {args.sampler_noise}")  # fmt: skip
-    run.open(optimizer, reward)  # the run folder is made now, after every start-up check
+    run.open(optimizer, reward)  # the run folder made, every check passed (--resume: the optimizer's state)
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
@@ -471,7 +471,7 @@ def main(args: Args):
             rollout = rollout.without_truncated()
         rewards = torch.tensor([reward(examples[i // n], t, form) for i, t in enumerate(texts)]).view(-1, n)
         shaped = rewards + shaping(examples, texts, task, args).view(-1, n)  # + --format-bonus, --answer-credit (or 0)
-        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's
+        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's verdicts
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.shaped, args.scale_rewards).flatten().to(device)
         # 3. Steps on the whole batch, each token's update masked by the trust region instead of clipped.

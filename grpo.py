@@ -252,7 +252,7 @@ def main(args: Args):
     model, ref_model = shard(model, args), shard(ref_model, args)  # --fsdp: each rank holds a shard of each
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     run.print(f"{run.describe()} | B={args.batch_prompts} n={n} x {args.minibatches} mini-batch(es)")
-    run.open(optimizer, reward)  # the run folder is made now, after every start-up check
+    run.open(optimizer, reward)  # the run folder made, every check passed (--resume: the optimizer's state)
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
@@ -269,7 +269,7 @@ def main(args: Args):
             rollout = rollout.without_truncated()
         rewards = torch.tensor([reward(examples[i // n], t, form) for i, t in enumerate(texts)]).view(-1, n)
         shaped = rewards + shaping(examples, texts, task, args).view(-1, n)  # + --format-bonus, --answer-credit (or 0)
-        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's
+        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's verdicts
         # 2. Group-relative advantages: each completion against the other completions of its prompt.
         advantages = group_advantages(scored.shaped, args.scale_rewards).flatten().to(device)
         # 3. Clipped-surrogate steps on the whole batch.

@@ -488,7 +488,7 @@ def main(args: Args):
     run.print(f"{run.describe()} | {mode} | B={args.batch_prompts} n={n} epochs={args.epochs}"
               f" minibatches={args.minibatches}"
               + (f" | scoring {scored_params} parameters ({len(names)} tensors)" if args.influence else ""))
-    run.open(optimizer, reward)  # the run folder is made now, after every start-up check
+    run.open(optimizer, reward)  # the run folder made, every check passed (--resume: the optimizer's state)
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):

@@ -306,7 +306,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(trainable_parameters(model, args.train_params), lr=args.lr, weight_decay=0.0)
     run.print(f"{run.describe()} | B={args.batch_prompts} n={n} m={m} rule={args.rule}"
               f" x {args.minibatches} mini-batch(es)")  # fmt: skip
-    run.open(optimizer, reward)  # the run folder is made now, after every start-up check
+    run.open(optimizer, reward)  # the run folder made, every check passed (--resume: the optimizer's state)
     if run.evaluation_due:  # step 0, or a resumed step whose evaluation a signal skipped
         run.evaluate(run.start)
     for step in range(run.start, args.steps):
@@ -323,7 +323,7 @@ def main(args: Args):
             rollout = rollout.without_truncated()
         rewards = torch.tensor([reward(examples[i // n], t, form) for i, t in enumerate(texts)]).view(-1, n)
         shaped = rewards + shaping(examples, texts, task, args).view(-1, n)  # + --format-bonus, --answer-credit (or 0)
-        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's
+        scored = Scored(examples, texts, rewards, shaped, verdicts(examples, texts, form))  # + the verifier's verdicts
         # 2. Down-sample per prompt, then group-relative advantages over the kept subset only.
         with run.timer("select"):
             kept = DOWN_SAMPLE[args.rule](scored.shaped, m, run.generator("select", step))
