@@ -107,6 +107,9 @@ class Args:
     format_bonus: float = 0.0
     """added in training to the reward of a completion that answers in the task's asked form, right or wrong (R1's
     format reward): shaping for a model that seldom writes the form; evaluation never counts it"""
+    bonus_needs_right: bool = False
+    """pay --format-bonus only in a group where some completion's answer is right (in whatever form): in a group of
+    wrong answers the form alone then earns no advantage, so the form is not learned before the answer"""
     answer_credit: float = 0.0
     """with --reward strict: added in training to the reward of a right answer written outside the asked form, so
     that a model learns the answer while strict pays the form; evaluation never counts it"""

@@ -97,6 +97,8 @@ def check_shared_flags(args):
     for name in ("format_bonus", "answer_credit", "lora_rank", "lora_alpha"):
         if getattr(args, name) < 0 or name == "lora_alpha" and args.lora_alpha == 0:
             fail(f"{flag(name)} {getattr(args, name)}: must be {'positive' if name == 'lora_alpha' else 'at least 0'}")
+    if args.bonus_needs_right and not args.format_bonus:
+        fail("--bonus-needs-right: only with --format-bonus (it says where the bonus is paid)")
     if args.answer_credit and args.reward != "strict":
         fail(f"--answer-credit {args.answer_credit}: only with --reward strict (--reward answer pays every right"
              " answer already)")  # fmt: skip

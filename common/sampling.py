@@ -171,9 +171,8 @@ def token_logprobs(model, rollout: Rollout, temperature=1.0, chunk=0, on_logits=
 
 
 # A step's completions, scored: `examples` one per prompt, `texts` n per prompt side by side, and three values per
-# completion [prompts, n] kept apart: `rewards`, what the script's `reward` returned; `shaped`, the training signal
-# (the reward plus `shaping`), which advantages read; `correct`, the verifier's verdict, which accuracy and the
-# unfaithful share read whatever the reward pays.
+# completion [prompts, n] kept apart: `rewards` (what the script's `reward` returned), `shaped` (the reward plus
+# `shaping`: the training signal, which advantages read) and `correct` (the verifier's verdict: every accuracy's).
 Scored = namedtuple("Scored", "examples texts rewards shaped correct")
 
 
@@ -193,13 +192,13 @@ def unfaithful(task, examples, texts, correct) -> list[bool]:
 def shaping(examples: list, texts: list[str], task, args) -> torch.Tensor:
     """What training adds to the script's reward per completion (`examples` one per prompt, `texts` n per prompt side by
     side); 0 by default, unseen by evaluation. --format-bonus: for one number in the asked form, right or wrong (R1's
-    format reward). --answer-credit: for a right answer outside that form, which --reward strict pays nothing."""
-    n, form, added = len(texts) // max(1, len(examples)), task.asked_form, []
-    for i, text in enumerate(texts):
-        gold = examples[i // n]["answer"]
-        outside = args.answer_credit and is_correct(text, gold) and not is_correct(text, gold, form)
-        added.append(args.format_bonus * in_form(text, form) + args.answer_credit * bool(outside))
-    return torch.tensor(added)
+    format reward; --bonus-needs-right: only in a group holding a right answer, in any form). --answer-credit: for a
+    right answer outside that form, which --reward strict pays nothing."""
+    right, right_in_form = verdicts(examples, texts, None), verdicts(examples, texts, task.asked_form)
+    bonus = torch.tensor([in_form(t, task.asked_form) for t in texts]).view_as(right)
+    if args.bonus_needs_right:
+        bonus &= right.any(1, keepdim=True)
+    return (args.format_bonus * bonus + args.answer_credit * (right & ~right_in_form)).flatten().float()
 
 
 def frac_zero_std(rewards: torch.Tensor) -> float:

@@ -141,6 +141,8 @@ CASES = [
     ("format-bonus-without-a-form", "grpo", lambda d: dict(format_bonus=0.1, task=jsonl(d / "p.jsonl", rows())),
      "error", "--format-bonus: the questions of p.jsonl ask for no answer form"),
     ("format-bonus-negative", "grpo", lambda d: dict(format_bonus=-0.1), "error", "--format-bonus -0.1: must be at"),
+    ("bonus-needs-right-without-a-bonus", "dppo", lambda d: dict(bonus_needs_right=True), "error",
+     r"--bonus-needs-right: only with --format-bonus \(it says where the bonus is paid\)"),
     ("answer-credit-without-strict", "pods", lambda d: dict(answer_credit=0.5), "error",
      r"--answer-credit 0.5: only with --reward strict \(--reward answer pays every right answer already\)"),
     ("answer-credit-negative", "grpo", lambda d: dict(answer_credit=-1.0, reward="strict"), "error",

@@ -2,8 +2,10 @@
 training only; evaluation reports the share of completions in the asked form whatever the reward."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import metric_rows
 
 import common.sampling
@@ -97,3 +99,17 @@ def test_the_answer_credit_pays_a_right_answer_outside_the_form_only(coin_model_
     assert first["credit"]["reward/shaped_mean"] == first["answer"]["reward/mean"] / 2
     assert first["credit"]["reward/mean"] == 0  # the reward strict pays; the credit is shaping
     assert all(r["eval/acc_sampled"] == 0 for r in metric_rows(tmp_path / "credit", "eval/acc_sampled"))
+
+
+@pytest.mark.parametrize("needs_right, bonus", [(False, [[0.2, 0.0, 0.2], [0.2, 0.2, 0.0]]),
+                                                (True, [[0.2, 0.0, 0.2], [0.0, 0.0, 0.0]])])  # fmt: skip
+def test_the_format_bonus_by_hand_and_where_it_needs_a_right_answer(needs_right, bonus):
+    """Two groups of three: the first holds a right answer (written outside the form), the second none. The bonus
+    goes to every completion in the form; with --bonus-needs-right only in the first group. The credit goes to the
+    right answer outside the form alone, in either case."""
+    examples = [{"question": "a", "answer": "7"}, {"question": "b", "answer": "3"}]
+    texts = ["#### 8", "so 7", "#### 9", "#### 4", "#### 5", "so 6"]
+    args = SimpleNamespace(format_bonus=0.2, bonus_needs_right=needs_right, answer_credit=0.5)
+    added = common.sampling.shaping(examples, texts, make_chain(), args).view(2, 3)
+    credit = torch.tensor([[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(added, torch.tensor(bonus) + credit)
