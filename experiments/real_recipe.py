@@ -2,17 +2,19 @@
 sums task, `--reward strict`, `--answer-credit 0.5` and a `--format-bonus 0.2`, each run stopped after 1500 s of
 training (about 30 minutes of wall clock, evaluations included), one thread each, two runs side by side.
 
-Arms:
+Arms, two by two: where the format bonus is paid, and whether each group's rewards are divided by their std:
 - `bonus`: the format bonus paid to every completion in the asked form (R1's format reward);
 - `gated`: the same, with `--bonus-needs-right`: the bonus paid only in a group where some completion's answer is
-  right, in whatever form, so that in a group of wrong answers the form alone earns no advantage.
+  right, in whatever form, so that in a group of wrong answers the form alone earns no advantage;
+- `bonus_noscale`, `gated_noscale`: the same two with `--no-scale-rewards` (advantages = rewards less their group's
+  mean, Dr. GRPO's): a group whose rewards differ only by the 0.2 bonus then gets advantages of 0.2, not of 1.
 
 The pass rule, fixed before any run: a run learns when its last held-out evaluation has sampled strict accuracy
 >= 0.40 and sampled form >= 0.80 (on the 61 test prompts). The recipe is what learns at >= 4 of seeds 1-5.
 
     python -m experiments.sums_task runs/sums.jsonl
-    python -m experiments.real_recipe --arms gated --seeds 1 2 3 4 5   # 5 runs: about 90 minutes on 2 CPU cores
-    python -m experiments.real_recipe --arms bonus --seeds 1           # the old recipe at the seed it failed at
+    python -m experiments.real_recipe --arms bonus gated --seeds 1     # 2 runs side by side: about 30 minutes
+    python -m experiments.real_recipe --arms bonus_noscale gated_noscale --seeds 1
     python -m experiments.real_recipe --report                         # the table and docs/real_models_recipe.png
 
 Each run goes into runs/real/recipe/<arm>_s<seed>, with its wall-clock seconds in wall.json; a run with a complete
@@ -38,7 +40,8 @@ RECIPE = ["grpo.py", "--model", "smollm2", "--task", "runs/sums.jsonl", "--batch
           "--max-new-tokens", "24", "--lora-rank", "16", "--lr", "5e-4", "--warmup-steps", "3", "--reward", "strict",
           "--format-bonus", "0.2", "--answer-credit", "0.5", "--eval-prompts", "61", "--eval-every", "10",
           "--log-every", "1", "--steps", "200", "--max-time", "1500", "--save-every", "0"]  # fmt: skip
-ARMS = {"bonus": [], "gated": ["--bonus-needs-right"]}
+ARMS = {"bonus": [], "gated": ["--bonus-needs-right"], "bonus_noscale": ["--no-scale-rewards"],
+        "gated_noscale": ["--bonus-needs-right", "--no-scale-rewards"]}
 PASS = {"eval/acc_sampled": 0.40, "eval/format_frac_sampled": 0.80}
 
 
@@ -50,20 +53,23 @@ def train(arm: str, seed: int) -> str:
     command = [sys.executable, *RECIPE, *ARMS[arm], "--seed", str(seed), "--output-dir", OUT, "--run-name", name]
     result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                             text=True)  # fmt: skip
-    if result.returncode:
+    stopped = result.returncode in (130, 143)  # Ctrl-C or SIGTERM: the step finished, a checkpoint saved
+    if result.returncode and not stopped:
         return f"{name}: failed\n{result.stderr[-2000:]}"
     with open(os.path.join(OUT, name, "wall.json"), "w") as f:
-        json.dump({"seconds": time.time() - start}, f)
-    return f"{name}: done in {(time.time() - start) / 60:.1f} min"
+        json.dump({"seconds": time.time() - start, "stopped": stopped}, f)
+    return f"{name}: {'stopped' if stopped else 'done'} in {(time.time() - start) / 60:.1f} min"
 
 
 def summary(run_dir: str) -> dict:
     train_rows, evals = load(run_dir)
     last = evals[-1]
     with open(os.path.join(run_dir, "wall.json")) as f:
-        minutes = json.load(f)["seconds"] / 60
+        wall = json.load(f)
+    minutes = wall["seconds"] / 60
     late = [r for r in train_rows if r["step"] > 10]  # after the warm-up and the first evaluation
-    return {"steps": train_rows[-1]["step"], "minutes": minutes, **{k: last[k] for k in PASS},
+    steps = f"{train_rows[-1]['step']}" + " (stopped)" * wall.get("stopped", False)
+    return {"steps": steps, "minutes": minutes, **{k: last[k] for k in PASS},
             "greedy": last["eval/acc_greedy"], "learns": all(last[k] >= v for k, v in PASS.items()),
             "zero_std": np.mean([r["reward/zero_std_frac"] for r in late]),
             "form_10": next(r["eval/format_frac_sampled"] for r in evals if r["step"] >= 10),
