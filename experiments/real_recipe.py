@@ -7,7 +7,9 @@ Arms, two by two: where the format bonus is paid, and whether each group's rewar
 - `gated`: the same, with `--bonus-needs-right`: the bonus paid only in a group where some completion's answer is
   right, in whatever form, so that in a group of wrong answers the form alone earns no advantage;
 - `bonus_noscale`, `gated_noscale`: the same two with `--no-scale-rewards` (advantages = rewards less their group's
-  mean, Dr. GRPO's): a group whose rewards differ only by the 0.2 bonus then gets advantages of 0.2, not of 1.
+  mean, Dr. GRPO's): a group whose rewards differ only by the 0.2 bonus then gets advantages of 0.2, not of 1;
+- `gated_nocredit`: `gated` without the answer credit: a right answer outside the form earns nothing, so within a
+  group holding a right answer the form is what pays.
 
 The pass rule, fixed before any run: a run learns when its last held-out evaluation has sampled strict accuracy
 >= 0.40 and sampled form >= 0.80 (on the 61 test prompts). The recipe is what learns at >= 4 of seeds 1-5.
@@ -18,12 +20,15 @@ The pass rule, fixed before any run: a run learns when its last held-out evaluat
     python -m experiments.real_recipe --report                         # the table and docs/real_models_recipe.png
 
 Each run goes into runs/real/recipe/<arm>_s<seed>, with its wall-clock seconds in wall.json; a run with a complete
-checkpoint (saved only at its end) is not run again. The report gives, per run, the last evaluation, the steps done,
+checkpoint (saved only at its end, or when a signal stops it) is not run again. To stop a comparison early, send
+SIGTERM to the training runs (each finishes its step and saves), not to this command: its end of their output
+pipes would kill them unsaved. The report gives, per run, the last evaluation, the steps done,
 the minutes, and what the training steps held: the share of groups whose shaped rewards were all equal, and the
 step's reward parts (the strict reward, the share in the form, the share right in any form).
 """
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -41,7 +46,8 @@ RECIPE = ["grpo.py", "--model", "smollm2", "--task", "runs/sums.jsonl", "--batch
           "--format-bonus", "0.2", "--answer-credit", "0.5", "--eval-prompts", "61", "--eval-every", "10",
           "--log-every", "1", "--steps", "200", "--max-time", "1500", "--save-every", "0"]  # fmt: skip
 ARMS = {"bonus": [], "gated": ["--bonus-needs-right"], "bonus_noscale": ["--no-scale-rewards"],
-        "gated_noscale": ["--bonus-needs-right", "--no-scale-rewards"]}
+        "gated_noscale": ["--bonus-needs-right", "--no-scale-rewards"],
+        "gated_nocredit": ["--bonus-needs-right", "--answer-credit", "0"]}
 PASS = {"eval/acc_sampled": 0.40, "eval/format_frac_sampled": 0.80}
 
 
@@ -76,26 +82,33 @@ def summary(run_dir: str) -> dict:
             "acc_10": next(r["eval/acc_sampled"] for r in evals if r["step"] >= 10)}  # fmt: skip
 
 
+def recorded_runs(arm: str) -> list[str]:
+    """The runs of an arm that ended, at their time limit or stopped by hand (wall.json), in seed order."""
+    runs = [os.path.dirname(p) for p in glob.glob(os.path.join(OUT, f"{arm}_s*", "wall.json"))]
+    return sorted(runs, key=lambda d: int(d.rsplit("_s", 1)[1]))
+
+
 def report():
     print("| arm | seed | steps | minutes | sampled strict acc | sampled form | greedy strict acc | at step 10: acc /"
           " form | equal-reward groups after step 10 | learns |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    fig, axes = subplots(1, len(ARMS), figsize=(5 * len(ARMS), 3.6), sharey=True)
-    for ax, arm in zip(axes, ARMS):
-        runs = finished_runs(OUT, arm)
-        for run_dir in runs:
+    fig, (acc, form) = subplots(1, 2, figsize=(11, 4), sharex=True)
+    for colour, arm in zip(("C0", "C1", "C2", "C3", "C4"), ARMS):
+        for run_dir, style in zip(recorded_runs(arm), ("-", "--", ":", "-.", "-")):
             s, seed = summary(run_dir), run_dir.rsplit("_s", 1)[1]
             print(f"| {arm} | {seed} | {s['steps']} | {s['minutes']:.1f} | {s['eval/acc_sampled']:.3f} |"
                   f" {s['eval/format_frac_sampled']:.2f} | {s['greedy']:.3f} | {s['acc_10']:.3f} / {s['form_10']:.2f}"
                   f" | {s['zero_std']:.2f} | {'yes' if s['learns'] else 'no'} |")
             _, evals = load(run_dir)
-            ax.plot([r["step"] for r in evals], [r["eval/acc_sampled"] for r in evals], label=f"seed {seed}")
-        learned = sum(summary(d)["learns"] for d in runs)
-        ax.axhline(PASS["eval/acc_sampled"], color="grey", lw=0.8, ls=":")
-        ax.set(title=f"{arm}: {learned} of {len(runs)} seeds learn", xlabel="training step", ylim=(0, 1))
+            for ax, key in ((acc, "eval/acc_sampled"), (form, "eval/format_frac_sampled")):
+                ax.plot([r["step"] for r in evals], [r[key] for r in evals], style, color=colour,
+                        label=f"{arm}, seed {seed}")  # fmt: skip
+    for ax, key, title in ((acc, "eval/acc_sampled", "held-out sampled accuracy, strict"),
+                           (form, "eval/format_frac_sampled", "held-out sampled completions in the form")):  # fmt: skip
+        ax.axhline(PASS[key], color="grey", lw=0.8, ls=":")
+        ax.set(title=title, xlabel="training step", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("held-out sampled accuracy, strict")
+    form.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     save(fig, "real_models_recipe.png")
 
 
